@@ -1,0 +1,1 @@
+"""Model-family presets (YAML), shipped as package data."""

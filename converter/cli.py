@@ -1,0 +1,201 @@
+"""Command-line entry points: parse, call the pipeline, render progress and errors.
+
+Exit codes: 0 ok, 1 error, 2 usage, 3 validation failed (see errors.py).
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+from rich.text import Text
+from tqdm.auto import tqdm
+
+from . import __version__
+from .convert import Conversion, ConvertOptions, convert, plan_only
+from .errors import CanaryConvertError, UsageError
+from .writer import DEFAULT_MAX_SHARD_BYTES
+
+console = Console(stderr=True)
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """`5GB` -> 5_000_000_000, `512MiB` -> 536_870_912, `1000` -> 1000."""
+    found = _SIZE.match(text)
+    if found is None:
+        raise UsageError(f"--max-shard-size {text!r}: expected a size such as 5GB, 500MB or 1048576")
+    number, prefix, binary = float(found.group(1)), found.group(2).lower(), found.group(3)
+    return int(number * (1024 if binary else 1000) ** " kmgt".index(prefix or " "))
+
+
+class _ItemsColumn(ProgressColumn):
+    """`12/340 tensors, 85.0/s`: the tensors-per-second half of the progress line."""
+
+    def render(self, task: Task) -> Text:
+        done, total = task.fields.get("items", 0), task.fields.get("total_items", 0)
+        elapsed = task.elapsed or 0.0
+        rate = f", {done / elapsed:.1f}/s" if elapsed > 0 and done else ""
+        return Text(f"{done}/{total} tensors{rate}" if total > 1 else "", style="progress.data.speed")
+
+
+class RichReporter:
+    """The pipeline's progress sink, drawn with rich on stderr."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+
+    @contextmanager
+    def task(self, description: str, total_bytes: int, total_items: int) -> Iterator[Callable[[int], None]]:
+        task_id = self.progress.add_task(description, total=total_bytes or None, items=0, total_items=total_items)
+        counted = {"items": 0}
+
+        def advance(nbytes: int) -> None:
+            counted["items"] += 1 if total_items > 1 else 0
+            self.progress.update(task_id, advance=nbytes, items=counted["items"])
+
+        yield advance
+        self.progress.update(task_id, completed=total_bytes, items=total_items)
+
+    def download_tqdm(self) -> Any:
+        progress = self.progress
+
+        class RichTqdm(tqdm):  # huggingface_hub drives a tqdm class; forward it to rich
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                kwargs.pop("name", None)
+                self._rich_task = progress.add_task(
+                    "download", total=kwargs.get("total"), completed=kwargs.get("initial", 0), items=0, total_items=1
+                )
+                kwargs["disable"] = True
+                super().__init__(*args, **kwargs)
+
+            def update(self, n: float | None = 1) -> bool | None:
+                progress.update(self._rich_task, advance=n or 0)
+                return None
+
+        return RichTqdm
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description:>8}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        _ItemsColumn(),
+        console=console,
+        transient=False,
+        disable=not console.is_terminal,
+    )
+
+
+def _plan_rows(conversion: Conversion) -> list[tuple[str, str, str, str]]:
+    rows = []
+    for tensor in conversion.plan.tensors:
+        shape = str(tensor.source_shape)
+        if tensor.target_shape != tensor.source_shape:
+            shape += f" -> {tensor.target_shape}"
+        labels = [t.label for t in tensor.transforms]
+        if tensor.pinned_dtype is not None:
+            labels.append(f"keep {str(tensor.pinned_dtype).removeprefix('torch.')}")
+        rows.append((tensor.source_key, tensor.target_key, shape, ", ".join(labels)))
+    rows.extend((d.key, "(dropped)", "", d.reason) for d in conversion.plan.dropped)
+    return rows
+
+
+def _print_plan(conversion: Conversion) -> None:
+    """A rich table on a terminal; one tab-separated line per key when piped, so it greps cleanly."""
+    out = Console(soft_wrap=True)
+    title = f"plan: {conversion.source.path} ({conversion.derived.preset.name}, {conversion.plan.mapping.file})"
+    if out.is_terminal:
+        table = Table(title=title)
+        for column in ("source key", "target key", "shape", "transform"):
+            table.add_column(column, overflow="fold")
+        for row in _plan_rows(conversion):
+            table.add_row(*row)
+        out.print(table)
+    else:
+        out.print(title, highlight=False)
+        for row in _plan_rows(conversion):
+            out.print("\t".join(row), highlight=False, markup=False)
+    out.print(f"{len(conversion.plan.tensors)} tensors mapped, {len(conversion.plan.dropped)} dropped")
+    for note in conversion.plan.notes():
+        out.print(f"note: {note}")
+    for member in conversion.ignored_members:
+        out.print(f"ignored archive member: {member}")
+    out.print("dry run: nothing written")
+
+
+def _fail(exc: CanaryConvertError) -> None:
+    console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+    raise typer.Exit(exc.exit_code)
+
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so the half-written output folder is removed on the way out."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+convert_app = typer.Typer(add_completion=False, help="Convert a NeMo Canary checkpoint to an MLX folder.")
+
+
+@convert_app.command()
+def convert_command(
+    source: Annotated[str, typer.Argument(help="Hugging Face repo id (nvidia/canary-1b), a .nemo file, or an extracted folder.")],
+    out: Annotated[Optional[Path], typer.Argument(help="Output folder (created atomically).")] = None,
+    revision: Annotated[Optional[str], typer.Option(help="Hub revision: branch, tag or commit.")] = None,
+    dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16.")] = "float32",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing, non-empty OUT.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")] = False,
+    max_shard_size: Annotated[str, typer.Option(help="Largest safetensors file, e.g. 5GB.")] = str(DEFAULT_MAX_SHARD_BYTES),
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    """Convert SOURCE into the MLX folder OUT, then validate it (strict load and exact round trip)."""
+    if version:
+        typer.echo(f"canary-convert {__version__}")
+        return
+    _exit_on_sigterm()
+    try:
+        options = ConvertOptions(dtype=dtype, revision=revision, force=force, max_shard_bytes=parse_size(max_shard_size))
+        if dry_run:
+            with _progress() as progress:
+                conversion = plan_only(source, options, RichReporter(progress))
+            _print_plan(conversion)
+            return
+        if out is None:
+            raise UsageError("missing OUT: canary-convert SOURCE OUT (or --dry-run)")
+        started = time.perf_counter()
+        with _progress() as progress:
+            conversion = convert(source, out, options, RichReporter(progress))
+    except CanaryConvertError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted:[/bold red] nothing was written")
+        raise typer.Exit(130) from None
+    seconds = time.perf_counter() - started
+    validation = conversion.validation
+    assert validation is not None
+    typer.echo(
+        f"converted {source} ({conversion.derived.preset.name}) -> {out}: {len(conversion.plan.tensors)} tensors, "
+        f"{options.dtype}, {len(conversion.files)} file(s) in {seconds:.1f}s; strict load ok, round trip exact"
+    )
+    for note in conversion.plan.notes():
+        typer.echo(f"note: {note}")

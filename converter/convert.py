@@ -1,0 +1,151 @@
+"""The conversion pipeline, one step per module: source -> archive -> preset + rules -> writer -> validate."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from . import __version__
+from .archive import CONFIG_MEMBER, WEIGHTS_MEMBER, NemoArchive, open_archive
+from .errors import UsageError
+from .model.load import CONFIG_FILE, parameter_shapes
+from .presets import Derived, detect_preset, derive_config
+from .rules import Plan, load_rules, plan_conversion
+from .source import ResolvedSource, resolve_source, sha256_of
+from .validate import ValidationReport, validate_folder
+from .writer import DEFAULT_MAX_SHARD_BYTES, output_tensors, staged_output, write_json, write_weights
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+CONVERSION_FILE = "conversion.json"
+
+
+class Reporter(Protocol):
+    """Progress sink: the CLI renders it with rich; library callers may pass nothing."""
+
+    def task(self, description: str, total_bytes: int, total_items: int) -> AbstractContextManager[Callable[[int], None]]:
+        """A stage of work; the yielded callable is told the bytes of each finished item."""
+        ...
+
+    def download_tqdm(self) -> Any:
+        """A tqdm class huggingface_hub can drive, or None for its own."""
+        ...
+
+
+class SilentReporter:
+    @contextmanager
+    def task(self, description: str, total_bytes: int, total_items: int) -> Iterator[Callable[[int], None]]:
+        yield lambda nbytes: None
+
+    def download_tqdm(self) -> Any:
+        return None
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    dtype: str = "float32"
+    revision: str | None = None
+    force: bool = False
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise UsageError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        if self.max_shard_bytes <= 0:
+            raise UsageError("--max-shard-size must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dtype": self.dtype, "revision": self.revision, "max_shard_bytes": self.max_shard_bytes}
+
+
+@dataclass
+class Conversion:
+    """What a run found and did; `plan` is complete before anything is written."""
+
+    source: ResolvedSource
+    derived: Derived
+    plan: Plan
+    ignored_members: list[str]
+    out: Path | None = None
+    files: list[str] = field(default_factory=list)
+    validation: ValidationReport | None = None
+
+
+def _ignored_members(archive: NemoArchive, used: set[str]) -> list[str]:
+    """Members the conversion does not need (canary-1b-v2's timestamp model, unused vocab files)."""
+    return sorted(set(archive.members) - used - {CONFIG_MEMBER, WEIGHTS_MEMBER})
+
+
+def _plan(archive: NemoArchive, source: ResolvedSource, state_dict: dict[str, torch.Tensor]) -> Conversion:
+    nemo_config = archive.config()
+    preset = detect_preset(nemo_config)
+    derived = derive_config(preset, nemo_config, state_dict, archive.artifacts(nemo_config))
+    plan = plan_conversion(load_rules(preset.mapping), state_dict, parameter_shapes(derived.config))
+    ignored = _ignored_members(archive, set(derived.tokenizer_files.values()))
+    return Conversion(source=source, derived=derived, plan=plan, ignored_members=ignored)
+
+
+@contextmanager
+def _opened(source_arg: str, options: ConvertOptions, reporter: Reporter) -> Iterator[tuple[NemoArchive, ResolvedSource, dict[str, torch.Tensor]]]:
+    source = resolve_source(source_arg, options.revision, tqdm_class=reporter.download_tqdm())
+    with open_archive(source.path) as archive:
+        size = archive.members[WEIGHTS_MEMBER]
+        with reporter.task("read", size, 1) as advance:
+            with archive.state_dict(on_bytes=advance) as state_dict:
+                yield archive, source, state_dict
+
+
+def plan_only(source_arg: str, options: ConvertOptions, reporter: Reporter | None = None) -> Conversion:
+    """Everything but writing: the `--dry-run` plan, with every coverage check already done."""
+    with _opened(source_arg, options, reporter or SilentReporter()) as (archive, source, state_dict):
+        return _plan(archive, source, state_dict)
+
+
+def convert(source_arg: str, out: Path, options: ConvertOptions, reporter: Reporter | None = None) -> Conversion:
+    """Convert SOURCE into the MLX folder OUT, validate it, and publish it atomically."""
+    reporter = reporter or SilentReporter()
+    with _opened(source_arg, options, reporter) as (archive, source, state_dict):
+        conversion = _plan(archive, source, state_dict)
+        stored = output_tensors(conversion.plan.tensors, state_dict, DTYPES[options.dtype])
+        with staged_output(out, options.force) as staging:
+            with reporter.task("write", sum(t.nbytes for t in stored), len(stored)) as advance:
+                conversion.files = write_weights(
+                    staging, stored, state_dict, options.max_shard_bytes, lambda _key, nbytes: advance(nbytes)
+                )
+            for relative, member in conversion.derived.tokenizer_files.items():
+                (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+                archive.copy_member(member, staging / relative)
+            write_json(staging / CONFIG_FILE, conversion.derived.config.to_dict())
+            conversion.validation = validate_folder(staging, stored, state_dict)
+            write_json(staging / CONVERSION_FILE, _provenance(conversion, options))
+        conversion.out = out
+        return conversion
+
+
+def _provenance(conversion: Conversion, options: ConvertOptions) -> dict[str, Any]:
+    source = conversion.source
+    record = source.provenance()
+    # A folder has no archive to hash; its weights file identifies it.
+    hashed = source.path / WEIGHTS_MEMBER if source.kind == "folder" else source.path
+    record["sha256"] = sha256_of(hashed)
+    plan = conversion.plan
+    return {
+        "converter": {"name": "canary-convert", "version": __version__},
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": record,
+        "family": conversion.derived.preset.name,
+        "preset": conversion.derived.preset.file,
+        "mapping": {"name": plan.mapping.name, "file": plan.mapping.file, "digest": plan.mapping.digest},
+        "options": options.to_dict(),
+        "tensors": len(plan.tensors),
+        "files": conversion.files,
+        "dropped": [{"key": d.key, "reason": d.reason} for d in plan.dropped],
+        "notes": plan.notes(),
+        "ignored_members": conversion.ignored_members,
+        "validation": conversion.validation.to_dict() if conversion.validation else None,
+    }

@@ -1,0 +1,62 @@
+"""One exception hierarchy for every failure the user can cause or meet.
+
+Each error carries the exit code the CLI returns and a one-line message that names the file or key at
+fault, so the CLI renders them all the same way.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_VALIDATION = 3
+
+
+class CanaryConvertError(Exception):
+    """Base class: a failure with a user-facing message and an exit code."""
+
+    exit_code: int = EXIT_ERROR
+
+
+class UsageError(CanaryConvertError):
+    """The command line asks for something impossible (an unknown dtype, a missing OUT)."""
+
+    exit_code = EXIT_USAGE
+
+
+class SourceError(CanaryConvertError):
+    """The SOURCE argument does not resolve to a readable checkpoint."""
+
+
+class HubUnreachableError(SourceError):
+    """The Hugging Face Hub could not be reached and the file is not in the local cache."""
+
+
+class ArchiveError(CanaryConvertError):
+    """The `.nemo` archive is corrupt, incomplete or unsafe to read."""
+
+
+class UnsafeArchiveError(ArchiveError):
+    """A member would escape the archive (absolute path, `..`, link, device) or needs unsafe unpickling."""
+
+
+class UnsupportedModelError(CanaryConvertError):
+    """The checkpoint is not a model family this converter knows how to convert."""
+
+
+class MappingError(CanaryConvertError):
+    """The mapping rules and the checkpoint disagree: an unknown key, a missing parameter, a wrong shape."""
+
+
+class RulesFileError(MappingError):
+    """A mapping or preset YAML file is malformed."""
+
+
+class OutputError(CanaryConvertError):
+    """The output folder cannot be written (it exists, or the disk refused)."""
+
+
+class ValidationError(CanaryConvertError):
+    """The converted folder does not load strictly or does not reproduce the source."""
+
+    exit_code = EXIT_VALIDATION

@@ -1,0 +1,43 @@
+"""Load a converted MLX folder into the bundled model, strictly: every parameter present, every shape right."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from .canary import CanaryModel
+from .config import ModelConfig
+
+CONFIG_FILE = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of an MLX folder, from its index when sharded (mlx-lm's layout)."""
+    index = folder / INDEX_FILE
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / name for name in names]
+    return [folder / SINGLE_FILE]
+
+
+def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter the model built from `config` has, with its shape (MLX allocates lazily: no cost)."""
+    return {name: tuple(value.shape) for name, value in tree_flatten(CanaryModel(config).parameters())}
+
+
+def load_model(path: str | Path) -> CanaryModel:
+    """Build the model from `config.json` and load its weights with strict checking, in inference mode."""
+    folder = Path(path)
+    config = ModelConfig.from_file(folder / CONFIG_FILE)
+    model = CanaryModel(config)
+    weights: list[tuple[str, mx.array]] = []
+    for file in weight_files(folder):
+        weights.extend(mx.load(str(file)).items())
+    model.load_weights(weights, strict=True)
+    model.eval()
+    return model

@@ -1,0 +1,210 @@
+"""Model-family presets (`configs/*.yaml`): detect the family, refuse what the MLX model cannot run,
+and derive the MLX `config.json` from the NeMo config and the tensors' shapes."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from pathlib import PurePosixPath
+from typing import Any
+
+import torch
+import yaml
+
+from .archive import Artifact
+from .errors import RulesFileError, UnsupportedModelError
+from .model.config import ModelConfig
+
+_MISSING = object()
+_ARTIFACT_ID = re.compile(r"^[0-9a-f]{32}_")  # NeMo prefixes each artifact with a uuid4 hex
+
+
+def lookup(config: Mapping[str, Any], dotted: str, default: Any = _MISSING) -> Any:
+    """`lookup(cfg, "a.b")` is `cfg["a"]["b"]`; a missing step gives `default` (or raises KeyError)."""
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            if default is _MISSING:
+                raise KeyError(dotted)
+            return default
+        node = node[part]
+    return node
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    file: str
+    mapping: str
+    detect: dict[str, Any]
+    supports: dict[str, list[Any]]
+    config: dict[str, Any]
+
+    def matches(self, nemo_config: Mapping[str, Any]) -> bool:
+        return all(lookup(nemo_config, key, None) == want for key, want in self.detect.items())
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+@cache
+def _raw_presets() -> dict[str, dict[str, Any]]:
+    found: dict[str, dict[str, Any]] = {}
+    for entry in resources.files("canary_convert.configs").iterdir():
+        if not entry.name.endswith(".yaml"):
+            continue
+        try:
+            raw = yaml.safe_load(entry.read_bytes())
+        except yaml.YAMLError as exc:
+            raise RulesFileError(f"configs/{entry.name}: not valid YAML: {exc}") from None
+        if not isinstance(raw, dict) or "name" not in raw:
+            raise RulesFileError(f"configs/{entry.name}: expected a mapping with a 'name'")
+        raw["file"] = f"configs/{entry.name}"
+        found[raw["name"]] = raw
+    return found
+
+
+def _resolve(name: str, raw: dict[str, dict[str, Any]], seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    if name in seen:
+        raise RulesFileError(f"presets extend each other in a loop: {' -> '.join(seen + (name,))}")
+    entry = raw[name]
+    parent = entry.get("extends")
+    if parent is None:
+        return entry
+    if parent not in raw:
+        raise RulesFileError(f"{entry['file']}: extends unknown preset {parent!r}")
+    return _deep_merge(_resolve(parent, raw, seen + (name,)), entry)
+
+
+@cache
+def presets() -> tuple[Preset, ...]:
+    """Every concrete preset shipped with the package, with `extends` resolved."""
+    raw = _raw_presets()
+    resolved = []
+    for name in sorted(raw):
+        if raw[name].get("abstract"):
+            continue
+        entry = _resolve(name, raw)
+        try:
+            resolved.append(
+                Preset(
+                    name=name,
+                    file=entry["file"],
+                    mapping=entry["mapping"],
+                    detect=dict(entry.get("detect", {})),
+                    supports=dict(entry.get("supports", {})),
+                    config=dict(entry["config"]),
+                )
+            )
+        except KeyError as exc:
+            raise RulesFileError(f"{entry['file']}: missing {exc}") from None
+    return tuple(resolved)
+
+
+def detect_preset(nemo_config: Mapping[str, Any]) -> Preset:
+    """The one preset whose `detect` fields all match, after checking the model is one we can run."""
+    found = [preset for preset in presets() if preset.matches(nemo_config)]
+    if not found:
+        described = ", ".join(
+            f"{key}={lookup(nemo_config, key, None)!r}" for key in ("target", "prompt_format", "tokenizer.type")
+        )
+        known = ", ".join(preset.name for preset in presets())
+        raise UnsupportedModelError(f"no preset matches this checkpoint ({described}); known families: {known}")
+    if len(found) > 1:
+        raise RulesFileError(f"presets {', '.join(p.name for p in found)} all match; their 'detect' overlap")
+    preset = found[0]
+    for key, allowed in preset.supports.items():
+        value = lookup(nemo_config, key, None)
+        if value not in allowed:
+            raise UnsupportedModelError(
+                f"{preset.name}: model_config.yaml has {key}={value!r}; the bundled MLX model supports "
+                f"{', '.join(repr(a) for a in allowed)}"
+            )
+    return preset
+
+
+def _derive(spec: Any, where: str, nemo_config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> Any:
+    if not isinstance(spec, dict):
+        raise RulesFileError(f"{where}: expected a mapping, got {spec!r}")
+    if "from" in spec:
+        try:
+            return lookup(nemo_config, spec["from"], spec.get("default", _MISSING))
+        except KeyError:
+            raise UnsupportedModelError(f"model_config.yaml lacks {spec['from']}, needed for {where}") from None
+    if "value" in spec:
+        return spec["value"]
+    if "has_key" in spec:
+        return spec["has_key"] in tensors
+    if "shape_of" in spec:
+        key = spec["shape_of"]
+        if key not in tensors:
+            raise UnsupportedModelError(f"the checkpoint lacks tensor {key}, needed for {where}")
+        return int(tensors[key].shape[int(spec.get("dim", 0))])
+    # A nested section of config.json.
+    return {name: _derive(sub, f"{where}.{name}", nemo_config, tensors) for name, sub in spec.items()}
+
+
+@dataclass(frozen=True)
+class Derived:
+    """The MLX config and which archive members become which tokenizer files in OUT."""
+
+    preset: Preset
+    config: ModelConfig
+    tokenizer_files: dict[str, str]  # path inside OUT -> archive member
+
+
+def _tokenizer_layout(nemo_config: Mapping[str, Any], artifacts: list[Artifact]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Place tokenizer artifacts under `tokenizer/` by NeMo's own names (`<uuid>_tokenizer.model` -> `tokenizer.model`)."""
+    kind = str(lookup(nemo_config, "tokenizer.type", "")).lower()
+    files: dict[str, str] = {}
+
+    def place(artifact: Artifact, folder: str) -> str:
+        name = _ARTIFACT_ID.sub("", PurePosixPath(artifact.member).name)
+        files[f"{folder}/{name}"] = artifact.member
+        return f"{folder}/{name}"
+
+    if kind == "agg":
+        langs: dict[str, str] = {}
+        for lang in lookup(nemo_config, "tokenizer.langs", {}):
+            prefix = f"tokenizer.langs.{lang}."
+            for artifact in artifacts:
+                if artifact.config_path.startswith(prefix):
+                    placed = place(artifact, f"tokenizer/{lang}")
+                    if artifact.config_path == prefix + "model_path":
+                        langs[lang] = placed
+            if lang not in langs:
+                raise UnsupportedModelError(f"model_config.yaml: tokenizer.langs.{lang} has no nemo: model_path")
+        return {"type": "aggregate", "langs": langs}, files
+    model = None
+    for artifact in artifacts:
+        if artifact.config_path.startswith("tokenizer."):
+            placed = place(artifact, "tokenizer")
+            if artifact.config_path == "tokenizer.model_path":
+                model = placed
+    if model is None:
+        raise UnsupportedModelError("model_config.yaml: tokenizer has no nemo: model_path")
+    return {"type": "bpe", "model": model}, files
+
+
+def derive_config(
+    preset: Preset, nemo_config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], artifacts: list[Artifact]
+) -> Derived:
+    """Build the MLX `config.json` from the preset's derivation table."""
+    values = _derive(preset.config, "config", nemo_config, tensors)
+    values["family"] = preset.name
+    values["tokenizer"], files = _tokenizer_layout(nemo_config, artifacts)
+    try:
+        config = ModelConfig.from_dict(values)
+    except ValueError as exc:
+        raise RulesFileError(f"{preset.file}: the derived config does not fit config.json: {exc}") from None
+    return Derived(preset=preset, config=config, tokenizer_files=files)

@@ -1,0 +1,105 @@
+"""Resolve SOURCE (a Hugging Face repo id, a `.nemo` file or an extracted folder) to a local path.
+
+Hub downloads go through huggingface_hub, so its cache, `HF_HUB_OFFLINE`, `HF_TOKEN` and `HF_ENDPOINT`
+behave as users of the Hub expect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx2  # huggingface_hub 2.x's transport; a connection lost mid-download surfaces as its error
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+from .errors import HubUnreachableError, SourceError
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    """Where the checkpoint is on disk, and where it came from (for `conversion.json`)."""
+
+    kind: Literal["hub", "file", "folder"]
+    path: Path
+    repo_id: str | None = None
+    revision: str | None = None  # as asked for
+    commit: str | None = None  # the commit the Hub cache resolved it to
+
+    def provenance(self) -> dict[str, Any]:
+        record: dict[str, Any] = {"kind": self.kind, "path": str(self.path)}
+        if self.kind == "hub":
+            record.update(id=self.repo_id, revision=self.revision or "main", commit=self.commit)
+        return record
+
+
+def hub_filename(repo_id: str) -> str:
+    """NVIDIA publishes each Canary checkpoint as `<repo name>.nemo` (nvidia/canary-1b -> canary-1b.nemo)."""
+    return repo_id.split("/", 1)[1] + ".nemo"
+
+
+def resolve_source(source: str, revision: str | None = None, tqdm_class: Any = None) -> ResolvedSource:
+    """A local path wins; otherwise a `owner/name` string is fetched from the Hub (or its cache)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return ResolvedSource(kind="folder", path=path)
+    if path.is_file():
+        return ResolvedSource(kind="file", path=path)
+    if not _REPO_ID.match(source) or source.endswith(".nemo"):
+        raise SourceError(f"{source}: no such file or folder (and not a Hugging Face repo id like nvidia/canary-1b)")
+    return _download(source, revision, tqdm_class)
+
+
+def _download(repo_id: str, revision: str | None, tqdm_class: Any) -> ResolvedSource:
+    filename = hub_filename(repo_id)
+    where = f"{repo_id}/{filename}" + (f"@{revision}" if revision else "")
+    try:
+        local = Path(hf_hub_download(repo_id, filename, revision=revision, tqdm_class=tqdm_class))
+    except LocalEntryNotFoundError:
+        raise HubUnreachableError(
+            f"{where}: the Hugging Face Hub cannot be reached (or HF_HUB_OFFLINE is set) and the file is not "
+            f"in the local cache; download {filename} elsewhere and pass its path: canary-convert ./{filename} OUT"
+        ) from None
+    except GatedRepoError:
+        raise SourceError(f"{where}: the repo is gated; accept its terms on the Hub and set HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise SourceError(f"{where}: no such repo on the Hub (or it is private: set HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise SourceError(f"{where}: the repo has no revision {revision!r}") from None
+    except EntryNotFoundError:
+        raise SourceError(f"{where}: the repo has no file {filename}") from None
+    except HfHubHTTPError as exc:
+        raise SourceError(f"{where}: the Hub refused the download: {exc}") from None
+    except HFValidationError as exc:
+        raise SourceError(f"{repo_id}: not a valid Hugging Face repo id ({exc})") from None
+    except httpx2.HTTPError as exc:
+        raise HubUnreachableError(
+            f"{where}: the download from the Hub failed ({exc}); retry, or download {filename} elsewhere and "
+            f"pass its path: canary-convert ./{filename} OUT"
+        ) from None
+    except OSError as exc:
+        raise SourceError(f"{where}: cannot store the download: {exc}") from None
+    # The cache keeps files at .../snapshots/<commit>/<filename>.
+    commit = local.parent.name if local.parent.parent.name == "snapshots" else None
+    return ResolvedSource(kind="hub", path=local, repo_id=repo_id, revision=revision, commit=commit)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(16 << 20):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()

@@ -1,0 +1,1 @@
+"""Declarative key-mapping rules (YAML), shipped as package data."""
