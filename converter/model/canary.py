@@ -1,0 +1,78 @@
+"""The bundled MLX Canary model: NeMo's EncDecMultiTaskModel at inference, built from `config.json`."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .audio import AudioPreprocessor
+from .config import ModelConfig
+from .decoder import KVCache, TextDecoder
+from .encoder import ConformerEncoder
+
+
+class CanaryModel(nn.Module):
+    """preprocessor -> FastConformer encoder -> (optional width projection) -> Transformer decoder.
+
+    Every parameter's shape comes from `config`, so the parameter tree is exactly the set of names the
+    mapping (mappings/canary.yaml) produces for the checkpoint the config was derived from.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.preprocessor = AudioPreprocessor(config.preprocessor)
+        self.encoder = ConformerEncoder(config.encoder)
+        # NeMo uses nn.Identity when encoder and decoder widths agree: no parameter at all then.
+        if config.encoder_decoder_proj:
+            self.encoder_decoder_proj = nn.Linear(config.encoder.d_model, config.decoder.hidden_size)
+        self.decoder = TextDecoder(config.decoder)
+
+    def preprocess(self, audio: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
+        """Waveforms (B, T) float32 and sample counts (B,) -> log-mel features (B, n_mels, T') and frame counts."""
+        return self.preprocessor(audio, lengths)
+
+    def encode(self, features: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
+        """Features (B, n_mels, T') -> encoder states (B, T'', H_dec) in the decoder's width, and their lengths."""
+        # Run the encoder in its weights' dtype (features are float32 whatever the weights are).
+        features = features.astype(self.encoder.pre_encode.out.weight.dtype)
+        x, lengths = self.encoder(features, lengths)
+        if "encoder_decoder_proj" in self:
+            x = self.encoder_decoder_proj(x)
+        return x, lengths
+
+    def decode(
+        self,
+        tokens: mx.array,
+        encoded: mx.array | None,
+        enc_lengths: mx.array | None = None,
+        kv_cache: KVCache | None = None,
+        token_mask: mx.array | None = None,
+    ) -> tuple[mx.array, KVCache]:
+        """One decoder call (prompt or incremental step): hidden states (B, L, H) and the updated cache.
+
+        Feed the result (or its last position) to `logprobs`.
+        """
+        return self.decoder(tokens, encoded, enc_lengths, kv_cache=kv_cache, token_mask=token_mask)
+
+    def logprobs(self, hidden: mx.array) -> mx.array:
+        """Decoder hidden states (..., H) -> log-probabilities over the (padded) vocabulary (..., V)."""
+        return self.decoder.logprobs(hidden)
+
+    def decoder_logprobs(
+        self,
+        token_ids: mx.array,
+        encoded: mx.array,
+        enc_lengths: mx.array,
+        token_lengths: mx.array | None = None,
+    ) -> mx.array:
+        """Teacher-forced log-probabilities (B, L, V) for every position of `token_ids` (B, L).
+
+        `token_lengths` (B,) optionally marks right padding as NeMo's decoder_mask does; without it every
+        token is attended (the causal mask alone already keeps padding out of earlier positions).
+        """
+        token_mask = None
+        if token_lengths is not None:
+            token_mask = mx.arange(token_ids.shape[1])[None, :] < token_lengths[:, None]
+        hidden, _ = self.decoder(token_ids, encoded, enc_lengths, token_mask=token_mask)
+        return self.decoder.logprobs(hidden)

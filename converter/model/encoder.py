@@ -1,0 +1,261 @@
+"""NeMo's FastConformer encoder (ConformerEncoder with dw_striding subsampling and rel_pos attention).
+
+Channels-last throughout (MLX convolutions want (B, T, C)); every padding mask NeMo applies is
+applied here too, so a padded batch gives each utterance the result it gets alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .config import EncoderConfig
+
+# NeMo's INF_VAL in multi_head_attention.py: masked scores are filled with -10000, not -inf.
+MASK_VALUE = -10000.0
+# torch.nn.LayerNorm and BatchNorm1d defaults, which NeMo's conformer uses unchanged.
+NORM_EPS = 1e-5
+
+
+def _valid_mask(lengths: mx.array, size: int) -> mx.array:
+    """(B, size) boolean, True where the frame index is below the utterance's length."""
+    return mx.arange(size)[None, :] < lengths[:, None]
+
+
+def _conv_length(lengths: mx.array) -> mx.array:
+    """Frames after one NeMo subsampling conv (kernel 3, stride 2, padding 1 each side)."""
+    return mx.floor_divide(lengths + 2 * 1 - 3, 2) + 1
+
+
+class ConvSubsampling(nn.Module):
+    """NeMo's ConvSubsampling('dw_striding') with its MaskedConvSequential masking.
+
+    `conv` keeps NeMo's nn.Sequential indices (ReLUs included) so weight names line up: 0 is the
+    full 1->C conv, then per extra stage a depthwise 3x3/2 conv, a pointwise 1x1 conv and a ReLU.
+    """
+
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        factor = config.subsampling_factor
+        stages = int(math.log2(factor))
+        if 2**stages != factor or stages < 1:
+            raise ValueError(f"subsampling_factor must be a power of two, got {factor}")
+        channels = config.conv_channels
+        layers: list[nn.Module] = [nn.Conv2d(1, channels, 3, stride=2, padding=1), nn.ReLU()]
+        for _ in range(stages - 1):
+            layers += [
+                nn.Conv2d(channels, channels, 3, stride=2, padding=1, groups=channels),
+                nn.Conv2d(channels, channels, 1),
+                nn.ReLU(),
+            ]
+        self.conv = layers
+        freq = config.feat_in
+        for _ in range(stages):
+            freq = (freq + 2 * 1 - 3) // 2 + 1
+        # NeMo flattens (channel, frequency) channel-major into the linear's input.
+        self.out = nn.Linear(channels * freq, config.d_model)
+
+    def __call__(self, x: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
+        """x (B, T, F) -> (B, T', d_model); lengths follow each stride-2 conv."""
+        x = x[..., None]  # (B, T, F, 1): time is the conv's height, frequency its width
+        valid = _valid_mask(lengths, x.shape[1])[:, :, None, None]
+        for layer in self.conv:
+            # MaskedConvSequential zeroes padded frames before every layer ...
+            x = mx.where(valid, x, mx.zeros((), dtype=x.dtype))
+            x = layer(x)
+            # ... and recomputes the mask after each strided conv.
+            if isinstance(layer, nn.Conv2d) and layer.stride != (1, 1):
+                lengths = _conv_length(lengths)
+                valid = _valid_mask(lengths, x.shape[1])[:, :, None, None]
+        x = mx.where(valid, x, mx.zeros((), dtype=x.dtype))
+        b, t, f, c = x.shape
+        x = x.transpose(0, 1, 3, 2).reshape(b, t, c * f)
+        return self.out(x), lengths
+
+
+@functools.lru_cache(maxsize=4)
+def relative_positions(length: int, d_model: int) -> np.ndarray:
+    """NeMo's RelPositionalEncoding rows for offsets length-1 ... -(length-1), as (2*length-1, d_model).
+
+    Computed in float32 numpy the way NeMo builds its `pe` buffer (float32 positions times a float32
+    exp() term, then sin/cos), so the table matches NeMo's and does not depend on the device's sin.
+    """
+    positions = np.arange(length - 1, -length, -1, dtype=np.float32)[:, None]
+    div_term = np.exp(np.arange(0, d_model, 2, dtype=np.float32) * np.float32(-(math.log(10000.0) / d_model)))
+    angles = positions * div_term
+    pe = np.zeros((2 * length - 1, d_model), dtype=np.float32)
+    pe[:, 0::2] = np.sin(angles)
+    pe[:, 1::2] = np.cos(angles)
+    pe.flags.writeable = False  # shared through the cache
+    return pe
+
+
+class RelPositionMultiHeadAttention(nn.Module):
+    """Transformer-XL attention as in NeMo: (q+u)k^T + rel_shift((q+v)p^T), scaled by 1/sqrt(d_head).
+
+    NeMo's untie_biases=False shares one u/v pair across layers; its state dict still stores the shared
+    tensor under every layer's name, so each layer keeps its own pos_bias_u/v here in both cases.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, use_bias: bool):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model {d_model} is not a multiple of n_heads {n_heads}")
+        self.n_heads = n_heads
+        self.d_head = d_model // n_heads
+        self.linear_q = nn.Linear(d_model, d_model, bias=use_bias)
+        self.linear_k = nn.Linear(d_model, d_model, bias=use_bias)
+        self.linear_v = nn.Linear(d_model, d_model, bias=use_bias)
+        self.linear_out = nn.Linear(d_model, d_model, bias=use_bias)
+        self.linear_pos = nn.Linear(d_model, d_model, bias=False)  # NeMo: never a bias here
+        self.pos_bias_u = mx.zeros((n_heads, self.d_head))
+        self.pos_bias_v = mx.zeros((n_heads, self.d_head))
+
+    @staticmethod
+    def rel_shift(x: mx.array) -> mx.array:
+        """NeMo's pad-and-reshape shift: row i of (B, h, T, 2T-1) moves so column j holds offset i-j."""
+        b, h, t, p = x.shape
+        x = mx.pad(x, [(0, 0), (0, 0), (0, 0), (1, 0)]).reshape(b, h, p + 1, t)
+        return x[:, :, 1:].reshape(b, h, t, p)
+
+    def __call__(self, x: mx.array, pos_emb: mx.array, mask: mx.array) -> mx.array:
+        """x (B, T, d); pos_emb (2T-1, d); mask (B, 1, T, T) True where query and key are both valid."""
+        b, t, _ = x.shape
+        h, dk = self.n_heads, self.d_head
+        q = self.linear_q(x).reshape(b, t, h, dk)
+        k = self.linear_k(x).reshape(b, t, h, dk).transpose(0, 2, 1, 3)
+        v = self.linear_v(x).reshape(b, t, h, dk).transpose(0, 2, 1, 3)
+        p = self.linear_pos(pos_emb).reshape(1, -1, h, dk).transpose(0, 2, 1, 3)
+        q_u = (q + self.pos_bias_u).transpose(0, 2, 1, 3)
+        q_v = (q + self.pos_bias_v).transpose(0, 2, 1, 3)
+        matrix_ac = q_u @ k.transpose(0, 1, 3, 2)
+        # NeMo shifts the full (T, 2T-1) product, then keeps the first T columns.
+        matrix_bd = self.rel_shift(q_v @ p.transpose(0, 1, 3, 2))[..., :t]
+        scores = (matrix_ac + matrix_bd) / math.sqrt(dk)
+        scores = mx.where(mask, scores, mx.array(MASK_VALUE, dtype=scores.dtype))
+        weights = mx.softmax(scores.astype(mx.float32), axis=-1).astype(scores.dtype)
+        # NeMo zeroes the weights of masked pairs after the softmax: padded query rows become all zero.
+        weights = mx.where(mask, weights, mx.zeros((), dtype=weights.dtype))
+        out = (weights @ v).transpose(0, 2, 1, 3).reshape(b, t, h * dk)
+        return self.linear_out(out)
+
+
+class FeedForward(nn.Module):
+    """Conformer feed-forward: linear -> Swish (SiLU) -> linear."""
+
+    def __init__(self, d_model: int, d_ff: int, use_bias: bool):
+        super().__init__()
+        self.linear1 = nn.Linear(d_model, d_ff, bias=use_bias)
+        self.linear2 = nn.Linear(d_ff, d_model, bias=use_bias)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.linear2(nn.silu(self.linear1(x)))
+
+
+class BatchNorm(nn.Module):
+    """BatchNorm1d in inference form only: running statistics, NeMo's default eps 1e-5.
+
+    A dedicated module (rather than nn.BatchNorm) so a model left in training mode cannot
+    silently switch to batch statistics.
+    """
+
+    def __init__(self, dims: int, eps: float = NORM_EPS):
+        super().__init__()
+        self.eps = eps
+        self.weight = mx.ones((dims,))
+        self.bias = mx.zeros((dims,))
+        self.running_mean = mx.zeros((dims,))
+        self.running_var = mx.ones((dims,))
+        self.freeze(keys=["running_mean", "running_var"], recurse=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return (x - self.running_mean) * mx.rsqrt(self.running_var + self.eps) * self.weight + self.bias
+
+
+class ConvModule(nn.Module):
+    """Conformer convolution: pointwise d->2d, GLU, pad-mask, depthwise, BatchNorm, SiLU, pointwise."""
+
+    def __init__(self, d_model: int, kernel_size: int, use_bias: bool):
+        super().__init__()
+        if (kernel_size - 1) % 2:
+            raise ValueError(f"conv_kernel_size must be odd, got {kernel_size}")
+        self.pointwise_conv1 = nn.Conv1d(d_model, 2 * d_model, 1, bias=use_bias)
+        # NeMo's default conv_context_size is symmetric: (k-1)/2 zeros each side.
+        self.depthwise_conv = nn.Conv1d(
+            d_model, d_model, kernel_size, padding=(kernel_size - 1) // 2, groups=d_model, bias=use_bias
+        )
+        self.batch_norm = BatchNorm(d_model)
+        self.pointwise_conv2 = nn.Conv1d(d_model, d_model, 1, bias=use_bias)
+
+    def __call__(self, x: mx.array, valid: mx.array) -> mx.array:
+        """x (B, T, d); valid (B, T, 1) True on real frames."""
+        x = self.pointwise_conv1(x)
+        a, gate = mx.split(x, 2, axis=-1)  # torch GLU: first half times sigmoid(second half)
+        x = a * mx.sigmoid(gate)
+        # NeMo zeroes padded frames before the depthwise conv so they cannot leak into real ones.
+        x = mx.where(valid, x, mx.zeros((), dtype=x.dtype))
+        x = self.depthwise_conv(x)
+        x = nn.silu(self.batch_norm(x))
+        return self.pointwise_conv2(x)
+
+
+class ConformerLayer(nn.Module):
+    """Macaron block: x + FF1/2, + MHSA, + Conv, + FF2/2, then LayerNorm (NeMo's fc_factor 0.5)."""
+
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        d, bias = config.d_model, config.use_bias
+        d_ff = d * config.ff_expansion_factor
+        self.norm_feed_forward1 = nn.LayerNorm(d, eps=NORM_EPS)
+        self.feed_forward1 = FeedForward(d, d_ff, bias)
+        self.norm_conv = nn.LayerNorm(d, eps=NORM_EPS)
+        self.conv = ConvModule(d, config.conv_kernel_size, bias)
+        self.norm_self_att = nn.LayerNorm(d, eps=NORM_EPS)
+        self.self_attn = RelPositionMultiHeadAttention(d, config.n_heads, bias)
+        self.norm_feed_forward2 = nn.LayerNorm(d, eps=NORM_EPS)
+        self.feed_forward2 = FeedForward(d, d_ff, bias)
+        self.norm_out = nn.LayerNorm(d, eps=NORM_EPS)
+
+    def __call__(self, x: mx.array, pos_emb: mx.array, att_mask: mx.array, valid: mx.array) -> mx.array:
+        x = x + 0.5 * self.feed_forward1(self.norm_feed_forward1(x))
+        x = x + self.self_attn(self.norm_self_att(x), pos_emb, att_mask)
+        x = x + self.conv(self.norm_conv(x), valid)
+        x = x + 0.5 * self.feed_forward2(self.norm_feed_forward2(x))
+        return self.norm_out(x)
+
+
+class ConformerEncoder(nn.Module):
+    """Features (B, feat_in, T) -> encoded (B, T', d_model), T' = T subsampled by subsampling_factor."""
+
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        if config.subsampling != "dw_striding":
+            raise ValueError(f"unsupported encoder.subsampling={config.subsampling!r}")
+        if config.self_attention_model != "rel_pos":
+            raise ValueError(f"unsupported encoder.self_attention_model={config.self_attention_model!r}")
+        if config.conv_norm_type != "batch_norm":
+            raise ValueError(f"unsupported encoder.conv_norm_type={config.conv_norm_type!r}")
+        self.d_model = config.d_model
+        # NeMo's xscaling multiplies the subsampled input by sqrt(d_model) inside the positional encoding.
+        self.xscale = math.sqrt(config.d_model) if config.xscaling else None
+        self.pre_encode = ConvSubsampling(config)
+        self.layers = [ConformerLayer(config) for _ in range(config.n_layers)]
+
+    def __call__(self, features: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
+        x = features.transpose(0, 2, 1)  # NeMo transposes (B, F, T) to (B, T, F) before subsampling
+        x, lengths = self.pre_encode(x, lengths.astype(mx.int32))
+        if self.xscale is not None:
+            x = x * self.xscale
+        t = x.shape[1]
+        pos_emb = mx.array(relative_positions(t, self.d_model)).astype(x.dtype)
+        valid = _valid_mask(lengths, t)
+        # NeMo's att_mask: a pair is visible only when both its query and its key are real frames.
+        att_mask = (valid[:, :, None] & valid[:, None, :])[:, None]
+        valid = valid[:, :, None]
+        for layer in self.layers:
+            x = layer(x, pos_emb, att_mask, valid)
+        return x, lengths
