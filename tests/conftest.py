@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny NeMo checkpoints, built once per test session with NeMo itself."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# NeMo is the reference implementation: without it the suite must fail loudly, never skip.
+import nemo.collections.asr  # noqa: F401
+
+from factory import VARIANTS, build
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Every tiny variant as a `.nemo` file (built with NeMo's save_to)."""
+    folder = tmp_path_factory.mktemp("nemo")
+    return {name: build(spec, folder / f"{name}.nemo") for name, spec in VARIANTS.items()}
+
+
+@pytest.fixture(scope="session")
+def checkpoint(checkpoints: dict[str, Path]) -> Path:
+    """The default variant, for tests that need just one."""
+    return checkpoints["canary-sub8"]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `canary-convert` as users do: a separate process, its exit code and output."""
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "canary-convert"), *args],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=600,
+    )

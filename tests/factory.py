@@ -1,0 +1,180 @@
+"""Tiny Canary checkpoints built with NeMo's own classes, for tests and the interim demo.
+
+Every size differs from the real models and from each other, so nothing hard-coded can pass. NeMo
+initialises norms to 1/0, biases to 0 and BatchNorm statistics to 0/1, which would hide transposed or
+swapped tensors; the factory randomises all of them.
+
+Run as a script to build one checkpoint: `python tests/factory.py OUT.nemo [VARIANT]`.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+LANGS = ("en", "de")
+TASK_TOKENS = ["<|transcribe|>", "<|translate|>", "<|startofcontext|>", "<|emo:undefined|>", "<|itn|>", "<|noitn|>",
+               "<|timestamp|>", "<|notimestamp|>", "<|diarize|>", "<|nodiarize|>"]
+TEXT = {
+    "en": ["the cat sat on the mat", "one two three four five", "hello world this is a small test",
+           "seven eight nine ten", "a quick brown fox jumps over the lazy dog"],
+    "de": ["die katze sitzt auf der matte", "eins zwei drei vier fünf", "hallo welt das ist ein kleiner test",
+           "sieben acht neun zehn", "ein schneller brauner fuchs springt"],
+}
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """One tiny architecture; defaults are deliberately unlike any real Canary."""
+
+    name: str
+    prompt_format: str = "canary"  # canary | canary2
+    tokenizer: str = "agg"  # agg (aggregate, canary-1b/flash) | bpe (one model, canary-1b-v2)
+    features: int = 20
+    d_model: int = 48
+    dec_hidden: int = 48  # != d_model adds encoder_decoder_proj
+    enc_layers: int = 2
+    dec_layers: int = 2
+    enc_heads: int = 4
+    dec_heads: int = 2
+    subsampling_factor: int = 8
+    conv_channels: int = 8
+    conv_kernel: int = 5
+    ff_expansion: int = 2
+    xscaling: bool = False
+    untie_biases: bool = True
+    max_sequence_length: int = 64
+    seed: int = 0
+
+
+VARIANTS = {
+    spec.name: spec
+    for spec in (
+        TinySpec("canary-sub8"),
+        TinySpec("canary2-proj-sub4", prompt_format="canary2", d_model=40, dec_hidden=32, enc_heads=5,
+                 subsampling_factor=4, features=24, conv_kernel=7, dec_heads=4, seed=1),
+        TinySpec("canary2-bpe-sub16", prompt_format="canary2", tokenizer="bpe", d_model=36, dec_hidden=36,
+                 enc_heads=3, dec_heads=3, subsampling_factor=16, conv_channels=6, xscaling=True,
+                 untie_biases=False, enc_layers=3, dec_layers=1, seed=2),
+    )
+}
+
+
+def _train_tokenizers(spec: TinySpec, folder: Path) -> dict[str, Any]:
+    from nemo.collections.common.tokenizers.canary_tokenizer import CanaryTokenizer
+    from nemo.collections.common.tokenizers.sentencepiece_tokenizer import create_spt_model
+
+    lang_tokens = [f"<|{lang}|>" for lang in LANGS]
+    if spec.tokenizer == "bpe":
+        # canary-1b-v2 style: one SentencePiece model holds the special tokens and the text of every language.
+        from nemo.collections.common.tokenizers.canary_tokenizer import DEFAULT_TOKENS
+
+        corpus = folder / "bpe" / "text.txt"
+        corpus.parent.mkdir(parents=True)
+        corpus.write_text("\n".join(line for lang in LANGS for line in TEXT[lang] * 4))
+        specials = list(dict.fromkeys(DEFAULT_TOKENS + TASK_TOKENS + lang_tokens))
+        create_spt_model(str(corpus), vocab_size=len(specials) + 60, sample_size=-1, do_lower_case=False,
+                         output_dir=str(corpus.parent), user_defined_symbols=specials)
+        return {"type": "bpe", "dir": str(corpus.parent),
+                "custom_tokenizer": {"_target_": "nemo.collections.common.tokenizers.canary_tokenizer.CanaryBPETokenizer"}}
+    CanaryTokenizer.build_special_tokenizer(TASK_TOKENS + lang_tokens, folder / "spl_tokens", force_rebuild=True)
+    langs: dict[str, Any] = {"spl_tokens": {"dir": str(folder / "spl_tokens"), "type": "bpe"}}
+    for index, lang in enumerate(LANGS):
+        corpus = folder / lang / "text.txt"
+        corpus.parent.mkdir(parents=True)
+        corpus.write_text("\n".join(TEXT[lang] * 4))
+        create_spt_model(str(corpus), vocab_size=30 + 7 * index, sample_size=-1, do_lower_case=False,
+                         output_dir=str(corpus.parent))
+        langs[lang] = {"dir": str(corpus.parent), "type": "bpe"}
+    return {"type": "agg", "dir": None, "langs": langs,
+            "custom_tokenizer": {"_target_": "nemo.collections.common.tokenizers.canary_tokenizer.CanaryTokenizer"}}
+
+
+def nemo_config(spec: TinySpec, tokenizer: dict[str, Any]) -> dict[str, Any]:
+    """A model_config.yaml in the shape NVIDIA's Canary checkpoints use, with tiny sizes."""
+    return {
+        "sample_rate": 16000,
+        "prompt_format": spec.prompt_format,
+        # NeMo's restore path for canary-1b-v2's timestamp model reads process-global state left by an
+        # earlier restore_from; tiny models have no timestamp model.
+        "restore_timestamps_model": False,
+        "model_defaults": {"asr_enc_hidden": spec.d_model, "lm_enc_hidden": spec.dec_hidden,
+                           "lm_dec_hidden": spec.dec_hidden},
+        "tokenizer": tokenizer,
+        "preprocessor": {"_target_": "nemo.collections.asr.modules.AudioToMelSpectrogramPreprocessor",
+                         "sample_rate": 16000, "normalize": "per_feature", "window_size": 0.025,
+                         "window_stride": 0.01, "window": "hann", "features": spec.features, "n_fft": 512,
+                         "log": True, "frame_splicing": 1, "dither": 1e-5, "pad_to": 0, "pad_value": 0.0},
+        "encoder": {"_target_": "nemo.collections.asr.modules.ConformerEncoder", "feat_in": spec.features,
+                    "feat_out": -1, "n_layers": spec.enc_layers, "d_model": spec.d_model,
+                    "subsampling": "dw_striding", "subsampling_factor": spec.subsampling_factor,
+                    "subsampling_conv_channels": spec.conv_channels, "ff_expansion_factor": spec.ff_expansion,
+                    "self_attention_model": "rel_pos", "n_heads": spec.enc_heads, "xscaling": spec.xscaling,
+                    "untie_biases": spec.untie_biases, "pos_emb_max_len": 5000,
+                    "conv_kernel_size": spec.conv_kernel, "conv_norm_type": "batch_norm", "dropout": 0.0,
+                    "dropout_pre_encoder": 0.0, "dropout_emb": 0.0, "dropout_att": 0.0},
+        "transf_decoder": {"_target_": "nemo.collections.asr.modules.transformer.get_nemo_transformer",
+                           "model_name": None, "pretrained": False, "encoder": None,
+                           "pre_ln_final_layer_norm": True,
+                           "config_dict": {"max_sequence_length": spec.max_sequence_length, "num_token_types": 0,
+                                           "embedding_dropout": 0.0, "learn_positional_encodings": False,
+                                           "hidden_size": spec.dec_hidden, "inner_size": 3 * spec.dec_hidden,
+                                           "num_layers": spec.dec_layers, "num_attention_heads": spec.dec_heads,
+                                           "ffn_dropout": 0.0, "attn_score_dropout": 0.0,
+                                           "attn_layer_dropout": 0.0, "hidden_act": "relu", "pre_ln": True,
+                                           "vocab_size": None}},
+        "head": {"_target_": "nemo.collections.asr.parts.submodules.token_classifier.TokenClassifier",
+                 "num_layers": 1, "activation": "relu", "log_softmax": True, "hidden_size": spec.dec_hidden,
+                 "num_classes": None, "dropout": 0.0, "use_transformer_init": True},
+        "decoding": {"strategy": "beam", "beam": {"beam_size": 1, "len_pen": 0.0, "max_generation_delta": 20}},
+        "loss": {"_target_": "nemo.collections.common.losses.smoothed_cross_entropy.SmoothedCrossEntropyLoss",
+                 "label_smoothing": 0.0, "pad_id": None},
+    }
+
+
+def randomise(model: Any, seed: int) -> None:
+    """Give every norm, bias, positional bias and BatchNorm statistic a distinct random value."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+            if name.startswith("preprocessor.") or "position_embedding" in name or not tensor.is_floating_point():
+                continue
+            noise = torch.randn(tensor.shape, generator=generator)
+            if name.endswith("running_var"):
+                tensor.copy_(0.5 + torch.rand(tensor.shape, generator=generator))
+            elif "norm" in name and name.endswith("weight"):
+                tensor.copy_(1.0 + 0.2 * noise)
+            elif name.endswith(("bias", "running_mean", "pos_bias_u", "pos_bias_v")):
+                tensor.copy_(0.1 * noise)
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm1d):
+                module.num_batches_tracked.fill_(1234)
+
+
+def build(spec: TinySpec, out: Path) -> Path:
+    """Build, randomise and `save_to` one tiny EncDecMultiTaskModel; returns the `.nemo` path."""
+    import torch
+    from omegaconf import OmegaConf
+    from nemo.collections.asr.models import EncDecMultiTaskModel
+
+    torch.manual_seed(spec.seed)
+    with tempfile.TemporaryDirectory(prefix="tiny-canary-tok-") as scratch:
+        config = nemo_config(spec, _train_tokenizers(spec, Path(scratch)))
+        model = EncDecMultiTaskModel(OmegaConf.create(config))
+        randomise(model, spec.seed)
+        model.eval()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        model.save_to(str(out))
+    return out
+
+
+if __name__ == "__main__":
+    target = Path(sys.argv[1])
+    variant = sys.argv[2] if len(sys.argv) > 2 else "canary-sub8"
+    build(replace(VARIANTS[variant]), target)
+    print(f"built {variant} -> {target}")

@@ -1,0 +1,174 @@
+"""The mapping engine: rule parsing, transforms, and the coverage proof on real NeMo checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from canary_convert.archive import open_archive
+from canary_convert.errors import MappingError, RulesFileError
+from canary_convert.model.load import parameter_shapes
+from canary_convert.presets import derive_config, detect_preset
+from canary_convert.rules import load_rules, parse_rules, plan_conversion
+
+MAPPING = load_rules("canary.yaml")
+
+
+def _source_and_shapes(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, ...]]]:
+    with open_archive(path) as archive:
+        config = archive.config()
+        with archive.state_dict() as state:
+            state = {key: tensor.clone() for key, tensor in state.items()}
+        derived = derive_config(detect_preset(config), config, state, archive.artifacts(config))
+    return state, parameter_shapes(derived.config)
+
+
+@pytest.fixture(scope="module")
+def tiny(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, ...]]]:
+    return _source_and_shapes(checkpoint)
+
+
+def test_every_variant_is_fully_accounted_for(checkpoints: dict[str, Path]) -> None:
+    for name, path in checkpoints.items():
+        state, shapes = _source_and_shapes(path)
+        plan = plan_conversion(MAPPING, state, shapes)
+        mapped = {t.source_key for t in plan.tensors}
+        dropped = {d.key for d in plan.dropped}
+        assert mapped | dropped == set(state), name
+        assert not mapped & dropped
+        assert {t.target_key for t in plan.tensors} == set(shapes), name
+        assert all(shapes[t.target_key] == t.target_shape for t in plan.tensors)
+        # Dropped: one BatchNorm counter per encoder layer and the tied head weight, nothing else.
+        assert sorted(dropped) == sorted(
+            [k for k in state if k.endswith("num_batches_tracked")] + ["log_softmax.mlp.layer0.weight"]
+        )
+        has_proj = "encoder_decoder_proj.weight" in state
+        assert has_proj == (name == "canary2-proj-sub4")
+        assert plan.notes() == [], name  # only the optional projection rule may go unmatched
+
+
+def test_conv_weights_are_laid_out_for_mlx(tiny: tuple[dict, dict]) -> None:
+    state, shapes = tiny
+    plan = {t.source_key: t for t in plan_conversion(MAPPING, state, shapes).tensors}
+    conv2d = plan["encoder.pre_encode.conv.0.weight"]
+    source = state["encoder.pre_encode.conv.0.weight"]  # torch (O, I, H, W)
+    converted = conv2d.convert(source, torch.float32)
+    assert converted.shape == (source.shape[0], source.shape[2], source.shape[3], source.shape[1])
+    assert converted[3, 1, 2, 0] == source[3, 0, 1, 2]
+    depthwise = state["encoder.layers.1.conv.depthwise_conv.weight"]  # torch (d, 1, k)
+    converted = plan["encoder.layers.1.conv.depthwise_conv.weight"].convert(depthwise, torch.float32)
+    assert converted.shape == (depthwise.shape[0], depthwise.shape[2], 1)
+    assert torch.equal(converted[:, :, 0], depthwise[:, 0, :])
+    fb = plan["preprocessor.featurizer.fb"]
+    assert fb.target_key == "preprocessor.filterbank" and fb.target_shape == tuple(state[fb.source_key].shape[1:])
+    assert fb.pinned_dtype == torch.float32  # features stay float32 whatever --dtype says
+    assert plan["encoder.pre_encode.conv.0.weight"].pinned_dtype is None
+
+
+def test_unknown_key_is_named(tiny: tuple[dict, dict]) -> None:
+    state, shapes = tiny
+    state = dict(state, **{"encoder.layers.0.mystery.weight": torch.zeros(3)})
+    with pytest.raises(MappingError, match=r"no rule in canary\.yaml for source key\(s\) encoder\.layers\.0\.mystery\.weight"):
+        plan_conversion(MAPPING, state, shapes)
+
+
+def test_wrong_shape_is_named(tiny: tuple[dict, dict]) -> None:
+    state, shapes = tiny
+    key = "encoder.layers.1.feed_forward2.linear1.weight"
+    state = dict(state, **{key: state[key][:-1]})
+    with pytest.raises(MappingError, match=rf"{key} -> {key}: shape \(\d+, \d+\) .* the MLX model expects"):
+        plan_conversion(MAPPING, state, shapes)
+
+
+def test_missing_tensor_is_named(tiny: tuple[dict, dict]) -> None:
+    state, shapes = tiny
+    state = {k: v for k, v in state.items() if k != "encoder.layers.0.self_attn.pos_bias_u"}
+    with pytest.raises(MappingError, match=r"no source key fills: encoder\.layers\.0\.self_attn\.pos_bias_u"):
+        plan_conversion(MAPPING, state, shapes)
+
+
+def test_untied_head_is_refused(tiny: tuple[dict, dict]) -> None:
+    state, shapes = tiny
+    state = dict(state, **{"log_softmax.mlp.layer0.weight": state["log_softmax.mlp.layer0.weight"] + 1})
+    with pytest.raises(MappingError, match="tied copy of transf_decoder._embedding.token_embedding.weight, but the two tensors differ"):
+        plan_conversion(MAPPING, state, shapes)
+
+
+def test_unmatched_rule_is_reported(tiny: tuple[dict, dict]) -> None:
+    state, shapes = tiny
+    text = b"""name: test
+rules:
+  - match: never.{x}
+    to: never.{x}
+  - regex: '^(?P<key>.*)$'
+    to: '{key}'
+"""
+    mapping = parse_rules(text, "test.yaml")
+    state = {k: v for k, v in state.items() if "num_batches" not in k and not k.startswith(("log_softmax", "pre", "transf"))}
+    with pytest.raises(MappingError):
+        plan_conversion(mapping, state, shapes)  # renamed keys fit no MLX parameter: refused
+    plan = plan_conversion(mapping, {}, {})
+    assert plan.notes() == ["rule 1 (never.{x}) matched no key", "rule 2 (^(?P<key>.*)$) matched no key"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (b"rules: []", "expected 'name' and a list of 'rules'"),
+        (b"name: x\nrules: [{match: a, to: b, drop: c}]", "exactly one of 'to'"),
+        (b"name: x\nrules: [{to: b}]", "exactly one of 'match'"),
+        (b"name: x\nrules: [{match: 'a.{n}', to: 'b.{m}'}]", r"uses \['m'\] that the pattern lacks"),
+        (b"name: x\nrules: [{regex: '(', to: b}]", "bad regex"),
+        (b"name: x\nrules: [{match: a, to: b, transforms: [rotate]}]", "unknown transform 'rotate'"),
+        (b"name: x\nrules: [{match: a, to: b, dtype: int4}]", "dtype 'int4'"),
+        (b"name: x\nrules: [{match: a, to: b, same_as: c}]", "'same_as' only makes sense on a drop"),
+        (b"name: x\nrules: [{match: a, to: b, colour: red}]", "unknown field"),
+        (b"name: x\nrules: [{match: a, drop: ''}]", "a drop needs a reason"),
+    ],
+)
+def test_malformed_rules_are_refused(text: bytes, message: str) -> None:
+    with pytest.raises(RulesFileError, match=message):
+        parse_rules(text, "bad.yaml")
+
+
+def test_template_placeholder_is_one_segment() -> None:
+    mapping = parse_rules(b"name: x\nrules: [{match: 'a.{n}.w', to: 'b.{n}.w'}]", "t.yaml")
+    pattern = mapping.rules[0].pattern
+    assert pattern.match("a.12.w").group("n") == "12"
+    assert pattern.match("a.1.2.w") is None
+    assert pattern.match("aX12.w") is None  # the dot is literal
+
+
+_TRANSFORMS = parse_rules(
+    b"""name: t
+rules:
+  - {match: c1, to: c1, transforms: [conv1d]}
+  - {match: c2, to: c2, transforms: [conv2d]}
+  - {match: sq, to: sq, transforms: [{squeeze: 0}]}
+  - {match: tr, to: tr, transforms: [{transpose: [2, 0, 1]}]}
+""",
+    "t.yaml",
+).rules
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_transforms_round_trip_exactly(data: st.DataObject) -> None:
+    dims = st.integers(1, 5)
+    shapes = {"c1": (data.draw(dims), data.draw(dims), data.draw(dims)),
+              "c2": tuple(data.draw(dims) for _ in range(4)),
+              "sq": (1, data.draw(dims), data.draw(dims)),
+              "tr": tuple(data.draw(dims) for _ in range(3))}
+    for rule in _TRANSFORMS:
+        tensor = torch.randn(shapes[rule.written])
+        forward = tensor
+        for transform in rule.transforms:
+            forward = transform.forward(forward)
+        back = forward
+        for transform in reversed(rule.transforms):
+            back = transform.inverse(back)
+        assert torch.equal(back, tensor)
