@@ -56,6 +56,10 @@ class OutputError(CanaryConvertError):
     """The output folder cannot be written (it exists, or the disk refused)."""
 
 
+class AudioError(CanaryConvertError):
+    """An audio file cannot be read or decoded."""
+
+
 class ValidationError(CanaryConvertError):
     """The converted folder does not load strictly or does not reproduce the source."""
 

@@ -1,0 +1,180 @@
+"""NeMo parity: run NeMo and the converted MLX model on the same signals and measure each stage.
+
+Each stage gets NeMo's own input (features for the encoder, encoder states for the decoder), so an
+error is charged to the stage that made it. NeMo is imported only here, only when asked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from .errors import CanaryConvertError
+from .model.canary import CanaryModel
+
+TEST_SIGNAL_SECONDS = (2.3, 1.1, 3.4)  # a padded batch of three different lengths
+TEACHER_FORCED_TOKENS = 20
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The issue's limits: float32 conversions must match closely; half precision within its rounding."""
+
+    features_max_abs: float
+    encoder_rel_l2: float
+    logprobs_max_abs: float | None  # not bounded for half-precision weights
+
+    @classmethod
+    def for_dtype(cls, dtype: str) -> Thresholds:
+        if dtype == "float32":
+            return cls(features_max_abs=1e-3, encoder_rel_l2=1e-4, logprobs_max_abs=1e-3)
+        return cls(features_max_abs=1e-3, encoder_rel_l2=2e-2, logprobs_max_abs=None)
+
+
+@dataclass
+class ParityReport:
+    dtype: str
+    thresholds: Thresholds
+    features_max_abs: float = 0.0
+    encoder_rel_l2_single: float = 0.0
+    encoder_rel_l2_batch: float = 0.0
+    logprobs_max_abs: float = 0.0
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def check(self) -> None:
+        limits = self.thresholds
+        measured = [
+            ("features max |Δ|", self.features_max_abs, limits.features_max_abs),
+            ("encoder relative L2 (single)", self.encoder_rel_l2_single, limits.encoder_rel_l2),
+            ("encoder relative L2 (batch)", self.encoder_rel_l2_batch, limits.encoder_rel_l2),
+            ("decoder log-prob max |Δ|", self.logprobs_max_abs, limits.logprobs_max_abs),
+        ]
+        self.failures = [f"{name} {value:.3g} > {limit:g}" for name, value, limit in measured
+                         if limit is not None and not value <= limit]
+
+    def to_dict(self) -> dict[str, Any]:
+        record = asdict(self)
+        record["passed"] = self.passed
+        return record
+
+
+class NemoUnavailableError(CanaryConvertError):
+    """--parity needs NeMo, which is an optional (dev) dependency."""
+
+
+def reference_signals(sample_rate: int, seconds: tuple[float, ...] = TEST_SIGNAL_SECONDS) -> list[np.ndarray]:
+    """Deterministic speech-like test signals: gliding harmonics with a syllable envelope and a little noise."""
+    rng = np.random.default_rng(20261124)
+    signals = []
+    for index, duration in enumerate(seconds):
+        t = np.arange(int(duration * sample_rate)) / sample_rate
+        pitch = 110 + 40 * index + 30 * np.sin(2 * np.pi * 0.7 * t)
+        phase = 2 * np.pi * np.cumsum(pitch) / sample_rate
+        voice = sum(np.sin(k * phase) / k for k in range(1, 8))
+        envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 3.1 * t) ** 2
+        signals.append((0.1 * voice * envelope + 0.003 * rng.standard_normal(t.size)).astype(np.float32))
+    return signals
+
+
+def restore_nemo(path: Path) -> Any:
+    """NeMo's own model from the `.nemo` (or extracted folder), in eval mode on the CPU."""
+    try:
+        from nemo.collections.asr.models import EncDecMultiTaskModel
+    except ImportError:
+        raise NemoUnavailableError(
+            "--parity needs NeMo: pip install -c constraints.txt 'canary-convert[dev]' (nemo-toolkit[asr]==3.0.0)"
+        ) from None
+    model = EncDecMultiTaskModel.restore_from(str(path), map_location="cpu")
+    return model.eval()
+
+
+def _pad(signals: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    lengths = np.array([len(s) for s in signals], dtype=np.int64)
+    batch = np.zeros((len(signals), int(lengths.max())), dtype=np.float32)
+    for row, signal in enumerate(signals):
+        batch[row, : len(signal)] = signal
+    return batch, lengths
+
+
+def _relative_l2(ours: np.ndarray, reference: np.ndarray) -> float:
+    return float(np.linalg.norm(ours - reference) / max(np.linalg.norm(reference), 1e-30))
+
+
+def nemo_features(nemo: Any, signals: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+
+    batch, lengths = _pad(signals)
+    with torch.no_grad():
+        features, frames = nemo.preprocessor(input_signal=torch.from_numpy(batch), length=torch.from_numpy(lengths))
+    return features.numpy(), frames.numpy()
+
+
+def nemo_encode(nemo: Any, features: np.ndarray, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """NeMo's encoder states (B, T, H_dec), after its encoder->decoder projection."""
+    import torch
+
+    with torch.no_grad():
+        encoded, lengths = nemo.encoder(audio_signal=torch.from_numpy(features), length=torch.from_numpy(frames))
+        encoded = nemo.encoder_decoder_proj(encoded.transpose(1, 2))
+    return encoded.numpy(), lengths.numpy()
+
+
+def nemo_logprobs(nemo: Any, tokens: np.ndarray, encoded: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    import torch
+
+    encoder_mask = torch.arange(encoded.shape[1])[None, :] < torch.from_numpy(lengths)[:, None]
+    with torch.no_grad():
+        hidden = nemo.transf_decoder(
+            input_ids=torch.from_numpy(tokens),
+            decoder_mask=torch.ones(tokens.shape, dtype=torch.bool),
+            encoder_embeddings=torch.from_numpy(encoded),
+            encoder_mask=encoder_mask,
+        )
+        return nemo.log_softmax(hidden_states=hidden).numpy()
+
+
+def teacher_forced_tokens(vocab_size: int, batch: int, prompt: list[int]) -> np.ndarray:
+    """The prompt followed by fixed pseudo-random text tokens, the same for every run."""
+    rng = np.random.default_rng(7)
+    text = rng.integers(0, vocab_size, size=(batch, TEACHER_FORCED_TOKENS))
+    return np.concatenate([np.tile(np.array(prompt, dtype=np.int64), (batch, 1)), text], axis=1)
+
+
+def compare_stages(nemo: Any, model: CanaryModel, signals: list[np.ndarray], dtype: str) -> ParityReport:
+    """Features, encoder (each utterance alone and as a padded batch) and teacher-forced decoder log-probs."""
+    report = ParityReport(dtype=dtype, thresholds=Thresholds.for_dtype(dtype))
+    batch, lengths = _pad(signals)
+    ours, _ = model.preprocess(mx.array(batch), mx.array(lengths))
+    features, frames = nemo_features(nemo, signals)
+    report.features_max_abs = max(
+        float(np.abs(np.array(ours[row, :, :count]) - features[row, :, :count]).max())
+        for row, count in enumerate(frames)
+    )
+    encoded, enc_lengths = nemo_encode(nemo, features, frames)
+    mine, _ = model.encode(mx.array(features), mx.array(frames))
+    mine = np.array(mine.astype(mx.float32))
+    report.encoder_rel_l2_batch = max(
+        _relative_l2(mine[row, :count], encoded[row, :count]) for row, count in enumerate(enc_lengths)
+    )
+    singles = []
+    for row, signal in enumerate(signals):
+        one_features, one_frames = nemo_features(nemo, [signal])
+        alone, _ = model.encode(mx.array(one_features), mx.array(one_frames))
+        count = int(enc_lengths[row])
+        singles.append(_relative_l2(np.array(alone.astype(mx.float32))[0, :count], encoded[row, :count]))
+    report.encoder_rel_l2_single = max(singles)
+    tokens = teacher_forced_tokens(nemo.tokenizer.vocab_size, len(signals), [nemo.tokenizer.bos_id])
+    reference = nemo_logprobs(nemo, tokens, encoded, enc_lengths)
+    weights_dtype = model.decoder.token_embedding.weight.dtype
+    logprobs = model.decoder_logprobs(mx.array(tokens), mx.array(encoded).astype(weights_dtype), mx.array(enc_lengths))
+    report.logprobs_max_abs = float(np.abs(np.array(logprobs.astype(mx.float32)) - reference).max())
+    report.check()
+    return report
