@@ -5,6 +5,7 @@ Exit codes: 0 ok, 1 error, 2 usage, 3 validation failed (see errors.py).
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import sys
@@ -199,3 +200,38 @@ def convert_command(
     )
     for note in conversion.plan.notes():
         typer.echo(f"note: {note}")
+
+
+transcribe_app = typer.Typer(add_completion=False, help="Transcribe or translate audio with a converted MLX folder.")
+
+
+@transcribe_app.command()
+def transcribe_command(
+    audio: Annotated[list[Path], typer.Argument(help="Audio files (WAV/FLAC; other formats need ffmpeg).")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="A folder written by canary-convert.")],
+    source_lang: Annotated[Optional[str], typer.Option(help="Spoken language (default: the model's first).")] = None,
+    target_lang: Annotated[Optional[str], typer.Option(help="Output language (default: the spoken one).")] = None,
+    task: Annotated[str, typer.Option(help="transcribe or translate.")] = "transcribe",
+    pnc: Annotated[bool, typer.Option("--pnc/--no-pnc", help="Punctuation and capitals.")] = True,
+    beam_size: Annotated[Optional[int], typer.Option(help="Beam size (default: the checkpoint's).")] = None,
+    greedy: Annotated[bool, typer.Option("--greedy", help="Greedy search instead of beam search.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Clips decoded together.")] = 4,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON list with text and token ids.")] = False,
+) -> None:
+    """Print one transcript per audio file (prefixed by its path when there are several)."""
+    from .model.load import load_model
+
+    try:
+        loaded = load_model(model)
+        results = loaded.transcribe(
+            audio, source_lang=source_lang, target_lang=target_lang, task=task, pnc=pnc,
+            strategy="greedy" if greedy else None, beam_size=beam_size, batch_size=batch_size,
+        )
+    except CanaryConvertError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps([{"audio": r.source, "text": r.text, "tokens": r.tokens} for r in results],
+                              ensure_ascii=False, indent=2))
+        return
+    for result in results:
+        typer.echo(result.text if len(results) == 1 else f"{result.source}\t{result.text}")

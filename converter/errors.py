@@ -56,6 +56,10 @@ class OutputError(CanaryConvertError):
     """The output folder cannot be written (it exists, or the disk refused)."""
 
 
+class ModelFolderError(CanaryConvertError):
+    """A converted MLX folder is missing files or does not fit the bundled model."""
+
+
 class AudioError(CanaryConvertError):
     """An audio file cannot be read or decoded."""
 

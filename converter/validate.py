@@ -11,7 +11,7 @@ import torch
 from mlx.utils import tree_flatten
 from safetensors import SafetensorError, safe_open
 
-from .errors import ValidationError
+from .errors import ModelFolderError, ValidationError
 from .model.load import load_model, weight_files
 from .writer import OutputTensor
 
@@ -29,8 +29,8 @@ def check_strict_load(folder: Path) -> int:
     """Load `folder` as users will (`load_model`); any missing, extra or misshapen parameter fails."""
     try:
         model = load_model(folder)
-    except (ValueError, KeyError, OSError, RuntimeError) as exc:
-        raise ValidationError(f"{folder}: does not load strictly into the bundled MLX model: {exc}") from None
+    except ModelFolderError as exc:
+        raise ValidationError(f"does not load strictly into the bundled MLX model: {exc}") from None
     return len(tree_flatten(model.parameters()))
 
 

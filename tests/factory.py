@@ -129,7 +129,8 @@ def nemo_config(spec: TinySpec, tokenizer: dict[str, Any]) -> dict[str, Any]:
         "head": {"_target_": "nemo.collections.asr.parts.submodules.token_classifier.TokenClassifier",
                  "num_layers": 1, "activation": "relu", "log_softmax": True, "hidden_size": spec.dec_hidden,
                  "num_classes": None, "dropout": 0.0, "use_transformer_init": True},
-        "decoding": {"strategy": "beam", "beam": {"beam_size": 1, "len_pen": 0.0, "max_generation_delta": 20}},
+        "decoding": {"strategy": "beam", "beam": {"beam_size": 1, "length_penalty": 0.5, "max_generation_delta": 20},
+                     "greedy": {"max_generation_delta": 15}},
         "loss": {"_target_": "nemo.collections.common.losses.smoothed_cross_entropy.SmoothedCrossEntropyLoss",
                  "label_smoothing": 0.0, "pad_id": None},
     }

@@ -9,6 +9,9 @@ from .audio import AudioPreprocessor
 from .config import ModelConfig
 from .decoder import KVCache, TextDecoder
 from .encoder import ConformerEncoder
+from .prompts import PromptOptions
+from .tokenizer import Tokenizer
+from .transcribe import AudioInput, Transcript, decoding_options, transcribe
 
 
 class CanaryModel(nn.Module):
@@ -18,9 +21,10 @@ class CanaryModel(nn.Module):
     mapping (mappings/canary.yaml) produces for the checkpoint the config was derived from.
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, tokenizer: Tokenizer | None = None):
         super().__init__()
         self.config = config
+        self.tokenizer = tokenizer
         self.preprocessor = AudioPreprocessor(config.preprocessor)
         self.encoder = ConformerEncoder(config.encoder)
         # NeMo uses nn.Identity when encoder and decoder widths agree: no parameter at all then.
@@ -76,3 +80,31 @@ class CanaryModel(nn.Module):
             token_mask = mx.arange(token_ids.shape[1])[None, :] < token_lengths[:, None]
         hidden, _ = self.decoder(token_ids, encoded, enc_lengths, token_mask=token_mask)
         return self.decoder.logprobs(hidden)
+
+    def transcribe(
+        self,
+        audio: AudioInput,
+        source_lang: str | None = None,
+        target_lang: str | None = None,
+        task: str = "transcribe",
+        pnc: bool = True,
+        itn: bool = False,
+        timestamp: bool = False,
+        diarize: bool = False,
+        strategy: str | None = None,
+        beam_size: int | None = None,
+        length_penalty: float | None = None,
+        batch_size: int = 4,
+    ) -> list[Transcript]:
+        """Paths or 16 kHz float32 arrays (one or a list) -> one Transcript each, with `.text` and `.tokens`.
+
+        Without `source_lang` the first language of the tokenizer is used; `target_lang` defaults to it.
+        Decoding defaults come from the checkpoint (NeMo's: beam search of size 1).
+        """
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: load it with canary_convert.load_model(folder)")
+        source = source_lang or self.tokenizer.languages[0]
+        prompt = PromptOptions(source_lang=source, target_lang=target_lang or source, task=task, pnc=pnc,
+                               itn=itn, timestamp=timestamp, diarize=diarize)
+        decoding = decoding_options(self, strategy, beam_size, length_penalty)
+        return transcribe(self, self.tokenizer, audio, prompt, decoding, batch_size)

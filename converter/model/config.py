@@ -127,12 +127,13 @@ class TokenizerConfig:
 
 @dataclass(frozen=True)
 class DecodingConfig:
-    """NeMo's `decoding` defaults for the checkpoint."""
+    """NeMo's `decoding` defaults for the checkpoint; each strategy has its own length budget."""
 
     strategy: str
     beam_size: int
     length_penalty: float
     max_generation_delta: int
+    greedy_max_generation_delta: int
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,9 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .canary import CanaryModel
+from ..errors import ModelFolderError
 from .config import ModelConfig
+from .tokenizer import load_tokenizer
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -33,11 +35,14 @@ def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 def load_model(path: str | Path) -> CanaryModel:
     """Build the model from `config.json` and load its weights with strict checking, in inference mode."""
     folder = Path(path)
-    config = ModelConfig.from_file(folder / CONFIG_FILE)
-    model = CanaryModel(config)
-    weights: list[tuple[str, mx.array]] = []
-    for file in weight_files(folder):
-        weights.extend(mx.load(str(file)).items())
-    model.load_weights(weights, strict=True)
+    try:
+        config = ModelConfig.from_file(folder / CONFIG_FILE)
+        model = CanaryModel(config, load_tokenizer(folder, config.tokenizer))
+        weights: list[tuple[str, mx.array]] = []
+        for file in weight_files(folder):
+            weights.extend(mx.load(str(file)).items())
+        model.load_weights(weights, strict=True)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise ModelFolderError(f"{folder}: not a loadable canary-convert MLX folder: {exc}") from None
     model.eval()
     return model
