@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .convert import Conversion, ConvertOptions, convert, plan_only
 from .errors import CanaryConvertError, UsageError
+from .parity import ParityError, ParityReport
 from .writer import DEFAULT_MAX_SHARD_BYTES
 
 console = Console(stderr=True)
@@ -167,6 +168,8 @@ def convert_command(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing, non-empty OUT.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")] = False,
     max_shard_size: Annotated[str, typer.Option(help="Largest safetensors file, e.g. 5GB.")] = str(DEFAULT_MAX_SHARD_BYTES),
+    parity: Annotated[bool, typer.Option("--parity", help="Also compare with NeMo itself (needs nemo-toolkit).")] = False,
+    parity_audio: Annotated[Optional[list[Path]], typer.Option(help="Extra audio for --parity (repeatable).")] = None,
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
 ) -> None:
     """Convert SOURCE into the MLX folder OUT, then validate it (strict load and exact round trip)."""
@@ -175,7 +178,8 @@ def convert_command(
         return
     _exit_on_sigterm()
     try:
-        options = ConvertOptions(dtype=dtype, revision=revision, force=force, max_shard_bytes=parse_size(max_shard_size))
+        options = ConvertOptions(dtype=dtype, revision=revision, force=force, max_shard_bytes=parse_size(max_shard_size),
+                                 parity=parity, parity_audio=tuple(parity_audio or ()))
         if dry_run:
             with _progress() as progress:
                 conversion = plan_only(source, options, RichReporter(progress))
@@ -186,6 +190,9 @@ def convert_command(
         started = time.perf_counter()
         with _progress() as progress:
             conversion = convert(source, out, options, RichReporter(progress))
+    except ParityError as exc:
+        _print_parity(exc.report)
+        _fail(exc)
     except CanaryConvertError as exc:
         _fail(exc)
     except KeyboardInterrupt:
@@ -200,6 +207,17 @@ def convert_command(
     )
     for note in conversion.plan.notes():
         typer.echo(f"note: {note}")
+    if conversion.parity is not None:
+        _print_parity(conversion.parity)
+
+
+def _print_parity(report: ParityReport) -> None:
+    table = Table(title=f"parity with NeMo ({report.dtype} weights)")
+    for column in ("check", "measured", "limit", ""):
+        table.add_column(column)
+    for check, measured, limit, ok in report.rows():
+        table.add_row(check, measured, limit, "[green]ok[/green]" if ok else "[bold red]FAIL[/bold red]")
+    Console(width=max(Console().width, 80)).print(table)
 
 
 transcribe_app = typer.Typer(add_completion=False, help="Transcribe or translate audio with a converted MLX folder.")

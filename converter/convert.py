@@ -15,6 +15,7 @@ from . import __version__
 from .archive import CONFIG_MEMBER, WEIGHTS_MEMBER, NemoArchive, open_archive
 from .errors import UsageError
 from .model.load import CONFIG_FILE, parameter_shapes
+from .parity import ParityReport, require_nemo, run_parity
 from .presets import Derived, detect_preset, derive_config
 from .rules import Plan, load_rules, plan_conversion
 from .source import ResolvedSource, resolve_source, sha256_of
@@ -52,15 +53,20 @@ class ConvertOptions:
     revision: str | None = None
     force: bool = False
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    parity: bool = False
+    parity_audio: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise UsageError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
         if self.max_shard_bytes <= 0:
             raise UsageError("--max-shard-size must be positive")
+        if self.parity_audio and not self.parity:
+            raise UsageError("--parity-audio needs --parity")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"dtype": self.dtype, "revision": self.revision, "max_shard_bytes": self.max_shard_bytes}
+        return {"dtype": self.dtype, "revision": self.revision, "max_shard_bytes": self.max_shard_bytes,
+                "parity": self.parity, "parity_audio": [str(path) for path in self.parity_audio]}
 
 
 @dataclass
@@ -74,6 +80,7 @@ class Conversion:
     out: Path | None = None
     files: list[str] = field(default_factory=list)
     validation: ValidationReport | None = None
+    parity: ParityReport | None = None
 
 
 def _ignored_members(archive: NemoArchive, used: set[str]) -> list[str]:
@@ -109,6 +116,8 @@ def plan_only(source_arg: str, options: ConvertOptions, reporter: Reporter | Non
 def convert(source_arg: str, out: Path, options: ConvertOptions, reporter: Reporter | None = None) -> Conversion:
     """Convert SOURCE into the MLX folder OUT, validate it, and publish it atomically."""
     reporter = reporter or SilentReporter()
+    if options.parity:
+        require_nemo()
     with _opened(source_arg, options, reporter) as (archive, source, state_dict):
         conversion = _plan(archive, source, state_dict)
         stored = output_tensors(conversion.plan.tensors, state_dict, DTYPES[options.dtype])
@@ -122,6 +131,8 @@ def convert(source_arg: str, out: Path, options: ConvertOptions, reporter: Repor
                 archive.copy_member(member, staging / relative)
             write_json(staging / CONFIG_FILE, conversion.derived.config.to_dict())
             conversion.validation = validate_folder(staging, stored, state_dict)
+            if options.parity:
+                conversion.parity = run_parity(source.path, staging, options.dtype, options.parity_audio)
             write_json(staging / CONVERSION_FILE, _provenance(conversion, options))
         conversion.out = out
         return conversion
@@ -148,4 +159,5 @@ def _provenance(conversion: Conversion, options: ConvertOptions) -> dict[str, An
         "notes": plan.notes(),
         "ignored_members": conversion.ignored_members,
         "validation": conversion.validation.to_dict() if conversion.validation else None,
+        "parity": conversion.parity.to_dict() if conversion.parity else None,
     }

@@ -7,14 +7,17 @@ error is charged to the stage that made it. NeMo is imported only here, only whe
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
-from .errors import CanaryConvertError
+from .errors import CanaryConvertError, ValidationError
+from .model.audio_io import load_audio
 from .model.canary import CanaryModel
+from .model.load import load_model
 
 TEST_SIGNAL_SECONDS = (2.3, 1.1, 3.4)  # a padded batch of three different lengths
 TEACHER_FORCED_TOKENS = 20
@@ -43,6 +46,7 @@ class ParityReport:
     encoder_rel_l2_single: float = 0.0
     encoder_rel_l2_batch: float = 0.0
     logprobs_max_abs: float = 0.0
+    tokens: dict[str, bool] = field(default_factory=dict)  # decoding mode -> identical to NeMo on every clip
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -59,6 +63,25 @@ class ParityReport:
         ]
         self.failures = [f"{name} {value:.3g} > {limit:g}" for name, value, limit in measured
                          if limit is not None and not value <= limit]
+        self.failures += [f"{mode} tokens differ from NeMo's" for mode, same in self.tokens.items() if not same]
+
+    def rows(self) -> list[tuple[str, str, str, bool]]:
+        """(check, measured, limit, ok) for the CLI's table."""
+        limits = self.thresholds
+        rows = [
+            ("features max |Δ|", f"{self.features_max_abs:.2e}", f"{limits.features_max_abs:g}",
+             self.features_max_abs <= limits.features_max_abs),
+            ("encoder rel L2, single", f"{self.encoder_rel_l2_single:.2e}", f"{limits.encoder_rel_l2:g}",
+             self.encoder_rel_l2_single <= limits.encoder_rel_l2),
+            ("encoder rel L2, batch", f"{self.encoder_rel_l2_batch:.2e}", f"{limits.encoder_rel_l2:g}",
+             self.encoder_rel_l2_batch <= limits.encoder_rel_l2),
+            ("decoder log-prob max |Δ|", f"{self.logprobs_max_abs:.2e}",
+             "-" if limits.logprobs_max_abs is None else f"{limits.logprobs_max_abs:g}",
+             limits.logprobs_max_abs is None or self.logprobs_max_abs <= limits.logprobs_max_abs),
+        ]
+        rows += [(f"{mode} token ids", "identical" if same else "differ", "identical", same)
+                 for mode, same in self.tokens.items()]
+        return rows
 
     def to_dict(self) -> dict[str, Any]:
         record = asdict(self)
@@ -68,6 +91,14 @@ class ParityReport:
 
 class NemoUnavailableError(CanaryConvertError):
     """--parity needs NeMo, which is an optional (dev) dependency."""
+
+
+class ParityError(ValidationError):
+    """The converted model is further from NeMo than the thresholds allow; carries the full report."""
+
+    def __init__(self, report: ParityReport):
+        super().__init__("parity with NeMo failed: " + "; ".join(report.failures))
+        self.report = report
 
 
 def reference_signals(sample_rate: int, seconds: tuple[float, ...] = TEST_SIGNAL_SECONDS) -> list[np.ndarray]:
@@ -84,16 +115,24 @@ def reference_signals(sample_rate: int, seconds: tuple[float, ...] = TEST_SIGNAL
     return signals
 
 
-def restore_nemo(path: Path) -> Any:
-    """NeMo's own model from the `.nemo` (or extracted folder), in eval mode on the CPU."""
+def require_nemo() -> None:
+    """Fail before any work when NeMo is missing, with the command that installs it."""
     try:
-        from nemo.collections.asr.models import EncDecMultiTaskModel
+        import nemo.collections.asr  # noqa: F401
     except ImportError:
         raise NemoUnavailableError(
             "--parity needs NeMo: pip install -c constraints.txt 'canary-convert[dev]' (nemo-toolkit[asr]==3.0.0)"
         ) from None
-    model = EncDecMultiTaskModel.restore_from(str(path), map_location="cpu")
-    return model.eval()
+
+
+def restore_nemo(path: Path) -> Any:
+    """NeMo's own model from the `.nemo` (or extracted folder), in eval mode on the CPU."""
+    require_nemo()
+    from nemo.collections.asr.models import EncDecMultiTaskModel
+    from nemo.utils import logging as nemo_logging
+
+    nemo_logging.setLevel(nemo_logging.ERROR)  # NeMo prints its whole config at INFO; the table is what matters
+    return EncDecMultiTaskModel.restore_from(str(path), map_location="cpu").eval()
 
 
 def _pad(signals: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -177,4 +216,63 @@ def compare_stages(nemo: Any, model: CanaryModel, signals: list[np.ndarray], dty
     logprobs = model.decoder_logprobs(mx.array(tokens), mx.array(encoded).astype(weights_dtype), mx.array(enc_lengths))
     report.logprobs_max_abs = float(np.abs(np.array(logprobs.astype(mx.float32)) - reference).max())
     report.check()
+    return report
+
+
+# Decoding modes the token check runs: NeMo's default search and a real beam.
+TOKEN_MODES = {"greedy": ("greedy", 1), "beam4": ("beam", 4)}
+
+
+def nemo_transcribe_tokens(nemo: Any, signals: list[np.ndarray], strategy: str, beam_size: int,
+                           prompt: dict[str, str]) -> list[list[int]]:
+    """NeMo's transcribe() on in-memory clips with one strategy; per clip, its hypothesis token ids."""
+    from omegaconf import OmegaConf
+
+    decoding = OmegaConf.merge(nemo.cfg.decoding, {"strategy": strategy, "beam": {"beam_size": beam_size}})
+    nemo.change_decoding_strategy(decoding)
+    hypotheses = nemo.transcribe(list(signals), batch_size=4, verbose=False, **prompt)
+    return [h.y_sequence.tolist() for h in hypotheses]
+
+
+def nemo_prompt_slots(prompt_format: str, source_lang: str, target_lang: str, pnc: bool) -> dict[str, str]:
+    """transcribe() keywords NeMo's prompt formatters need (canary names the task; canary2 infers it and
+    wants every slot filled: an empty decoder context, undefined emotion, the flags off)."""
+    slots = {"source_lang": source_lang, "target_lang": target_lang, "pnc": "yes" if pnc else "no"}
+    if prompt_format == "canary":
+        slots["task"] = "transcribe" if source_lang == target_lang else "translate"
+    else:
+        slots.update(itn="no", timestamp="no", diarize="no", decodercontext="", emotion="<|emo:undefined|>")
+    return slots
+
+
+def compare_tokens(nemo: Any, model: CanaryModel, signals: list[np.ndarray], source_lang: str,
+                   target_lang: str, pnc: bool = True) -> dict[str, bool]:
+    """Whether our transcribe() gives NeMo's token ids, per decoding mode, on every clip."""
+    slots = nemo_prompt_slots(model.config.prompt_format, source_lang, target_lang, pnc)
+    task = "transcribe" if source_lang == target_lang else "translate"
+    agreement = {}
+    for name, (strategy, beam_size) in TOKEN_MODES.items():
+        reference = nemo_transcribe_tokens(nemo, signals, strategy, beam_size, slots)
+        ours = model.transcribe(list(signals), source_lang=source_lang, target_lang=target_lang, task=task,
+                                pnc=pnc, strategy=strategy, beam_size=beam_size)
+        agreement[name] = [r.tokens for r in ours] == reference
+    return agreement
+
+
+def run_parity(source: Path, folder: Path, dtype: str, audio_files: Sequence[Path] = ()) -> ParityReport:
+    """Restore `source` with NeMo, load `folder` with MLX, and measure both on the test signals and files.
+
+    Stage errors and token ids (greedy and beam 4, transcribing in the model's first language) are both
+    checked; raises ParityError past the thresholds.
+    """
+    nemo = restore_nemo(source)
+    model = load_model(folder)
+    sample_rate = model.config.preprocessor.sample_rate
+    signals = reference_signals(sample_rate) + [load_audio(path, sample_rate) for path in audio_files]
+    report = compare_stages(nemo, model, signals, dtype)
+    language = model.tokenizer.languages[0]
+    report.tokens = compare_tokens(nemo, model, signals, language, language)
+    report.check()
+    if not report.passed:
+        raise ParityError(report)
     return report
