@@ -249,7 +249,7 @@ def transcribe_command(
         _fail(exc)
     if as_json:
         typer.echo(json.dumps([{"audio": r.source, "text": r.text, "tokens": r.tokens} for r in results],
-                              ensure_ascii=False, indent=2))
+                              ensure_ascii=False))
         return
     for result in results:
         typer.echo(result.text if len(results) == 1 else f"{result.source}\t{result.text}")

@@ -12,14 +12,11 @@ import mlx.nn as nn
 import numpy as np
 
 from .config import PreprocessorConfig
+from .masks import valid_mask
 
 # NeMo's CONSTANT in features.py: added to the per-feature std so silence does not divide by zero.
 NORMALIZE_EPS = 1e-5
 
-
-def _valid_mask(lengths: mx.array, size: int) -> mx.array:
-    """(B, size) boolean, True where the index is below the utterance's length."""
-    return mx.arange(size)[None, :] < lengths[:, None]
 
 
 class AudioPreprocessor(nn.Module):
@@ -85,7 +82,7 @@ class AudioPreprocessor(nn.Module):
 
     def _normalize(self, x: mx.array, lengths: mx.array) -> mx.array:
         """NeMo's normalize_batch over the valid frames; x is (B, n_mels, frames)."""
-        valid = _valid_mask(lengths, x.shape[-1])[:, None, :]
+        valid = valid_mask(lengths, x.shape[-1])[:, None, :]
         count = lengths.astype(mx.float32)[:, None, None]
         if self.config.normalize == "per_feature":
             mean = mx.where(valid, x, 0.0).sum(axis=-1, keepdims=True) / count
@@ -112,7 +109,7 @@ class AudioPreprocessor(nn.Module):
             # y[0] = x[0], y[t] = x[t] - a*x[t-1]; then NeMo zeroes samples at or past the *unpadded*
             # length, indexed on the (possibly exact-padded) signal.
             x = mx.concatenate([x[:, :1], x[:, 1:] - cfg.preemph * x[:, :-1]], axis=1)
-            x = mx.where(_valid_mask(lengths, x.shape[1]), x, 0.0)
+            x = mx.where(valid_mask(lengths, x.shape[1]), x, 0.0)
         power = self._stft_power(x)  # (B, frames, freq)
         mel = power @ self.filterbank.astype(mx.float32).T  # (B, frames, n_mels)
         mel = mel.transpose(0, 2, 1)
@@ -121,7 +118,7 @@ class AudioPreprocessor(nn.Module):
             mel = mx.log(mel + guard) if cfg.log_zero_guard_type == "add" else mx.log(mx.maximum(mel, guard))
         mel = self._normalize(mel, frame_lengths)
         # Frames past the length take pad_value, then time is padded up to a multiple of pad_to.
-        mel = mx.where(_valid_mask(frame_lengths, mel.shape[-1])[:, None, :], mel, cfg.pad_value)
+        mel = mx.where(valid_mask(frame_lengths, mel.shape[-1])[:, None, :], mel, cfg.pad_value)
         if cfg.pad_to > 0 and mel.shape[-1] % cfg.pad_to:
             extra = cfg.pad_to - mel.shape[-1] % cfg.pad_to
             mel = mx.pad(mel, [(0, 0), (0, 0), (0, extra)], constant_values=cfg.pad_value)

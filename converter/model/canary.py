@@ -9,6 +9,7 @@ from .audio import AudioPreprocessor
 from .config import ModelConfig
 from .decoder import KVCache, TextDecoder
 from .encoder import ConformerEncoder
+from .masks import valid_mask
 from .prompts import PromptOptions
 from .tokenizer import Tokenizer
 from .transcribe import AudioInput, Transcript, decoding_options, transcribe
@@ -77,7 +78,7 @@ class CanaryModel(nn.Module):
         """
         token_mask = None
         if token_lengths is not None:
-            token_mask = mx.arange(token_ids.shape[1])[None, :] < token_lengths[:, None]
+            token_mask = valid_mask(token_lengths, token_ids.shape[1])
         hidden, _ = self.decoder(token_ids, encoded, enc_lengths, token_mask=token_mask)
         return self.decoder.logprobs(hidden)
 

@@ -10,6 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import DecoderConfig
+from .masks import valid_mask
 
 # NeMo's form_attention_mask adds (1 - mask) * -10000 to the scores (NEG_INF in transformer_utils).
 MASK_VALUE = -10000.0
@@ -26,7 +27,7 @@ def additive_mask(valid: mx.array, dtype: mx.Dtype) -> mx.array:
 
 def cross_attention_mask(lengths: mx.array, frames: int, dtype: mx.Dtype = mx.float32) -> mx.array:
     """(B, 1, 1, frames) additive mask hiding encoder frames past each utterance's length."""
-    valid = mx.arange(frames)[None, :] < lengths[:, None]
+    valid = valid_mask(lengths, frames)
     return additive_mask(valid[:, None, None, :], dtype)
 
 

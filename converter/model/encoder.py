@@ -14,16 +14,13 @@ import mlx.nn as nn
 import numpy as np
 
 from .config import EncoderConfig
+from .masks import valid_mask
 
 # NeMo's INF_VAL in multi_head_attention.py: masked scores are filled with -10000, not -inf.
 MASK_VALUE = -10000.0
 # torch.nn.LayerNorm and BatchNorm1d defaults, which NeMo's conformer uses unchanged.
 NORM_EPS = 1e-5
 
-
-def _valid_mask(lengths: mx.array, size: int) -> mx.array:
-    """(B, size) boolean, True where the frame index is below the utterance's length."""
-    return mx.arange(size)[None, :] < lengths[:, None]
 
 
 def _conv_length(lengths: mx.array) -> mx.array:
@@ -62,7 +59,7 @@ class ConvSubsampling(nn.Module):
     def __call__(self, x: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
         """x (B, T, F) -> (B, T', d_model); lengths follow each stride-2 conv."""
         x = x[..., None]  # (B, T, F, 1): time is the conv's height, frequency its width
-        valid = _valid_mask(lengths, x.shape[1])[:, :, None, None]
+        valid = valid_mask(lengths, x.shape[1])[:, :, None, None]
         for layer in self.conv:
             # MaskedConvSequential zeroes padded frames before every layer ...
             x = mx.where(valid, x, mx.zeros((), dtype=x.dtype))
@@ -70,7 +67,7 @@ class ConvSubsampling(nn.Module):
             # ... and recomputes the mask after each strided conv.
             if isinstance(layer, nn.Conv2d) and layer.stride != (1, 1):
                 lengths = _conv_length(lengths)
-                valid = _valid_mask(lengths, x.shape[1])[:, :, None, None]
+                valid = valid_mask(lengths, x.shape[1])[:, :, None, None]
         x = mx.where(valid, x, mx.zeros((), dtype=x.dtype))
         b, t, f, c = x.shape
         x = x.transpose(0, 1, 3, 2).reshape(b, t, c * f)
@@ -252,7 +249,7 @@ class ConformerEncoder(nn.Module):
             x = x * self.xscale
         t = x.shape[1]
         pos_emb = mx.array(relative_positions(t, self.d_model)).astype(x.dtype)
-        valid = _valid_mask(lengths, t)
+        valid = valid_mask(lengths, t)
         # NeMo's att_mask: a pair is visible only when both its query and its key are real frames.
         att_mask = (valid[:, :, None] & valid[:, None, :])[:, None]
         valid = valid[:, :, None]
