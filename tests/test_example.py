@@ -1,0 +1,59 @@
+"""The trained example model: NeMo and the MLX conversion agree on every committed clip."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from canary_convert import load_model
+from canary_convert.convert import ConvertOptions, convert
+from canary_convert.model.audio_io import load_audio
+from canary_convert.parity import compare_tokens, restore_nemo
+from conftest import REPO
+
+EXAMPLE = REPO / "examples" / "tiny-canary"
+RECORDS = json.loads((EXAMPLE / "references.json").read_text())
+LANGS = sorted({record["lang"] for record in RECORDS})
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("example")
+    return {dtype: convert(str(EXAMPLE / "tiny-canary.nemo"), folder / dtype, ConvertOptions(dtype=dtype)).out
+            for dtype in ("float32", "float16")}
+
+
+@pytest.fixture(scope="module")
+def nemo() -> object:
+    return restore_nemo(EXAMPLE / "tiny-canary.nemo")
+
+
+def _clips(lang: str) -> list[dict]:
+    return [record for record in RECORDS if record["lang"] == lang]
+
+
+@pytest.mark.parametrize("lang", LANGS)
+@pytest.mark.parametrize("pnc", [True, False])
+def test_committed_nemo_transcripts(converted: dict[str, Path], lang: str, pnc: bool) -> None:
+    # NeMo's transcripts were written by the training script; this needs no NeMo at run time.
+    records = _clips(lang)
+    results = load_model(converted["float32"]).transcribe([str(EXAMPLE / r["audio"]) for r in records],
+                                                          source_lang=lang, pnc=pnc)
+    key = "nemo_pnc" if pnc else "nemo_nopnc"
+    assert [r.text.strip() for r in results] == [record[key].strip() for record in records]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("lang", LANGS)
+@pytest.mark.parametrize("pnc", [True, False])
+def test_nemo_and_mlx_tokens_agree(nemo: object, converted: dict[str, Path], dtype: str, lang: str, pnc: bool) -> None:
+    audio = [load_audio(EXAMPLE / record["audio"]) for record in _clips(lang)]
+    assert compare_tokens(nemo, load_model(converted[dtype]), audio, lang, lang, pnc) == {"greedy": True, "beam4": True}
+
+
+def test_the_model_listens_and_honours_pnc() -> None:
+    # Different clips get different transcripts, and pnc on/off changes the text as the labels do.
+    assert len({record["nemo_nopnc"] for record in RECORDS}) > len(RECORDS) // 2
+    assert any(record["nemo_pnc"] != record["nemo_nopnc"] for record in RECORDS)
