@@ -18,6 +18,7 @@ from .errors import CanaryConvertError, ValidationError
 from .model.audio_io import load_audio
 from .model.canary import CanaryModel
 from .model.load import load_model
+from .model.transcribe import pad_batch
 
 TEST_SIGNAL_SECONDS = (2.3, 1.1, 3.4)  # a padded batch of three different lengths
 TEACHER_FORCED_TOKENS = 20
@@ -135,14 +136,6 @@ def restore_nemo(path: Path) -> Any:
     return EncDecMultiTaskModel.restore_from(str(path), map_location="cpu").eval()
 
 
-def _pad(signals: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    lengths = np.array([len(s) for s in signals], dtype=np.int64)
-    batch = np.zeros((len(signals), int(lengths.max())), dtype=np.float32)
-    for row, signal in enumerate(signals):
-        batch[row, : len(signal)] = signal
-    return batch, lengths
-
-
 def _relative_l2(ours: np.ndarray, reference: np.ndarray) -> float:
     return float(np.linalg.norm(ours - reference) / max(np.linalg.norm(reference), 1e-30))
 
@@ -150,7 +143,7 @@ def _relative_l2(ours: np.ndarray, reference: np.ndarray) -> float:
 def nemo_features(nemo: Any, signals: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     import torch
 
-    batch, lengths = _pad(signals)
+    batch, lengths = pad_batch(signals)
     with torch.no_grad():
         features, frames = nemo.preprocessor(input_signal=torch.from_numpy(batch), length=torch.from_numpy(lengths))
     return features.numpy(), frames.numpy()
@@ -190,7 +183,7 @@ def teacher_forced_tokens(vocab_size: int, batch: int, prompt: list[int]) -> np.
 def compare_stages(nemo: Any, model: CanaryModel, signals: list[np.ndarray], dtype: str) -> ParityReport:
     """Features, encoder (each utterance alone and as a padded batch) and teacher-forced decoder log-probs."""
     report = ParityReport(dtype=dtype, thresholds=Thresholds.for_dtype(dtype))
-    batch, lengths = _pad(signals)
+    batch, lengths = pad_batch(signals)
     ours, _ = model.preprocess(mx.array(batch), mx.array(lengths))
     features, frames = nemo_features(nemo, signals)
     report.features_max_abs = max(

@@ -55,6 +55,15 @@ def pad_short(samples: np.ndarray, sample_rate: int) -> np.ndarray:
     return np.pad(samples, (left, missing - left))
 
 
+def pad_batch(signals: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad clips with zeros into one (B, T) float32 batch, with their sample counts."""
+    lengths = np.array([signal.size for signal in signals], dtype=np.int64)
+    batch = np.zeros((len(signals), int(lengths.max())), dtype=np.float32)
+    for row, signal in enumerate(signals):
+        batch[row, : signal.size] = signal
+    return batch, lengths
+
+
 def transcribe(
     model: CanaryModel,
     tokenizer: Tokenizer,
@@ -73,10 +82,7 @@ def transcribe(
     for start in range(0, len(items), batch_size):
         loaded = [_load(item, start + i, sample_rate) for i, item in enumerate(items[start : start + batch_size])]
         clips = [pad_short(samples, sample_rate) for _, samples in loaded]
-        lengths = np.array([clip.size for clip in clips], dtype=np.int32)
-        batch = np.zeros((len(clips), int(lengths.max())), dtype=np.float32)
-        for row, clip in enumerate(clips):
-            batch[row, : clip.size] = clip
+        batch, lengths = pad_batch(clips)
         features, frames = model.preprocess(mx.array(batch), mx.array(lengths))
         encoded, enc_lengths = model.encode(features, frames)
         tokens = decode(model, encoded, enc_lengths, [prompt_ids] * len(clips), decoding,
