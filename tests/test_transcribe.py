@@ -136,6 +136,7 @@ def test_cli_prints_text_and_json(nemo_models: dict, converted: dict, tmp_path: 
         (["{missing}", "--model", "{model}"], 1, "no such audio file"),
         (["{wav}", "--model", "{missing}"], 1, "not a loadable canary-convert MLX folder"),
         (["{text}", "--model", "{model}"], 1, "install ffmpeg"),
+        (["{wav}", "--model", "{model}", "--beam-size", "0"], 2, "beam_size must be at least 1, got 0"),
     ],
 )
 def test_cli_errors(converted: dict, tmp_path: Path, args: list[str], code: int, message: str) -> None:

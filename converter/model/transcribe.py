@@ -95,12 +95,11 @@ def transcribe(
 
 def decoding_options(model: CanaryModel, strategy: str | None, beam_size: int | None,
                      length_penalty: float | None) -> DecodingOptions:
-    """The checkpoint's decoding defaults, with whatever the caller overrides."""
-    options = DecodingOptions.from_config(model.config.decoding)
-    if strategy is not None:
-        options = replace(options, strategy=strategy)
-    if beam_size is not None:
-        options = replace(options, beam_size=beam_size)
-    if length_penalty is not None:
-        options = replace(options, length_penalty=length_penalty)
-    return options
+    """The checkpoint's decoding defaults, with whatever the caller overrides (a bad value is a usage error)."""
+    overrides = {name: value for name, value in
+                 (("strategy", strategy), ("beam_size", beam_size), ("length_penalty", length_penalty))
+                 if value is not None}
+    try:
+        return replace(DecodingOptions.from_config(model.config.decoding), **overrides)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
