@@ -1,6 +1,7 @@
 """Command-line entry points: parse, call the pipeline, render progress and errors.
 
-Exit codes: 0 ok, 1 error, 2 usage, 3 validation failed (see errors.py).
+`canary-convert SOURCE OUT` converts; `canary-convert <subcommand> ...` runs one of `SUBCOMMANDS`, each a
+room beside the pipeline. Exit codes: 0 ok, 1 error, 2 usage, 3 validation failed (see errors.py).
 """
 
 from __future__ import annotations
@@ -253,3 +254,17 @@ def transcribe_command(
         return
     for result in results:
         typer.echo(result.text if len(results) == 1 else f"{result.source}\t{result.text}")
+
+
+# `canary-convert NAME ...` for these names runs the subcommand; anything else is a SOURCE to convert
+# (a local folder that happens to share a subcommand's name is reached as ./NAME).
+SUBCOMMANDS: dict[str, typer.Typer] = {}
+
+
+def main() -> None:
+    """The `canary-convert` entry point: a subcommand by name, else the conversion itself."""
+    args = sys.argv[1:]
+    if args and args[0] in SUBCOMMANDS:
+        SUBCOMMANDS[args[0]](args[1:], prog_name=f"canary-convert {args[0]}")
+    else:
+        convert_app(args, prog_name="canary-convert")

@@ -14,6 +14,7 @@ import torch
 from . import __version__
 from .archive import CONFIG_MEMBER, WEIGHTS_MEMBER, NemoArchive, open_archive
 from .errors import UsageError
+from .manifest import CONVERSION_FILE, FileRecord, build_manifest
 from .model.load import CONFIG_FILE, parameter_shapes
 from .parity import ParityReport, require_nemo, run_parity
 from .presets import Derived, detect_preset, derive_config
@@ -23,7 +24,6 @@ from .validate import ValidationReport, validate_folder
 from .writer import DEFAULT_MAX_SHARD_BYTES, output_tensors, staged_output, write_json, write_weights
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-CONVERSION_FILE = "conversion.json"
 
 
 class Reporter(Protocol):
@@ -78,7 +78,8 @@ class Conversion:
     plan: Plan
     ignored_members: list[str]
     out: Path | None = None
-    files: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)  # the weight files
+    manifest: dict[str, FileRecord] = field(default_factory=dict)  # every file of OUT but conversion.json
     validation: ValidationReport | None = None
     parity: ParityReport | None = None
 
@@ -123,9 +124,10 @@ def convert(source_arg: str, out: Path, options: ConvertOptions, reporter: Repor
         stored = output_tensors(conversion.plan.tensors, state_dict, DTYPES[options.dtype])
         with staged_output(out, options.force) as staging:
             with reporter.task("write", sum(t.nbytes for t in stored), len(stored)) as advance:
-                conversion.files = write_weights(
+                hashed = write_weights(
                     staging, stored, state_dict, options.max_shard_bytes, lambda _key, nbytes: advance(nbytes)
                 )
+            conversion.files = list(hashed)
             for relative, member in conversion.derived.tokenizer_files.items():
                 (staging / relative).parent.mkdir(parents=True, exist_ok=True)
                 archive.copy_member(member, staging / relative)
@@ -133,6 +135,7 @@ def convert(source_arg: str, out: Path, options: ConvertOptions, reporter: Repor
             conversion.validation = validate_folder(staging, stored, state_dict)
             if options.parity:
                 conversion.parity = run_parity(source.path, staging, options.dtype, options.parity_audio)
+            conversion.manifest = build_manifest(staging, hashed)
             write_json(staging / CONVERSION_FILE, _provenance(conversion, options))
         conversion.out = out
         return conversion
@@ -155,6 +158,7 @@ def _provenance(conversion: Conversion, options: ConvertOptions) -> dict[str, An
         "options": options.to_dict(),
         "tensors": len(plan.tensors),
         "files": conversion.files,
+        "manifest": {name: record.to_dict() for name, record in conversion.manifest.items()},
         "dropped": [{"key": d.key, "reason": d.reason} for d in plan.dropped],
         "notes": plan.notes(),
         "ignored_members": conversion.ignored_members,

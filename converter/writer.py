@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .errors import OutputError
+from .manifest import FileRecord, HashingWriter
 from .model.load import INDEX_FILE, SINGLE_FILE
 from .rules import TensorPlan
 
@@ -108,10 +109,13 @@ def write_safetensors(
     source: Mapping[str, torch.Tensor],
     metadata: Mapping[str, str],
     on_tensor: TensorCallback | None = None,
-) -> None:
-    """Stream one safetensors file: header first, then each tensor converted and written on its own."""
+) -> FileRecord:
+    """Stream one safetensors file: header first, then each tensor converted and written on its own.
+
+    Returns the file's manifest record, hashed on the way out."""
     header = _header(tensors, metadata)
-    with path.open("wb") as handle:
+    with path.open("wb") as raw:
+        handle = HashingWriter(raw)
         handle.write(struct.pack("<Q", len(header)))
         handle.write(header)
         for tensor in tensors:
@@ -122,6 +126,7 @@ def write_safetensors(
             handle.write(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
             if on_tensor is not None:
                 on_tensor(tensor.plan.target_key, tensor.nbytes)
+    return handle.record()
 
 
 def write_weights(
@@ -130,19 +135,19 @@ def write_weights(
     source: Mapping[str, torch.Tensor],
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     on_tensor: TensorCallback | None = None,
-) -> list[str]:
-    """Write `model.safetensors`, or shards plus `model.safetensors.index.json`; returns the file names."""
+) -> dict[str, FileRecord]:
+    """Write `model.safetensors`, or shards plus `model.safetensors.index.json`; returns each weight file's record."""
     shards = shard(tensors, max_shard_bytes)
     names = shard_names(len(shards))
-    for name, members in zip(names, shards):
-        write_safetensors(folder / name, members, source, {"format": "mlx"}, on_tensor)
+    records = {name: write_safetensors(folder / name, members, source, {"format": "mlx"}, on_tensor)
+               for name, members in zip(names, shards)}
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(t.nbytes for t in tensors)},
             "weight_map": {t.plan.target_key: name for name, members in zip(names, shards) for t in members},
         }
         write_json(folder / INDEX_FILE, index)
-    return names
+    return records
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -1,0 +1,100 @@
+"""The manifest of an MLX folder: every file with its size and sha256, recorded in `conversion.json`.
+
+Uploading refuses a folder that no longer matches its manifest, and `verify` names the file that changed.
+Weight files are hashed while they are written (`HashingWriter`), so recording the manifest costs no
+second read of the large files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+CONVERSION_FILE = "conversion.json"
+# Files a folder may carry that are not part of a conversion: the Hub adds .gitattributes to every repo,
+# and huggingface_hub keeps its download metadata under .cache/huggingface in a local copy.
+NOT_CONVERTED = (".gitattributes",)
+NOT_CONVERTED_DIRS = (".git", ".cache")
+_CHUNK = 16 << 20
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    size: int
+    sha256: str  # "sha256:<hex>", as conversion.json writes every digest
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"size": self.size, "sha256": self.sha256}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FileRecord:
+        return cls(size=int(data["size"]), sha256=str(data["sha256"]))
+
+
+class HashingWriter:
+    """A binary file that hashes what is written to it: the manifest entry comes for free."""
+
+    def __init__(self, handle: IO[bytes]):
+        self._handle = handle
+        self._digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        self._digest.update(data)
+        self.size += len(data)
+        return self._handle.write(data)
+
+    def record(self) -> FileRecord:
+        return FileRecord(self.size, "sha256:" + self._digest.hexdigest())
+
+
+def hash_file(path: Path) -> FileRecord:
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return FileRecord(size, "sha256:" + digest.hexdigest())
+
+
+def folder_files(folder: Path) -> list[str]:
+    """Every file of the folder a conversion accounts for, as sorted POSIX paths relative to it."""
+    names = []
+    for path in folder.rglob("*"):
+        relative = path.relative_to(folder)
+        if relative.parts[0] in NOT_CONVERTED_DIRS or relative.as_posix() in NOT_CONVERTED:
+            continue
+        if path.is_file() and relative.as_posix() != CONVERSION_FILE:
+            names.append(relative.as_posix())
+    return sorted(names)
+
+
+def build_manifest(folder: Path, hashed: Mapping[str, FileRecord] | None = None) -> dict[str, FileRecord]:
+    """The manifest of `folder`; files in `hashed` (hashed while written) are not read again."""
+    hashed = hashed or {}
+    manifest = {}
+    for name in folder_files(folder):
+        known = hashed.get(name)
+        if known is None or known.size != (folder / name).stat().st_size:
+            known = hash_file(folder / name)
+        manifest[name] = known
+    return manifest
+
+
+def manifest_problems(folder: Path, recorded: Mapping[str, FileRecord]) -> list[str]:
+    """What differs between the folder and its manifest: one line per missing, added or changed file."""
+    present = set(folder_files(folder))
+    problems = [f"{name}: missing (the manifest lists it)" for name in sorted(set(recorded) - present)]
+    problems += [f"{name}: not in the manifest (added after the conversion)" for name in sorted(present - set(recorded))]
+    for name in sorted(present & set(recorded)):
+        want = recorded[name]
+        size = (folder / name).stat().st_size
+        if size != want.size:
+            problems.append(f"{name}: {size} bytes, the manifest says {want.size}")
+        elif hash_file(folder / name).sha256 != want.sha256:
+            problems.append(f"{name}: sha256 differs from the manifest (same size, changed content)")
+    return problems
