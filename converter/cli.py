@@ -35,9 +35,10 @@ from . import __version__
 from .convert import Conversion, ConvertOptions, convert, plan_only
 from .errors import CanaryConvertError, UsageError
 from .parity import ParityError, ParityReport
-from .writer import DEFAULT_MAX_SHARD_BYTES
+from .quantize import QuantizationError, module_path, quantize_options
 
 console = Console(stderr=True)
+DEFAULT_MAX_SHARD_SIZE = "5GB"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
 
@@ -112,6 +113,7 @@ def _progress() -> Progress:
 
 def _plan_rows(conversion: Conversion) -> list[tuple[str, str, str, str]]:
     rows = []
+    quantization = conversion.quantization
     for tensor in conversion.plan.tensors:
         shape = str(tensor.source_shape)
         if tensor.target_shape != tensor.source_shape:
@@ -119,6 +121,11 @@ def _plan_rows(conversion: Conversion) -> list[tuple[str, str, str, str]]:
         labels = [t.label for t in tensor.transforms]
         if tensor.pinned_dtype is not None:
             labels.append(f"keep {str(tensor.pinned_dtype).removeprefix('torch.')}")
+        if quantization is not None and quantization.quantizes(tensor):
+            q = quantization.options
+            labels.append(f"quantize {q.bits}-bit {q.mode} (group {q.group_size})")
+        elif quantization is not None and module_path(tensor.target_key) in quantization.kept_float:
+            labels.append(f"float: width {tensor.target_shape[-1]} is not a multiple of {quantization.options.group_size}")
         rows.append((tensor.source_key, tensor.target_key, shape, ", ".join(labels)))
     rows.extend((d.key, "(dropped)", "", d.reason) for d in conversion.plan.dropped)
     return rows
@@ -168,7 +175,10 @@ def convert_command(
     dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16.")] = "float32",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing, non-empty OUT.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")] = False,
-    max_shard_size: Annotated[str, typer.Option(help="Largest safetensors file, e.g. 5GB.")] = str(DEFAULT_MAX_SHARD_BYTES),
+    max_shard_size: Annotated[str, typer.Option(help="Largest safetensors file, e.g. 5GB or 512MiB.")] = DEFAULT_MAX_SHARD_SIZE,
+    quantize: Annotated[Optional[int], typer.Option(help="Quantize Linear and Embedding weights to 4 or 8 bits.")] = None,
+    q_group_size: Annotated[Optional[int], typer.Option(help="Weights per scale: 32, 64 or 128 for affine [default: 64, or the mode's own].")] = None,
+    q_mode: Annotated[str, typer.Option(help="MLX quantization mode: affine, mxfp4, mxfp8 or nvfp4.")] = "affine",
     parity: Annotated[bool, typer.Option("--parity", help="Also compare with NeMo itself (needs nemo-toolkit).")] = False,
     parity_audio: Annotated[Optional[list[Path]], typer.Option(help="Extra audio for --parity (repeatable).")] = None,
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
@@ -180,7 +190,8 @@ def convert_command(
     _exit_on_sigterm()
     try:
         options = ConvertOptions(dtype=dtype, revision=revision, force=force, max_shard_bytes=parse_size(max_shard_size),
-                                 parity=parity, parity_audio=tuple(parity_audio or ()))
+                                 parity=parity, parity_audio=tuple(parity_audio or ()),
+                                 quantize=quantize_options(quantize, q_group_size, q_mode))
         if dry_run:
             with _progress() as progress:
                 conversion = plan_only(source, options, RichReporter(progress))
@@ -202,14 +213,29 @@ def convert_command(
     seconds = time.perf_counter() - started
     validation = conversion.validation
     assert validation is not None
+    precision = options.dtype
+    if conversion.quantization is not None:
+        q = conversion.quantization
+        precision += (f", {q.options.bits}-bit {q.options.mode} (group {q.options.group_size}): "
+                      f"{len(q.quantized)} layers quantized, {len(q.kept_float)} kept in float")
     typer.echo(
         f"converted {source} ({conversion.derived.preset.name}) -> {out}: {len(conversion.plan.tensors)} tensors, "
-        f"{options.dtype}, {len(conversion.files)} file(s) in {seconds:.1f}s; strict load ok, round trip exact"
+        f"{precision}, {len(conversion.files)} file(s) in {seconds:.1f}s; strict load ok, round trip exact"
     )
+    _print_quantization_errors(validation.quantization_errors)
     for note in conversion.plan.notes():
         typer.echo(f"note: {note}")
     if conversion.parity is not None:
         _print_parity(conversion.parity)
+
+
+def _print_quantization_errors(errors: list[QuantizationError], shown: int = 5) -> None:
+    """The layers quantization moved furthest from their source (all of them are in conversion.json)."""
+    if not errors:
+        return
+    typer.echo(f"quantization error, worst {min(shown, len(errors))} of {len(errors)} layers (relative L2, max |Δ|):")
+    for error in errors[:shown]:
+        typer.echo(f"  {error.key}: {error.rel_l2:.2e}, {error.max_abs:.2e}")
 
 
 def _print_parity(report: ParityReport) -> None:

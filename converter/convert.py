@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -17,11 +17,21 @@ from .errors import UsageError
 from .manifest import CONVERSION_FILE, FileRecord, build_manifest
 from .model.load import CONFIG_FILE, parameter_shapes
 from .parity import ParityReport, require_nemo, run_parity
+from .model.quantized import QuantizeOptions
 from .presets import Derived, detect_preset, derive_config
+from .quantize import QuantizationPlan, check_quantized_tree, plan_quantization
 from .rules import Plan, load_rules, plan_conversion
 from .source import ResolvedSource, resolve_source, sha256_of
 from .validate import ValidationReport, validate_folder
-from .writer import DEFAULT_MAX_SHARD_BYTES, output_tensors, staged_output, write_json, write_weights
+from .writer import (
+    DEFAULT_MAX_SHARD_BYTES,
+    OutputTensor,
+    TensorBytes,
+    output_tensors,
+    staged_output,
+    write_json,
+    write_weights,
+)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -55,6 +65,7 @@ class ConvertOptions:
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
     parity: bool = False
     parity_audio: tuple[Path, ...] = ()
+    quantize: QuantizeOptions | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -66,7 +77,8 @@ class ConvertOptions:
 
     def to_dict(self) -> dict[str, Any]:
         return {"dtype": self.dtype, "revision": self.revision, "max_shard_bytes": self.max_shard_bytes,
-                "parity": self.parity, "parity_audio": [str(path) for path in self.parity_audio]}
+                "parity": self.parity, "parity_audio": [str(path) for path in self.parity_audio],
+                "quantize": self.quantize.to_dict() if self.quantize else None}
 
 
 @dataclass
@@ -76,7 +88,9 @@ class Conversion:
     source: ResolvedSource
     derived: Derived
     plan: Plan
+    stored: list[OutputTensor]  # what the weight files hold, in order
     ignored_members: list[str]
+    quantization: QuantizationPlan | None = None
     out: Path | None = None
     files: list[str] = field(default_factory=list)  # the weight files
     manifest: dict[str, FileRecord] = field(default_factory=dict)  # every file of OUT but conversion.json
@@ -89,13 +103,24 @@ def _ignored_members(archive: NemoArchive, used: set[str]) -> list[str]:
     return sorted(set(archive.members) - used - {CONFIG_MEMBER, WEIGHTS_MEMBER})
 
 
-def _plan(archive: NemoArchive, source: ResolvedSource, state_dict: dict[str, torch.Tensor]) -> Conversion:
+def _plan(archive: NemoArchive, source: ResolvedSource, state_dict: dict[str, torch.Tensor],
+          options: ConvertOptions) -> Conversion:
     nemo_config = archive.config()
     preset = detect_preset(nemo_config)
     derived = derive_config(preset, nemo_config, state_dict, archive.artifacts(nemo_config))
     plan = plan_conversion(load_rules(preset.mapping), state_dict, parameter_shapes(derived.config))
+    quantization = None
+    if options.quantize is not None:
+        quantization = plan_quantization(plan, options.quantize)
+        record = quantization.record()
+        derived = replace(derived, config=replace(derived.config, quantization=record, quantization_config=record))
+    stored = output_tensors(plan.tensors, state_dict, DTYPES[options.dtype], quantization)
+    if quantization is not None:
+        expected = parameter_shapes(derived.config, quantization.quantized)
+        check_quantized_tree({tensor.key: tensor.shape for tensor in stored}, expected)
     ignored = _ignored_members(archive, set(derived.tokenizer_files.values()))
-    return Conversion(source=source, derived=derived, plan=plan, ignored_members=ignored)
+    return Conversion(source=source, derived=derived, plan=plan, stored=stored, ignored_members=ignored,
+                      quantization=quantization)
 
 
 @contextmanager
@@ -111,7 +136,7 @@ def _opened(source_arg: str, options: ConvertOptions, reporter: Reporter) -> Ite
 def plan_only(source_arg: str, options: ConvertOptions, reporter: Reporter | None = None) -> Conversion:
     """Everything but writing: the `--dry-run` plan, with every coverage check already done."""
     with _opened(source_arg, options, reporter or SilentReporter()) as (archive, source, state_dict):
-        return _plan(archive, source, state_dict)
+        return _plan(archive, source, state_dict, options)
 
 
 def convert(source_arg: str, out: Path, options: ConvertOptions, reporter: Reporter | None = None) -> Conversion:
@@ -120,21 +145,20 @@ def convert(source_arg: str, out: Path, options: ConvertOptions, reporter: Repor
     if options.parity:
         require_nemo()
     with _opened(source_arg, options, reporter) as (archive, source, state_dict):
-        conversion = _plan(archive, source, state_dict)
-        stored = output_tensors(conversion.plan.tensors, state_dict, DTYPES[options.dtype])
+        conversion = _plan(archive, source, state_dict, options)
+        stored = conversion.stored
         with staged_output(out, options.force) as staging:
             with reporter.task("write", sum(t.nbytes for t in stored), len(stored)) as advance:
-                hashed = write_weights(
-                    staging, stored, state_dict, options.max_shard_bytes, lambda _key, nbytes: advance(nbytes)
-                )
+                hashed = write_weights(staging, stored, TensorBytes(state_dict, conversion.quantization),
+                                       options.max_shard_bytes, lambda _key, nbytes: advance(nbytes))
             conversion.files = list(hashed)
             for relative, member in conversion.derived.tokenizer_files.items():
                 (staging / relative).parent.mkdir(parents=True, exist_ok=True)
                 archive.copy_member(member, staging / relative)
             write_json(staging / CONFIG_FILE, conversion.derived.config.to_dict())
-            conversion.validation = validate_folder(staging, stored, state_dict)
+            conversion.validation = validate_folder(staging, stored, state_dict, conversion.quantization)
             if options.parity:
-                conversion.parity = run_parity(source.path, staging, options.dtype, options.parity_audio)
+                conversion.parity = run_parity(source.path, staging, options.parity_audio)
             conversion.manifest = build_manifest(staging, hashed)
             write_json(staging / CONVERSION_FILE, _provenance(conversion, options))
         conversion.out = out

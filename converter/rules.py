@@ -131,12 +131,34 @@ def _parse_rule(index: int, raw: Any, label: str) -> Rule:
 
 @dataclass(frozen=True)
 class MappingRules:
-    """A parsed mapping file, with the digest recorded in `conversion.json`."""
+    """A parsed mapping file, with the digest recorded in `conversion.json`.
+
+    `quantizable` holds the patterns of the target weights `--quantize` may store quantized (MLX Linear
+    and Embedding layers); every other tensor stays in float.
+    """
 
     name: str
     file: str
     digest: str
     rules: tuple[Rule, ...]
+    quantizable: tuple[re.Pattern[str], ...] = ()
+
+    def is_quantizable(self, target_key: str) -> bool:
+        return any(pattern.match(target_key) for pattern in self.quantizable)
+
+
+def _parse_quantizable(raw: Any, label: str) -> tuple[re.Pattern[str], ...]:
+    if not isinstance(raw, list) or not all(isinstance(item, str) for item in raw):
+        raise RulesFileError(f"{label}: 'quantize' must be a list of regexes over target weight names")
+    patterns = []
+    for written in raw:
+        if not written.endswith(r"\.weight$"):
+            raise RulesFileError(f"{label}: quantize pattern {written!r} must end in \\.weight$ (a layer's weight)")
+        try:
+            patterns.append(re.compile(written))
+        except re.error as exc:
+            raise RulesFileError(f"{label}: bad quantize regex {written!r}: {exc}") from None
+    return tuple(patterns)
 
 
 def parse_rules(text: bytes, label: str) -> MappingRules:
@@ -146,9 +168,12 @@ def parse_rules(text: bytes, label: str) -> MappingRules:
         raise RulesFileError(f"{label}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("rules"), list) or "name" not in raw:
         raise RulesFileError(f"{label}: expected 'name' and a list of 'rules'")
+    if unknown := sorted(set(raw) - {"name", "rules", "quantize"}):
+        raise RulesFileError(f"{label}: unknown top-level field(s) {', '.join(unknown)}")
     rules = tuple(_parse_rule(index, item, label) for index, item in enumerate(raw["rules"]))
     return MappingRules(
-        name=str(raw["name"]), file=label, digest="sha256:" + hashlib.sha256(text).hexdigest(), rules=rules
+        name=str(raw["name"]), file=label, digest="sha256:" + hashlib.sha256(text).hexdigest(), rules=rules,
+        quantizable=_parse_quantizable(raw.get("quantize", []), label),
     )
 
 

@@ -7,6 +7,7 @@ validated, so an interrupted or failed run leaves no OUT behind.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -17,16 +18,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
+import numpy as np
 import torch
 
 from .errors import OutputError
 from .manifest import FileRecord, HashingWriter
 from .model.load import INDEX_FILE, SINGLE_FILE
+from .quantize import QuantizationPlan, module_path, part_dtypes, part_shapes, quantize_tensor
 from .rules import TensorPlan
 
-DEFAULT_MAX_SHARD_BYTES = 5 << 30  # mlx-lm's default shard size
+DEFAULT_MAX_SHARD_BYTES = 5_000_000_000  # `--max-shard-size 5GB`, the default
 
-# safetensors' dtype codes
+# safetensors' dtype codes, and their sizes in bytes
 _SAFETENSORS_DTYPES = {
     torch.float32: "F32",
     torch.float16: "F16",
@@ -39,35 +43,82 @@ _SAFETENSORS_DTYPES = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+_MX_CODES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32", mx.uint8: "U8"}
+_CODE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1,
+               "BOOL": 1}
 
 TensorCallback = Callable[[str, int], None]  # (target key, bytes written)
 
 
 @dataclass(frozen=True)
 class OutputTensor:
-    """One tensor as it will be stored: its plan, output dtype and byte size."""
+    """One tensor as it will be stored: a planned tensor whole, or one part of its quantized form.
+
+    `dtype` is the float dtype the source is cast to: the stored dtype of a whole tensor, the dtype a
+    quantized layer is quantized from (its scales keep it).
+    """
 
     plan: TensorPlan
     dtype: torch.dtype
+    key: str
+    shape: tuple[int, ...]
+    code: str  # safetensors dtype code
+    part: str | None = None  # "weight", "scales" or "biases" of a quantized layer
 
     @property
     def nbytes(self) -> int:
-        count = 1
-        for size in self.plan.target_shape:
-            count *= size
-        return count * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * _CODE_BYTES[self.code]
 
 
-def output_tensors(plans: Sequence[TensorPlan], source: Mapping[str, torch.Tensor], dtype: torch.dtype) -> list[OutputTensor]:
-    """Decide each tensor's stored dtype: a rule's pinned dtype, else `dtype` for floating tensors."""
+def output_tensors(plans: Sequence[TensorPlan], source: Mapping[str, torch.Tensor], dtype: torch.dtype,
+                   quantization: QuantizationPlan | None = None) -> list[OutputTensor]:
+    """Decide what is stored: a rule's pinned dtype, else `dtype` for floating tensors; the parts of each
+    quantized layer in place of its weight."""
     stored = []
     for plan in plans:
         source_dtype = source[plan.source_key].dtype
         if source_dtype not in _SAFETENSORS_DTYPES:
             raise OutputError(f"{plan.source_key}: dtype {source_dtype} cannot be stored in safetensors")
         out = (plan.pinned_dtype or dtype) if source_dtype.is_floating_point else source_dtype
-        stored.append(OutputTensor(plan, out))
+        if quantization is not None and quantization.quantizes(plan):
+            path = module_path(plan.target_key)
+            codes = {part: _MX_CODES[kind] for part, kind in part_dtypes(out, quantization.options).items()}
+            stored.extend(OutputTensor(plan, out, f"{path}.{part}", shape, codes[part], part)
+                          for part, shape in part_shapes(plan.target_shape, quantization.options).items())
+        else:
+            stored.append(OutputTensor(plan, out, plan.target_key, plan.target_shape, _SAFETENSORS_DTYPES[out]))
     return stored
+
+
+def mx_bytes(array: mx.array) -> bytes:
+    """An MLX array's raw bytes (numpy has no bfloat16: those go through their 16-bit pattern)."""
+    return np.asarray(array.view(mx.uint16) if array.dtype == mx.bfloat16 else array).tobytes()
+
+
+class TensorBytes:
+    """Each stored tensor's bytes, made when written; a quantized layer is quantized once for all its parts."""
+
+    def __init__(self, source: Mapping[str, torch.Tensor], quantization: QuantizationPlan | None):
+        self.source = source
+        self.quantization = quantization
+        self._parts: tuple[TensorPlan | None, dict[str, mx.array]] = (None, {})
+
+    def __call__(self, tensor: OutputTensor) -> bytes:
+        plan = tensor.plan
+        if tensor.part is None:
+            data = plan.convert(self.source[plan.source_key], tensor.dtype)
+            shape, kind = tuple(data.shape), _SAFETENSORS_DTYPES.get(data.dtype)
+            raw = data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b""
+        else:
+            assert self.quantization is not None
+            if self._parts[0] is not plan:
+                self._parts = (plan, quantize_tensor(plan, self.source[plan.source_key], tensor.dtype,
+                                                     self.quantization.options))
+            array = self._parts[1][tensor.part]
+            shape, kind, raw = tuple(array.shape), _MX_CODES.get(array.dtype), mx_bytes(array)
+        if shape != tensor.shape or kind != tensor.code:
+            raise OutputError(f"{tensor.key}: made {shape} {kind}, planned {tensor.shape} {tensor.code}")
+        return raw
 
 
 def shard(tensors: Sequence[OutputTensor], max_shard_bytes: int) -> list[list[OutputTensor]]:
@@ -93,9 +144,9 @@ def _header(tensors: Sequence[OutputTensor], metadata: Mapping[str, str]) -> byt
     entries: dict[str, Any] = {"__metadata__": dict(metadata)}
     offset = 0
     for tensor in tensors:
-        entries[tensor.plan.target_key] = {
-            "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
-            "shape": list(tensor.plan.target_shape),
+        entries[tensor.key] = {
+            "dtype": tensor.code,
+            "shape": list(tensor.shape),
             "data_offsets": [offset, offset + tensor.nbytes],
         }
         offset += tensor.nbytes
@@ -106,7 +157,7 @@ def _header(tensors: Sequence[OutputTensor], metadata: Mapping[str, str]) -> byt
 def write_safetensors(
     path: Path,
     tensors: Sequence[OutputTensor],
-    source: Mapping[str, torch.Tensor],
+    tensor_bytes: Callable[[OutputTensor], bytes],
     metadata: Mapping[str, str],
     on_tensor: TensorCallback | None = None,
 ) -> FileRecord:
@@ -119,32 +170,28 @@ def write_safetensors(
         handle.write(struct.pack("<Q", len(header)))
         handle.write(header)
         for tensor in tensors:
-            data = tensor.plan.convert(source[tensor.plan.source_key], tensor.dtype)
-            if tuple(data.shape) != tensor.plan.target_shape or data.dtype != tensor.dtype:
-                raise OutputError(f"{tensor.plan.target_key}: converted to {tuple(data.shape)} {data.dtype}, "
-                                  f"planned {tensor.plan.target_shape} {tensor.dtype}")
-            handle.write(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+            handle.write(tensor_bytes(tensor))
             if on_tensor is not None:
-                on_tensor(tensor.plan.target_key, tensor.nbytes)
+                on_tensor(tensor.key, tensor.nbytes)
     return handle.record()
 
 
 def write_weights(
     folder: Path,
     tensors: Sequence[OutputTensor],
-    source: Mapping[str, torch.Tensor],
+    tensor_bytes: Callable[[OutputTensor], bytes],
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     on_tensor: TensorCallback | None = None,
 ) -> dict[str, FileRecord]:
     """Write `model.safetensors`, or shards plus `model.safetensors.index.json`; returns each weight file's record."""
     shards = shard(tensors, max_shard_bytes)
     names = shard_names(len(shards))
-    records = {name: write_safetensors(folder / name, members, source, {"format": "mlx"}, on_tensor)
+    records = {name: write_safetensors(folder / name, members, tensor_bytes, {"format": "mlx"}, on_tensor)
                for name, members in zip(names, shards)}
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(t.nbytes for t in tensors)},
-            "weight_map": {t.plan.target_key: name for name, members in zip(names, shards) for t in members},
+            "weight_map": {t.key: name for name, members in zip(names, shards) for t in members},
         }
         write_json(folder / INDEX_FILE, index)
     return records

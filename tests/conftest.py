@@ -11,7 +11,7 @@ import pytest
 # NeMo is the reference implementation: without it the suite must fail loudly, never skip.
 import nemo.collections.asr  # noqa: F401
 
-from factory import VARIANTS, build
+from factory import QUANTIZABLE_VARIANTS, VARIANTS, build
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -21,6 +21,13 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Every tiny variant as a `.nemo` file (built with NeMo's save_to)."""
     folder = tmp_path_factory.mktemp("nemo")
     return {name: build(spec, folder / f"{name}.nemo") for name, spec in VARIANTS.items()}
+
+
+@pytest.fixture(scope="session")
+def quantizable_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The single-BPE variants whose widths the default group size divides (see factory.py)."""
+    folder = tmp_path_factory.mktemp("nemo-quantizable")
+    return {name: build(spec, folder / f"{name}.nemo") for name, spec in QUANTIZABLE_VARIANTS.items()}
 
 
 @pytest.fixture(scope="session")

@@ -63,6 +63,20 @@ VARIANTS = {
 }
 
 
+# Widths the default group size (64) divides, so --quantize stores every Linear and Embedding quantized;
+# canary-1b-v2's single BPE tokenizer and canary2 prompt, the kind mlx-audio serves; with and without the
+# encoder->decoder projection.
+QUANTIZABLE_VARIANTS = {
+    spec.name: spec
+    for spec in (
+        TinySpec("canary2-bpe-w64", prompt_format="canary2", tokenizer="bpe", features=32, d_model=64, dec_hidden=64,
+                 enc_heads=4, dec_heads=4, conv_channels=16, seed=3),
+        TinySpec("canary2-bpe-proj-w64", prompt_format="canary2", tokenizer="bpe", features=32, d_model=64,
+                 dec_hidden=128, enc_heads=2, dec_heads=4, conv_channels=16, subsampling_factor=4, seed=4),
+    )
+}
+
+
 def _train_tokenizers(spec: TinySpec, folder: Path) -> dict[str, Any]:
     from nemo.collections.common.tokenizers.canary_tokenizer import CanaryTokenizer
     from nemo.collections.common.tokenizers.sentencepiece_tokenizer import create_spt_model
@@ -177,5 +191,5 @@ def build(spec: TinySpec, out: Path) -> Path:
 if __name__ == "__main__":
     target = Path(sys.argv[1])
     variant = sys.argv[2] if len(sys.argv) > 2 else "canary-sub8"
-    build(replace(VARIANTS[variant]), target)
+    build(replace({**VARIANTS, **QUANTIZABLE_VARIANTS}[variant]), target)
     print(f"built {variant} -> {target}")

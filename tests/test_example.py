@@ -9,6 +9,7 @@ import pytest
 
 from canary_convert import load_model
 from canary_convert.convert import ConvertOptions, convert
+from canary_convert.model.quantized import QuantizeOptions
 from canary_convert.model.audio_io import load_audio
 from canary_convert.parity import compare_tokens, restore_nemo
 from conftest import REPO
@@ -18,11 +19,15 @@ RECORDS = json.loads((EXAMPLE / "references.json").read_text())
 LANGS = sorted({record["lang"] for record in RECORDS})
 
 
+PRECISIONS = {"float32": ConvertOptions(), "float16": ConvertOptions(dtype="float16"),
+              "8bit": ConvertOptions(quantize=QuantizeOptions.create(8))}
+
+
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("example")
-    return {dtype: convert(str(EXAMPLE / "tiny-canary.nemo"), folder / dtype, ConvertOptions(dtype=dtype)).out
-            for dtype in ("float32", "float16")}
+    return {name: convert(str(EXAMPLE / "tiny-canary.nemo"), folder / name, options).out
+            for name, options in PRECISIONS.items()}
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +50,14 @@ def test_committed_nemo_transcripts(converted: dict[str, Path], lang: str, pnc: 
     assert [r.text.strip() for r in results] == [record[key].strip() for record in records]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("precision", sorted(PRECISIONS))
 @pytest.mark.parametrize("lang", LANGS)
 @pytest.mark.parametrize("pnc", [True, False])
-def test_nemo_and_mlx_tokens_agree(nemo: object, converted: dict[str, Path], dtype: str, lang: str, pnc: bool) -> None:
+def test_nemo_and_mlx_tokens_agree(nemo: object, converted: dict[str, Path], precision: str, lang: str,
+                                   pnc: bool) -> None:
     audio = [load_audio(EXAMPLE / record["audio"]) for record in _clips(lang)]
-    assert compare_tokens(nemo, load_model(converted[dtype]), audio, lang, lang, pnc) == {"greedy": True, "beam4": True}
+    assert compare_tokens(nemo, load_model(converted[precision]), audio, lang, lang, pnc) == \
+        {"greedy": True, "beam4": True}
 
 
 def test_the_model_listens_and_honours_pnc() -> None:

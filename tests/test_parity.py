@@ -22,7 +22,7 @@ def nemo_models(checkpoints: dict[str, Path]) -> dict[str, object]:
 def test_stages_match_nemo(checkpoints: dict[str, Path], nemo_models: dict, tmp_path: Path, variant: str, dtype: str) -> None:
     convert(str(checkpoints[variant]), tmp_path / "mlx", ConvertOptions(dtype=dtype))
     model = load_model(tmp_path / "mlx")
-    report = compare_stages(nemo_models[variant], model, reference_signals(16000), dtype)
+    report = compare_stages(nemo_models[variant], model, reference_signals(16000))
     assert report.passed, report.failures
     limits = report.thresholds
     assert report.features_max_abs <= 1e-3
@@ -36,6 +36,6 @@ def test_a_wrong_weight_fails_parity(checkpoints: dict[str, Path], nemo_models: 
     model = load_model(tmp_path / "mlx")
     layer = model.encoder.layers[1].conv.batch_norm
     layer.running_var = layer.running_var * 1.01  # a 1% error in one BatchNorm statistic
-    report = compare_stages(nemo_models["canary-sub8"], model, reference_signals(16000), "float32")
+    report = compare_stages(nemo_models["canary-sub8"], model, reference_signals(16000))
     assert not report.passed
     assert any(failure.startswith("encoder relative L2") for failure in report.failures)

@@ -16,7 +16,7 @@ from canary_convert.convert import ConvertOptions, convert
 from canary_convert.errors import OutputError, ValidationError
 from canary_convert.model.load import INDEX_FILE, weight_files
 from canary_convert.validate import check_round_trip, check_strict_load
-from canary_convert.writer import output_tensors, staged_output
+from canary_convert.writer import staged_output
 
 
 def _source(path: Path) -> dict[str, torch.Tensor]:
@@ -88,7 +88,7 @@ def test_failure_inside_staging_leaves_nothing(tmp_path: Path) -> None:
 def test_tampered_weights_fail_the_round_trip(checkpoint: Path, tmp_path: Path) -> None:
     conversion = convert(str(checkpoint), tmp_path / "out", ConvertOptions())
     source = _source(checkpoint)
-    stored = output_tensors(conversion.plan.tensors, source, torch.float32)
+    stored = conversion.stored
     file = tmp_path / "out" / "model.safetensors"
     data = bytearray(file.read_bytes())
     data[-3] ^= 0x40  # flip a bit of the last tensor's last value

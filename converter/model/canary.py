@@ -33,6 +33,14 @@ class CanaryModel(nn.Module):
             self.encoder_decoder_proj = nn.Linear(config.encoder.d_model, config.decoder.hidden_size)
         self.decoder = TextDecoder(config.decoder)
 
+    @property
+    def compute_dtype(self) -> mx.Dtype:
+        """The float dtype the weights were stored in (quantized layers keep their scales in it too).
+
+        Read off the first subsampling convolution, which is never quantized.
+        """
+        return self.encoder.pre_encode.conv[0].weight.dtype
+
     def preprocess(self, audio: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
         """Waveforms (B, T) float32 and sample counts (B,) -> log-mel features (B, n_mels, T') and frame counts."""
         return self.preprocessor(audio, lengths)
@@ -40,7 +48,7 @@ class CanaryModel(nn.Module):
     def encode(self, features: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
         """Features (B, n_mels, T') -> encoder states (B, T'', H_dec) in the decoder's width, and their lengths."""
         # Run the encoder in its weights' dtype (features are float32 whatever the weights are).
-        features = features.astype(self.encoder.pre_encode.out.weight.dtype)
+        features = features.astype(self.compute_dtype)
         x, lengths = self.encoder(features, lengths)
         if "encoder_decoder_proj" in self:
             x = self.encoder_decoder_proj(x)

@@ -150,6 +150,9 @@ class ModelConfig:
     encoder_decoder_proj: bool
     tokenizer: TokenizerConfig
     decoding: DecodingConfig
+    # mlx-lm's convention for quantized folders (see quantized.py); absent in float folders.
+    quantization: dict[str, Any] | None = None
+    quantization_config: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
@@ -160,5 +163,9 @@ class ModelConfig:
         return cls.from_dict(json.loads(path.read_text()))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        for name in ("quantization", "quantization_config"):
+            if data[name] is None:
+                del data[name]
+        return data
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from pathlib import Path
 
 import mlx.core as mx
@@ -11,6 +12,7 @@ from mlx.utils import tree_flatten
 from .canary import CanaryModel
 from ..errors import ModelFolderError
 from .config import ModelConfig
+from .quantized import quantize_modules
 from .tokenizer import load_tokenizer
 
 CONFIG_FILE = "config.json"
@@ -27,9 +29,16 @@ def weight_files(folder: Path) -> list[Path]:
     return [folder / SINGLE_FILE]
 
 
-def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every parameter the model built from `config` has, with its shape (MLX allocates lazily: no cost)."""
-    return {name: tuple(value.shape) for name, value in tree_flatten(CanaryModel(config).parameters())}
+def parameter_shapes(config: ModelConfig, quantized: Collection[str] = ()) -> dict[str, tuple[int, ...]]:
+    """Every parameter the model built from `config` has, with its shape (MLX allocates lazily: no cost).
+
+    With a quantized config, the modules named in `quantized` take their quantized form first, so the
+    shapes are those of the stored weight, scales and biases.
+    """
+    model = CanaryModel(config)
+    if config.quantization is not None:
+        quantize_modules(model, config.quantization, {f"{path}.scales" for path in quantized})
+    return {name: tuple(value.shape) for name, value in tree_flatten(model.parameters())}
 
 
 def load_model(path: str | Path) -> CanaryModel:
@@ -38,10 +47,12 @@ def load_model(path: str | Path) -> CanaryModel:
     try:
         config = ModelConfig.from_file(folder / CONFIG_FILE)
         model = CanaryModel(config, load_tokenizer(folder, config.tokenizer))
-        weights: list[tuple[str, mx.array]] = []
+        weights: dict[str, mx.array] = {}
         for file in weight_files(folder):
-            weights.extend(mx.load(str(file)).items())
-        model.load_weights(weights, strict=True)
+            weights.update(mx.load(str(file)))
+        if config.quantization is not None:
+            quantize_modules(model, config.quantization, weights.keys())
+        model.load_weights(list(weights.items()), strict=True)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise ModelFolderError(f"{folder}: not a loadable canary-convert MLX folder: {exc}") from None
     model.eval()
