@@ -81,6 +81,16 @@ def test_unsupported_setting_is_named(checkpoint: Path) -> None:
         _derive(checkpoint, lambda config: config["encoder"].update(subsampling="striding"))
 
 
+@pytest.mark.parametrize(("section", "value"), [
+    ("transf_decoder", "nemo.collections.asr.modules.transformer.TransformerDecoderNM"),
+    ("head", "nemo.collections.asr.parts.submodules.token_classifier.SequenceClassifier"),
+])
+def test_other_decoder_or_head_classes_are_refused_by_name(checkpoint: Path, section: str, value: str) -> None:
+    # NeMo builds these sections from their _target_; any other class would have other weight names.
+    with pytest.raises(UnsupportedModelError, match=rf"{section}._target_='{value}'; the bundled MLX model supports"):
+        _derive(checkpoint, lambda config: config[section].update(_target_=value))
+
+
 def test_unknown_model_is_refused(checkpoint: Path) -> None:
     def make_ctc(config: dict) -> None:
         config["target"] = "nemo.collections.asr.models.ctc_bpe_models.EncDecCTCModelBPE"
