@@ -179,6 +179,8 @@ def convert_command(
     quantize: Annotated[Optional[int], typer.Option(help="Quantize Linear and Embedding weights to 4 or 8 bits.")] = None,
     q_group_size: Annotated[Optional[int], typer.Option(help="Weights per scale: 32, 64 or 128 for affine [default: 64, or the mode's own].")] = None,
     q_mode: Annotated[str, typer.Option(help="MLX quantization mode: affine, mxfp4, mxfp8 or nvfp4.")] = "affine",
+    license: Annotated[Optional[str], typer.Option("--license", help="Licence for the model card (e.g. cc-by-4.0) when the source's card cannot say.")] = None,
+    base_model: Annotated[Optional[str], typer.Option(help="The Hub repo a local SOURCE came from, for the model card.")] = None,
     parity: Annotated[bool, typer.Option("--parity", help="Also compare with NeMo itself (needs nemo-toolkit).")] = False,
     parity_audio: Annotated[Optional[list[Path]], typer.Option(help="Extra audio for --parity (repeatable).")] = None,
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
@@ -191,7 +193,8 @@ def convert_command(
     try:
         options = ConvertOptions(dtype=dtype, revision=revision, force=force, max_shard_bytes=parse_size(max_shard_size),
                                  parity=parity, parity_audio=tuple(parity_audio or ()),
-                                 quantize=quantize_options(quantize, q_group_size, q_mode))
+                                 quantize=quantize_options(quantize, q_group_size, q_mode), license=license,
+                                 base_model=base_model)
         if dry_run:
             with _progress() as progress:
                 conversion = plan_only(source, options, RichReporter(progress))

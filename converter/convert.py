@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
+import shlex
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, replace
@@ -13,15 +15,17 @@ import torch
 
 from . import __version__
 from .archive import CONFIG_MEMBER, WEIGHTS_MEMBER, NemoArchive, open_archive
+from .card import CARD_FILE, CardFacts, choose_licence, render_card
 from .errors import UsageError
 from .manifest import CONVERSION_FILE, FileRecord, build_manifest
 from .model.load import CONFIG_FILE, parameter_shapes
-from .parity import ParityReport, require_nemo, run_parity
 from .model.quantized import QuantizeOptions
+from .model.tokenizer import load_tokenizer
+from .parity import ParityReport, require_nemo, run_parity
 from .presets import Derived, detect_preset, derive_config
 from .quantize import QuantizationPlan, check_quantized_tree, plan_quantization
 from .rules import Plan, load_rules, plan_conversion
-from .source import ResolvedSource, resolve_source, sha256_of
+from .source import ResolvedSource, resolve_source, sha256_of, source_card_licence
 from .validate import ValidationReport, validate_folder
 from .writer import (
     DEFAULT_MAX_SHARD_BYTES,
@@ -33,6 +37,8 @@ from .writer import (
     write_weights,
 )
 
+# The front end's window and mel filterbank are fixed tables, not learned parameters.
+_FRONT_END = "preprocessor."
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -66,6 +72,8 @@ class ConvertOptions:
     parity: bool = False
     parity_audio: tuple[Path, ...] = ()
     quantize: QuantizeOptions | None = None
+    license: str | None = None  # the model card's licence, when the source's own card cannot say
+    base_model: str | None = None  # the Hub repo the source came from, when converting a local file
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -78,7 +86,28 @@ class ConvertOptions:
     def to_dict(self) -> dict[str, Any]:
         return {"dtype": self.dtype, "revision": self.revision, "max_shard_bytes": self.max_shard_bytes,
                 "parity": self.parity, "parity_audio": [str(path) for path in self.parity_audio],
-                "quantize": self.quantize.to_dict() if self.quantize else None}
+                "quantize": self.quantize.to_dict() if self.quantize else None, "license": self.license,
+                "base_model": self.base_model}
+
+    def command(self, source: str, out: str) -> str:
+        """The `canary-convert` command line these options come from (for the model card)."""
+        words = ["canary-convert", source, out]
+        if self.revision:
+            words += ["--revision", self.revision]
+        if self.dtype != "float32":
+            words += ["--dtype", self.dtype]
+        if self.quantize:
+            words += ["--quantize", str(self.quantize.bits), "--q-group-size", str(self.quantize.group_size)]
+            words += ["--q-mode", self.quantize.mode] if self.quantize.mode != "affine" else []
+        if self.max_shard_bytes != DEFAULT_MAX_SHARD_BYTES:
+            words += ["--max-shard-size", str(self.max_shard_bytes)]
+        if self.parity:
+            words += ["--parity", *(word for path in self.parity_audio for word in ("--parity-audio", path.name))]
+        if self.license:
+            words += ["--license", self.license]
+        if self.base_model:
+            words += ["--base-model", self.base_model]
+        return shlex.join(words)
 
 
 @dataclass
@@ -159,10 +188,24 @@ def convert(source_arg: str, out: Path, options: ConvertOptions, reporter: Repor
             conversion.validation = validate_folder(staging, stored, state_dict, conversion.quantization)
             if options.parity:
                 conversion.parity = run_parity(source.path, staging, options.parity_audio)
+            record = _provenance(conversion, options)
+            (staging / CARD_FILE).write_text(_card(conversion, options, record, staging, source_arg, out.name))
             conversion.manifest = build_manifest(staging, hashed)
-            write_json(staging / CONVERSION_FILE, _provenance(conversion, options))
+            record["manifest"] = {name: entry.to_dict() for name, entry in conversion.manifest.items()}
+            write_json(staging / CONVERSION_FILE, record)
         conversion.out = out
         return conversion
+
+
+def _card(conversion: Conversion, options: ConvertOptions, record: dict[str, Any], staging: Path, source_arg: str,
+          folder: str) -> str:
+    source, preset = conversion.source, conversion.derived.preset
+    licence = choose_licence(options.license, source_card_licence(source), source.repo_id, preset.licenses)
+    config = conversion.derived.config
+    languages = load_tokenizer(staging, config.tokenizer).languages
+    return render_card(CardFacts(record=record, config=config.to_dict(), folder=folder, summary=preset.summary,
+                                 languages=languages, licence=licence, command=options.command(source_arg, folder),
+                                 parity=conversion.parity))
 
 
 def _provenance(conversion: Conversion, options: ConvertOptions) -> dict[str, Any]:
@@ -179,10 +222,12 @@ def _provenance(conversion: Conversion, options: ConvertOptions) -> dict[str, An
         "family": conversion.derived.preset.name,
         "preset": conversion.derived.preset.file,
         "mapping": {"name": plan.mapping.name, "file": plan.mapping.file, "digest": plan.mapping.digest},
+        "base_model": source.repo_id or options.base_model,
         "options": options.to_dict(),
         "tensors": len(plan.tensors),
+        "parameter_count": sum(math.prod(t.target_shape) for t in plan.tensors
+                               if not t.target_key.startswith(_FRONT_END)),
         "files": conversion.files,
-        "manifest": {name: record.to_dict() for name, record in conversion.manifest.items()},
         "dropped": [{"key": d.key, "reason": d.reason} for d in plan.dropped],
         "notes": plan.notes(),
         "ignored_members": conversion.ignored_members,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from pathlib import PurePosixPath
@@ -42,6 +42,8 @@ class Preset:
     detect: dict[str, Any]
     supports: dict[str, list[Any]]
     config: dict[str, Any]
+    summary: str = ""  # one line for the model card: what this family is
+    licenses: dict[str, str] = field(default_factory=dict)  # Hub repo id -> licence of NVIDIA's own releases
 
     def matches(self, nemo_config: Mapping[str, Any]) -> bool:
         return all(lookup(nemo_config, key, None) == want for key, want in self.detect.items())
@@ -104,6 +106,8 @@ def presets() -> tuple[Preset, ...]:
                     detect=dict(entry.get("detect", {})),
                     supports=dict(entry.get("supports", {})),
                     config=dict(entry["config"]),
+                    summary=str(entry.get("summary", "")),
+                    licenses=dict(entry.get("licenses", {})),
                 )
             )
         except KeyError as exc:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import httpx2  # huggingface_hub 2.x's transport; a connection lost mid-download surfaces as its error
-from huggingface_hub import hf_hub_download
+from huggingface_hub import ModelCard, hf_hub_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
@@ -26,6 +26,7 @@ from huggingface_hub.errors import (
 
 from .errors import HubUnreachableError, SourceError
 
+CARD_NAME = "README.md"  # a Hub repo's model card
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -103,3 +104,18 @@ def sha256_of(path: Path) -> str:
         while chunk := handle.read(16 << 20):
             digest.update(chunk)
     return "sha256:" + digest.hexdigest()
+
+
+def source_card_licence(source: ResolvedSource) -> str | None:
+    """The `license` of a Hub source's own model card, when the card can be had (cache or Hub); else None.
+
+    Best effort by design: the card is a courtesy for the converted model's card, never a reason to fail.
+    """
+    if source.kind != "hub" or source.repo_id is None:
+        return None
+    try:
+        card = ModelCard.load(hf_hub_download(source.repo_id, CARD_NAME, revision=source.commit or source.revision))
+    except (HfHubHTTPError, LocalEntryNotFoundError, httpx2.HTTPError, OSError, ValueError):
+        return None
+    licence = card.data.get("license")
+    return str(licence) if licence else None

@@ -21,6 +21,7 @@ import pytest
 
 from canary_convert.errors import HubUnreachableError, SourceError
 from canary_convert.source import hub_filename, resolve_source
+from hub_cache import repo_cache, seed_cache
 from hub_server import HubServer, commit_id, git_blob_sha1
 
 REPO_ID = "owner/tiny-canary"
@@ -93,25 +94,6 @@ def resolve_in_subprocess(
     if done.returncode != 0:
         raise ResolverCrashed(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode)
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def repo_cache(hf_home: Path, repo_id: str) -> Path:
-    """huggingface_hub's folder for a model repo: `<HF_HOME>/hub/models--owner--name` (HF_HOME resolved)."""
-    return hf_home.resolve() / "hub" / ("models--" + repo_id.replace("/", "--"))
-
-
-def seed_cache(hf_home: Path, repo_id: str, filename: str, content: bytes, commit: str) -> Path:
-    """Lay a file out exactly as `hf_hub_download` would have; return its snapshot path."""
-    folder = repo_cache(hf_home, repo_id)
-    etag = git_blob_sha1(content)
-    (folder / "blobs").mkdir(parents=True)
-    (folder / "blobs" / etag).write_bytes(content)
-    snapshot = folder / "snapshots" / commit / filename
-    snapshot.parent.mkdir(parents=True)
-    snapshot.symlink_to(Path("..", "..", "blobs", etag))
-    (folder / "refs").mkdir()
-    (folder / "refs" / "main").write_text(commit)  # no newline: huggingface_hub reads it verbatim
-    return snapshot
 
 
 def assert_unreachable(result: dict[str, Any], repo_id: str = REPO_ID) -> None:

@@ -1,0 +1,169 @@
+"""The model card: `README.md` in OUT, with the front matter the Hub reads and a body that says what the
+folder holds, how it was made and how it was proven. Built from the conversion's own record, offline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import PurePath
+from typing import Any
+
+import yaml
+
+from .parity import ParityReport
+
+CARD_FILE = "README.md"
+UNKNOWN_LICENCE = "unknown"
+_TAGS = ["mlx", "canary", "nemo", "speech", "asr", "automatic-speech-recognition", "speech-translation"]
+
+
+@dataclass(frozen=True)
+class Licence:
+    """The licence the card declares and where it was found (`id` is the Hub's licence identifier)."""
+
+    id: str
+    origin: str
+
+    @property
+    def known(self) -> bool:
+        return self.id != UNKNOWN_LICENCE
+
+
+def choose_licence(flag: str | None, source_card: str | None, repo_id: str | None,
+                   nvidia_releases: Mapping[str, str]) -> Licence:
+    """`--license` first, then the source's own card, then our table of NVIDIA's releases; else unknown."""
+    if flag:
+        return Licence(flag, "given with --license")
+    if source_card:
+        return Licence(source_card, f"the model card of {repo_id}")
+    if repo_id in nvidia_releases:
+        return Licence(nvidia_releases[repo_id], f"NVIDIA's licence for {repo_id} (canary-convert's presets)")
+    return Licence(UNKNOWN_LICENCE, "the source is not a Hub repo with a readable card, and none was given; "
+                                    "convert again with --license before publishing")
+
+
+@dataclass(frozen=True)
+class CardFacts:
+    """Everything the card says that is not in the conversion record itself."""
+
+    record: Mapping[str, Any]  # conversion.json's content (without the manifest)
+    config: Mapping[str, Any]  # config.json's content
+    folder: str  # the output folder's name
+    summary: str  # what the model family is (the preset's summary)
+    languages: Sequence[str]
+    licence: Licence
+    command: str  # the canary-convert command that made the folder
+    repo_id: str | None = None  # where the folder will be published, when known
+    parity: ParityReport | None = None
+
+
+def _front_matter(facts: CardFacts) -> dict[str, Any]:
+    record = facts.record
+    matter: dict[str, Any] = {"library_name": "mlx", "license": facts.licence.id}
+    base = record.get("base_model")
+    if base:
+        matter["base_model"] = base
+        if record["options"].get("quantize"):
+            matter["base_model_relation"] = "quantized"
+    matter["language"] = list(facts.languages)
+    matter["pipeline_tag"] = "automatic-speech-recognition"
+    matter["tags"] = _TAGS + [record["family"]]
+    return matter
+
+
+def _precision(record: Mapping[str, Any]) -> str:
+    options = record["options"]
+    quantize = options.get("quantize")
+    if not quantize:
+        return f"{options['dtype']} weights"
+    return (f"{quantize['bits']}-bit {quantize['mode']} quantized Linear and Embedding layers (group size "
+            f"{quantize['group_size']}, {options['dtype']} scales), everything else in {options['dtype']}")
+
+
+def _architecture(record: Mapping[str, Any], facts: CardFacts) -> list[str]:
+    config = facts.config
+    encoder, decoder = config["encoder"], config["decoder"]
+    rows = [
+        ("family", f"`{record['family']}` ({config['prompt_format']} prompt)"),
+        ("encoder", f"{encoder['n_layers']} FastConformer layers, width {encoder['d_model']}, {encoder['n_heads']} heads, "
+                    f"subsampling x{encoder['subsampling_factor']}, {config['preprocessor']['features']} mel features"),
+        ("decoder", f"{decoder['num_layers']} Transformer layers, width {decoder['hidden_size']}, "
+                    f"{decoder['num_attention_heads']} heads, up to {decoder['max_sequence_length']} positions"),
+        ("parameters", f"{record['parameter_count']:,}"),
+        ("languages", ", ".join(facts.languages)),
+        ("weights", _precision(record)),
+    ]
+    return ["| | |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows)]
+
+
+def _provenance(record: Mapping[str, Any], command: str) -> list[str]:
+    source = record["source"]
+    lines = ["```sh", command, "```", "",
+             f"- canary-convert {record['converter']['version']}, {record['created']}"]
+    if source["kind"] == "hub":
+        lines.append(f"- source: [{source['id']}](https://huggingface.co/{source['id']}), revision "
+                     f"`{source['revision']}`, commit `{source['commit']}`")
+    else:
+        lines.append(f"- source: the local {source['kind']} `{PurePath(source['path']).name}`")
+    lines.append(f"- source sha256: `{source['sha256'].removeprefix('sha256:')}`")
+    mapping = record["mapping"]
+    lines.append(f"- mapping `{mapping['file']}` ({mapping['digest']}), preset `{record['preset']}`")
+    return lines
+
+
+def _validation(record: Mapping[str, Any]) -> list[str]:
+    validation = record["validation"]
+    lines = [f"- strict load into canary-convert's MLX model: {validation['parameters']} parameter arrays, every "
+             "one present with its shape",
+             f"- round trip: each of the {validation['tensors']} stored tensors equals its source exactly (float "
+             "tensors transformed back; quantized layers equal `mx.quantize` of their source)"]
+    errors = validation.get("quantization_errors")
+    if errors:
+        lines += ["", "Quantization error of the layers furthest from their source (all of them are in "
+                  "`conversion.json`):", "", "| layer | relative L2 | max abs |", "|---|---|---|"]
+        lines += [f"| `{e['key']}` | {e['rel_l2']:.2e} | {e['max_abs']:.2e} |" for e in errors[:5]]
+    return lines
+
+
+def _parity(parity: ParityReport | None) -> list[str]:
+    if parity is None:
+        return ["Not run for this folder (`canary-convert SOURCE OUT --parity` compares with NeMo itself)."]
+    lines = [f"NeMo {'and' if parity.passed else 'differs from'} this folder, on canary-convert's test signals "
+             f"({parity.dtype} weights):", "", "| check | measured | limit | |", "|---|---|---|---|"]
+    lines += [f"| {check} | {measured} | {limit} | {'ok' if ok else 'FAIL'} |"
+              for check, measured, limit, ok in parity.rows()]
+    return lines
+
+
+def _usage(facts: CardFacts) -> list[str]:
+    language = facts.languages[0] if facts.languages else "en"
+    folder = facts.repo_id.split("/", 1)[1] if facts.repo_id else facts.folder
+    lines = ["```sh", "pip install canary-convert"]
+    if facts.repo_id:
+        lines.append(f"hf download {facts.repo_id} --local-dir {folder}")
+    lines += [f"canary-transcribe speech.wav --model {folder} --source-lang {language}", "```", "", "```python",
+              "from canary_convert import load_model", "", f'model = load_model("{folder}")',
+              f'print(model.transcribe("speech.wav", source_lang="{language}")[0].text)', "```"]
+    return lines
+
+
+def render_card(facts: CardFacts) -> str:
+    """The card's text: YAML front matter, then the body in Markdown."""
+    record = facts.record
+    source = record["source"]
+    title = record.get("base_model") or PurePath(source["path"]).stem
+    body = [
+        f"# {title} for MLX", "",
+        f"{facts.summary}", "",
+        f"Converted to [MLX](https://github.com/ml-explore/mlx) with canary-convert {record['converter']['version']}, "
+        f"{_precision(record)}.", "",
+        "## Use", "", *_usage(facts), "",
+        "## Model", "", *_architecture(record, facts), "",
+        "## How it was made", "", *_provenance(record, facts.command), "",
+        "## Validation", "", *_validation(record), "",
+        "### Parity with NeMo", "", *_parity(facts.parity), "",
+        "## Licence", "", f"`{facts.licence.id}`: {facts.licence.origin}.", "",
+    ]
+    matter = yaml.safe_dump(_front_matter(facts), sort_keys=False, allow_unicode=True)
+    return f"---\n{matter}---\n\n" + "\n".join(body)
