@@ -62,6 +62,7 @@ class DecodingOptions:
     max_generation_delta: int = -1
     greedy_max_generation_delta: int | None = None
     tile_prompt_cache: bool = True
+    max_new_tokens: int | None = None  # not a NeMo setting: a cap below NeMo's budget (golden outputs use it)
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -95,13 +96,16 @@ def pad_prompts(prompts: list[list[int]], pad_id: int) -> mx.array:
     return mx.array([list(prompt) + [pad_id] * (width - len(prompt)) for prompt in prompts], dtype=mx.int32)
 
 
-def max_generation_length(max_sequence_length: int, frames: int, prompt_length: int, max_generation_delta: int) -> int:
-    """NeMo's `_prepare_for_search` budget: the loop count of greedy search (beam search adds one step)."""
+def max_generation_length(max_sequence_length: int, frames: int, prompt_length: int, max_generation_delta: int,
+                          max_new_tokens: int | None = None) -> int:
+    """NeMo's `_prepare_for_search` budget: the loop count of greedy search (beam search adds one step),
+    capped at `max_new_tokens` generated tokens when given."""
     limit = max_sequence_length
     if max_generation_delta >= 0:
         # frames is the batch's padded encoder length: NeMo reads encoder_hidden_states.size(1).
         limit = min(max_sequence_length, frames + max_generation_delta)
-    return limit - prompt_length
+    budget = limit - prompt_length
+    return budget if max_new_tokens is None else min(budget, max_new_tokens)
 
 
 def length_penalty_factor(lengths: mx.array, alpha: float) -> mx.array:
@@ -183,6 +187,7 @@ def decode_greedy(
     eos_id: int,
     pad_id: int,
     max_generation_delta: int = -1,
+    max_new_tokens: int | None = None,
 ) -> list[list[int]]:
     """NeMo's greedy search (TransformerAEDGreedyInfer, no sampling): per utterance, NeMo's y_sequence.
 
@@ -192,7 +197,7 @@ def decode_greedy(
     prompt = pad_prompts(prompts, pad_id)
     batch, prompt_length = prompt.shape
     budget = max_generation_length(
-        model.decoder.max_sequence_length, encoded.shape[1], prompt_length, max_generation_delta
+        model.decoder.max_sequence_length, encoded.shape[1], prompt_length, max_generation_delta, max_new_tokens
     )
     if budget <= 0:
         # NeMo runs no step at all then (and its format_hypotheses fails on the empty result).
@@ -231,6 +236,7 @@ def decode_beam(
     beam_size: int = 1,
     length_penalty: float = 0.0,
     tile_prompt_cache: bool = True,
+    max_new_tokens: int | None = None,
 ) -> list[list[int]]:
     """NeMo's beam search (TransformerAEDBeamInfer, best hypothesis): per utterance, NeMo's y_sequence.
 
@@ -244,8 +250,10 @@ def decode_beam(
     prompt = pad_prompts(prompts, pad_id)
     batch, prompt_length = prompt.shape
     rows = batch * k
+    # Beam search takes its first step before the loop: a cap of N tokens leaves N - 1 loop steps.
     budget = max_generation_length(
-        model.decoder.max_sequence_length, encoded.shape[1], prompt_length, max_generation_delta
+        model.decoder.max_sequence_length, encoded.shape[1], prompt_length, max_generation_delta,
+        None if max_new_tokens is None else max_new_tokens - 1,
     )
     enc_lengths = enc_lengths.astype(mx.int32)
 
@@ -314,8 +322,9 @@ def decode(
 ) -> list[list[int]]:
     """Decode a batch with NeMo's strategy named in `options`; per utterance, NeMo's y_sequence."""
     if options.is_greedy:
-        return decode_greedy(model, encoded, enc_lengths, prompts, eos_id, pad_id, options.generation_delta)
+        return decode_greedy(model, encoded, enc_lengths, prompts, eos_id, pad_id, options.generation_delta,
+                             options.max_new_tokens)
     return decode_beam(
         model, encoded, enc_lengths, prompts, eos_id, pad_id, options.generation_delta,
-        options.beam_size, options.length_penalty, options.tile_prompt_cache,
+        options.beam_size, options.length_penalty, options.tile_prompt_cache, options.max_new_tokens,
     )
