@@ -7,6 +7,7 @@ room beside the pipeline. Exit codes: 0 ok, 1 error, 2 usage, 3 validation faile
 from __future__ import annotations
 
 import json
+import platform
 import re
 import signal
 import sys
@@ -16,8 +17,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
+import mlx.core as mx
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -285,9 +288,66 @@ def transcribe_command(
         typer.echo(result.text if len(results) == 1 else f"{result.source}\t{result.text}")
 
 
+verify_app = typer.Typer(add_completion=False, help="Check a converted folder from the folder alone, or compare two.")
+
+_STATUS_STYLE = {"pass": "[green]pass[/green]", "fail": "[bold red]FAIL[/bold red]", "error": "[bold red]ERROR[/bold red]",
+                 "advisory": "[yellow]advisory[/yellow]", "skipped": "[dim]skipped[/dim]"}
+
+
+@verify_app.command()
+def verify_command(
+    target: Annotated[str, typer.Argument(help="A folder written by canary-convert, or a Hub repo id.")],
+    revision: Annotated[Optional[str], typer.Option(help="Hub revision of TARGET: branch, tag or commit.")] = None,
+    against: Annotated[Optional[str], typer.Option(help="Compare TARGET with this folder (or repo) tensor by tensor.")] = None,
+    goldens: Annotated[Optional[Path], typer.Option(help="Golden file to check against (default: TARGET's goldens.json).")] = None,
+    audio: Annotated[Optional[list[Path]], typer.Option(help="The --parity-audio clips of the goldens (repeatable).")] = None,
+    device: Annotated[str, typer.Option(help="cpu (reproducible anywhere) or gpu.")] = "cpu",
+    update: Annotated[bool, typer.Option("--update", help="Record TARGET's goldens again and say what changed.")] = False,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON (schema canary-convert/verify-report v1).")] = None,
+    junit_xml: Annotated[Optional[Path], typer.Option(help="Write one JUnit test case per check.")] = None,
+    tol_features: Annotated[Optional[float], typer.Option(help="Override the features tolerance (max |Δ|).")] = None,
+    tol_encoder: Annotated[Optional[float], typer.Option(help="Override the encoder tolerance (relative L2).")] = None,
+    tol_logprobs: Annotated[Optional[float], typer.Option(help="Override the log-prob tolerance (max |Δ|).")] = None,
+    near_tie: Annotated[Optional[float], typer.Option(help="Top-2 gap below which a token difference is advisory.")] = None,
+) -> None:
+    """Manifest, strict load and golden outputs of TARGET; exit 0 pass, 3 regression, 1 error, 2 usage."""
+    from .source import resolve_folder
+    from .verify import compare_folders, update_goldens, verify_folder
+
+    try:
+        if update and (against or goldens):
+            raise UsageError("--update rewrites TARGET's own goldens; it takes no --against or --goldens")
+        folder = resolve_folder(target, revision)
+        if update:
+            for change in update_goldens(folder, device, tuple(audio or ())):
+                typer.echo(change)
+            typer.echo(f"goldens of {target} recorded again")
+            return
+        if against:
+            report = compare_folders(folder, resolve_folder(against, None), f"{target} against {against}", device)
+        else:
+            overrides = {"features_max_abs": tol_features, "encoder_rel_l2": tol_encoder,
+                         "logprobs_max_abs": tol_logprobs, "near_tie": near_tie}
+            report = verify_folder(folder, target, device, goldens, overrides, tuple(audio or ()))
+    except CanaryConvertError as exc:
+        _fail(exc)
+    if json_path:
+        json_path.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    if junit_xml:
+        junit_xml.write_bytes(report.to_junit())
+    table = Table(title=f"verify {report.target} ({report.device}, MLX {mx.__version__}, {platform.platform()})")
+    for column in ("check", "", "detail"):
+        table.add_column(column, overflow="fold")
+    for check in report.checks:
+        where = " ".join(part for part in (check.file and f"[{check.file}]", check.stage and f"<{check.stage}>") if part)
+        table.add_row(escape(check.name), _STATUS_STYLE[check.status], escape(f"{check.detail} {where}".strip()))
+    Console(width=max(Console().width, 120)).print(table)
+    raise typer.Exit(report.exit_code)
+
+
 # `canary-convert NAME ...` for these names runs the subcommand; anything else is a SOURCE to convert
 # (a local folder that happens to share a subcommand's name is reached as ./NAME).
-SUBCOMMANDS: dict[str, typer.Typer] = {}
+SUBCOMMANDS: dict[str, typer.Typer] = {"verify": verify_app}
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ from . import __version__
 from .archive import CONFIG_MEMBER, WEIGHTS_MEMBER, NemoArchive, open_archive
 from .card import CARD_FILE, CardFacts, choose_licence, render_card
 from .errors import UsageError
+from .goldens import GOLDENS_FILE, load_clips, record_goldens, write_goldens
 from .manifest import CONVERSION_FILE, FileRecord, build_manifest
 from .model.load import CONFIG_FILE, parameter_shapes
 from .model.quantized import QuantizeOptions
@@ -185,9 +186,12 @@ def convert(source_arg: str, out: Path, options: ConvertOptions, reporter: Repor
                 (staging / relative).parent.mkdir(parents=True, exist_ok=True)
                 archive.copy_member(member, staging / relative)
             write_json(staging / CONFIG_FILE, conversion.derived.config.to_dict())
-            conversion.validation = validate_folder(staging, stored, state_dict, conversion.quantization)
+            conversion.validation, model = validate_folder(staging, stored, state_dict, conversion.quantization)
             if options.parity:
-                conversion.parity = run_parity(source.path, staging, options.parity_audio)
+                conversion.parity = run_parity(source.path, model, options.parity_audio)
+            clips = load_clips(options.parity_audio, model.config.preprocessor.sample_rate)
+            with reporter.task("goldens", 0, 1):
+                write_goldens(staging / GOLDENS_FILE, record_goldens(model, clips, conversion.parity))
             record = _provenance(conversion, options)
             (staging / CARD_FILE).write_text(_card(conversion, options, record, staging, source_arg, out.name))
             conversion.manifest = build_manifest(staging, hashed)

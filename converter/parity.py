@@ -17,7 +17,6 @@ import numpy as np
 from .errors import CanaryConvertError, ValidationError
 from .model.audio_io import load_audio
 from .model.canary import CanaryModel
-from .model.load import load_model
 from .model.transcribe import pad_batch
 
 TEST_SIGNAL_SECONDS = (2.3, 1.1, 3.4)  # a padded batch of three different lengths
@@ -59,6 +58,20 @@ def precision_of(model: CanaryModel) -> tuple[str, Thresholds]:
     return label, Thresholds.for_precision(dtype, record["bits"])
 
 
+@dataclass(frozen=True)
+class StageOutputs:
+    """One model's output at each stage on a padded batch of signals, each stage fed the model's own input.
+
+    `logprobs` are teacher-forced on `teacher_forced_tokens` (the BOS token, then fixed pseudo-random text).
+    """
+
+    features: np.ndarray  # (B, n_mels, T), float32
+    frames: np.ndarray  # (B,) valid feature frames
+    encoded: np.ndarray  # (B, T', H), float32, after the encoder->decoder projection
+    enc_lengths: np.ndarray  # (B,)
+    logprobs: np.ndarray  # (B, L, V), float32
+
+
 @dataclass
 class ParityReport:
     dtype: str  # the precision's label (see precision_of)
@@ -69,6 +82,9 @@ class ParityReport:
     logprobs_max_abs: float = 0.0
     tokens: dict[str, bool] = field(default_factory=dict)  # decoding mode -> identical to NeMo on every clip
     failures: list[str] = field(default_factory=list)
+    # NeMo's own outputs, kept for the golden outputs' reference (not part of the report's record).
+    reference: StageOutputs | None = field(default=None, repr=False, compare=False)
+    reference_tokens: dict[str, list[list[int]]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def passed(self) -> bool:
@@ -107,7 +123,7 @@ class ParityReport:
         return rows
 
     def to_dict(self) -> dict[str, Any]:
-        record = asdict(self)
+        record = {key: value for key, value in asdict(self).items() if key not in ("reference", "reference_tokens")}
         record["passed"] = self.passed
         return record
 
@@ -232,8 +248,22 @@ def compare_stages(nemo: Any, model: CanaryModel, signals: list[np.ndarray]) -> 
     logprobs = model.decoder_logprobs(mx.array(tokens), mx.array(encoded).astype(model.compute_dtype),
                                       mx.array(enc_lengths))
     report.logprobs_max_abs = float(np.abs(np.array(logprobs.astype(mx.float32)) - reference).max())
+    report.reference = StageOutputs(features, frames, encoded, enc_lengths, reference)
     report.check()
     return report
+
+
+def mlx_stages(model: CanaryModel, signals: list[np.ndarray]) -> StageOutputs:
+    """The converted model's own outputs at each stage (what the golden outputs fingerprint)."""
+    assert model.tokenizer is not None
+    batch, lengths = pad_batch(signals)
+    features, frames = model.preprocess(mx.array(batch), mx.array(lengths))
+    encoded, enc_lengths = model.encode(features, frames)
+    tokens = teacher_forced_tokens(model.tokenizer.vocab_size, len(signals), [model.tokenizer.bos_id])
+    logprobs = model.decoder_logprobs(mx.array(tokens), encoded, enc_lengths)
+    as_numpy = lambda array: np.array(array.astype(mx.float32) if array.dtype != mx.int32 else array)  # noqa: E731
+    return StageOutputs(as_numpy(features), as_numpy(frames), as_numpy(encoded), as_numpy(enc_lengths),
+                        as_numpy(logprobs))
 
 
 # Decoding modes the token check runs: NeMo's default search and a real beam.
@@ -262,33 +292,42 @@ def nemo_prompt_slots(prompt_format: str, source_lang: str, target_lang: str, pn
     return slots
 
 
-def compare_tokens(nemo: Any, model: CanaryModel, signals: list[np.ndarray], source_lang: str,
-                   target_lang: str, pnc: bool = True) -> dict[str, bool]:
-    """Whether our transcribe() gives NeMo's token ids, per decoding mode, on every clip."""
+def token_pairs(nemo: Any, model: CanaryModel, signals: list[np.ndarray], source_lang: str, target_lang: str,
+                pnc: bool = True) -> dict[str, tuple[list[list[int]], list[list[int]]]]:
+    """Per decoding mode, (NeMo's token ids, ours) from each transcribe() on every clip."""
     slots = nemo_prompt_slots(model.config.prompt_format, source_lang, target_lang, pnc)
     task = "transcribe" if source_lang == target_lang else "translate"
-    agreement = {}
+    pairs = {}
     for name, (strategy, beam_size) in TOKEN_MODES.items():
         reference = nemo_transcribe_tokens(nemo, signals, strategy, beam_size, slots)
         ours = model.transcribe(list(signals), source_lang=source_lang, target_lang=target_lang, task=task,
                                 pnc=pnc, strategy=strategy, beam_size=beam_size)
-        agreement[name] = [r.tokens for r in ours] == reference
-    return agreement
+        pairs[name] = (reference, [r.tokens for r in ours])
+    return pairs
 
 
-def run_parity(source: Path, folder: Path, audio_files: Sequence[Path] = ()) -> ParityReport:
-    """Restore `source` with NeMo, load `folder` with MLX, and measure both on the test signals and files.
+def compare_tokens(nemo: Any, model: CanaryModel, signals: list[np.ndarray], source_lang: str,
+                   target_lang: str, pnc: bool = True) -> dict[str, bool]:
+    """Whether our transcribe() gives NeMo's token ids, per decoding mode, on every clip."""
+    return {name: reference == ours
+            for name, (reference, ours) in token_pairs(nemo, model, signals, source_lang, target_lang, pnc).items()}
+
+
+def run_parity(source: Path, model: CanaryModel, audio_files: Sequence[Path] = ()) -> ParityReport:
+    """Restore `source` with NeMo and measure it beside the converted `model` on the test signals and files.
 
     Stage errors and token ids (greedy and beam 4, transcribing in the model's first language) are both
     checked; raises ParityError past the thresholds.
     """
     nemo = restore_nemo(source)
-    model = load_model(folder)
     sample_rate = model.config.preprocessor.sample_rate
     signals = reference_signals(sample_rate) + [load_audio(path, sample_rate) for path in audio_files]
+    # Teacher-forced references first: NeMo's decoder answers differently once a beam search has run on it.
     report = compare_stages(nemo, model, signals)
     language = model.tokenizer.languages[0]
-    report.tokens = compare_tokens(nemo, model, signals, language, language)
+    pairs = token_pairs(nemo, model, signals, language, language)
+    report.tokens = {name: reference == ours for name, (reference, ours) in pairs.items()}
+    report.reference_tokens = {name: reference for name, (reference, _) in pairs.items()}
     report.check()
     if not report.passed:
         raise ParityError(report)

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import httpx2  # huggingface_hub 2.x's transport; a connection lost mid-download surfaces as its error
-from huggingface_hub import ModelCard, hf_hub_download
+from huggingface_hub import ModelCard, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
@@ -64,35 +66,57 @@ def resolve_source(source: str, revision: str | None = None, tqdm_class: Any = N
     return _download(source, revision, tqdm_class)
 
 
-def _download(repo_id: str, revision: str | None, tqdm_class: Any) -> ResolvedSource:
-    filename = hub_filename(repo_id)
-    where = f"{repo_id}/{filename}" + (f"@{revision}" if revision else "")
+@dataclass(frozen=True)
+class _HubRequest:
+    """What is being fetched, for the error messages: `where` names it, `instead` says how to do without."""
+
+    repo_id: str
+    revision: str | None
+    what: str  # "the file" or "the repo"
+    instead: str
+    filename: str | None = None
+
+    @property
+    def where(self) -> str:
+        named = f"{self.repo_id}/{self.filename}" if self.filename else self.repo_id
+        return named + (f"@{self.revision}" if self.revision else "")
+
+
+@contextmanager
+def _hub_errors(request: _HubRequest) -> Iterator[None]:
+    """huggingface_hub's failures as our SourceErrors, each naming the repo (and revision) at fault."""
+    where = request.where
     try:
-        local = Path(hf_hub_download(repo_id, filename, revision=revision, tqdm_class=tqdm_class))
+        yield
     except LocalEntryNotFoundError:
         raise HubUnreachableError(
-            f"{where}: the Hugging Face Hub cannot be reached (or HF_HUB_OFFLINE is set) and the file is not "
-            f"in the local cache; download {filename} elsewhere and pass its path: canary-convert ./{filename} OUT"
+            f"{where}: the Hugging Face Hub cannot be reached (or HF_HUB_OFFLINE is set) and {request.what} is not "
+            f"in the local cache; {request.instead}"
         ) from None
     except GatedRepoError:
         raise SourceError(f"{where}: the repo is gated; accept its terms on the Hub and set HF_TOKEN") from None
     except RepositoryNotFoundError:
         raise SourceError(f"{where}: no such repo on the Hub (or it is private: set HF_TOKEN)") from None
     except RevisionNotFoundError:
-        raise SourceError(f"{where}: the repo has no revision {revision!r}") from None
+        raise SourceError(f"{where}: the repo has no revision {request.revision!r}") from None
     except EntryNotFoundError:
-        raise SourceError(f"{where}: the repo has no file {filename}") from None
+        raise SourceError(f"{where}: the repo has no file {request.filename}") from None
     except HfHubHTTPError as exc:
         raise SourceError(f"{where}: the Hub refused the download: {exc}") from None
     except HFValidationError as exc:
-        raise SourceError(f"{repo_id}: not a valid Hugging Face repo id ({exc})") from None
+        raise SourceError(f"{request.repo_id}: not a valid Hugging Face repo id ({exc})") from None
     except httpx2.HTTPError as exc:
-        raise HubUnreachableError(
-            f"{where}: the download from the Hub failed ({exc}); retry, or download {filename} elsewhere and "
-            f"pass its path: canary-convert ./{filename} OUT"
-        ) from None
+        raise HubUnreachableError(f"{where}: the download from the Hub failed ({exc}); retry, or {request.instead}") from None
     except OSError as exc:
         raise SourceError(f"{where}: cannot store the download: {exc}") from None
+
+
+def _download(repo_id: str, revision: str | None, tqdm_class: Any) -> ResolvedSource:
+    filename = hub_filename(repo_id)
+    request = _HubRequest(repo_id, revision, "the file",
+                          f"download {filename} elsewhere and pass its path: canary-convert ./{filename} OUT", filename)
+    with _hub_errors(request):
+        local = Path(hf_hub_download(repo_id, filename, revision=revision, tqdm_class=tqdm_class))
     # The cache keeps files at .../snapshots/<commit>/<filename>.
     commit = local.parent.name if local.parent.parent.name == "snapshots" else None
     return ResolvedSource(kind="hub", path=local, repo_id=repo_id, revision=revision, commit=commit)
@@ -119,3 +143,15 @@ def source_card_licence(source: ResolvedSource) -> str | None:
         return None
     licence = card.data.get("license")
     return str(licence) if licence else None
+
+
+def resolve_folder(target: str, revision: str | None = None, tqdm_class: Any = None) -> Path:
+    """A converted MLX folder: a local path as is, a Hub repo id through huggingface_hub's cache."""
+    path = Path(target).expanduser()
+    if path.is_dir():
+        return path
+    if not _REPO_ID.match(target):
+        raise SourceError(f"{target}: no such folder (and not a Hugging Face repo id like mlx-community/name)")
+    request = _HubRequest(target, revision, "the repo", "download the repo elsewhere and pass its folder")
+    with _hub_errors(request):
+        return Path(snapshot_download(target, revision=revision, tqdm_class=tqdm_class))

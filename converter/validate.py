@@ -15,6 +15,7 @@ from mlx.utils import tree_flatten
 from safetensors import SafetensorError, safe_open
 
 from .errors import ModelFolderError, ValidationError
+from .model.canary import CanaryModel
 from .model.load import load_model, weight_files
 from .quantize import QuantizationError, QuantizationPlan, quantization_error, quantize_tensor
 from .rules import TensorPlan
@@ -35,13 +36,12 @@ class ValidationReport:
         return record
 
 
-def check_strict_load(folder: Path) -> int:
+def check_strict_load(folder: Path) -> CanaryModel:
     """Load `folder` as users will (`load_model`); any missing, extra or misshapen parameter fails."""
     try:
-        model = load_model(folder)
+        return load_model(folder)
     except ModelFolderError as exc:
         raise ValidationError(f"does not load strictly into the bundled MLX model: {exc}") from None
-    return len(tree_flatten(model.parameters()))
 
 
 def _stored_keys(folder: Path) -> dict[str, Path]:
@@ -106,7 +106,8 @@ def _check_quantized(where: Mapping[str, Path], layers: Mapping[TensorPlan, list
 
 
 def validate_folder(folder: Path, stored: Sequence[OutputTensor], source: Mapping[str, torch.Tensor],
-                    quantization: QuantizationPlan | None = None) -> ValidationReport:
-    parameters = check_strict_load(folder)
+                    quantization: QuantizationPlan | None = None) -> tuple[ValidationReport, CanaryModel]:
+    """Both proofs; returns the report and the strictly loaded model (for parity and the goldens)."""
+    model = check_strict_load(folder)
     errors = check_round_trip(folder, stored, source, quantization)
-    return ValidationReport(parameters, len(stored), errors)
+    return ValidationReport(len(tree_flatten(model.parameters())), len(stored), errors), model

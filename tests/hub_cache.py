@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from hub_server import git_blob_sha1
@@ -22,7 +23,7 @@ def seed_cache(hf_home: Path, repo_id: str, filename: str, content: bytes, commi
     (folder / "blobs" / etag).write_bytes(content)
     snapshot = folder / "snapshots" / commit / filename
     snapshot.parent.mkdir(parents=True, exist_ok=True)
-    snapshot.symlink_to(Path("..", "..", "blobs", etag))
+    snapshot.symlink_to(os.path.relpath(folder / "blobs" / etag, snapshot.parent))  # relative, as the cache does
     (folder / "refs").mkdir(exist_ok=True)
     (folder / "refs" / "main").write_text(commit)  # no newline: huggingface_hub reads it verbatim
     return snapshot

@@ -119,7 +119,7 @@ def test_quantized_stages_against_nemo(quantizable_checkpoints: dict[str, Path],
 def test_parity_of_an_8bit_folder(quantizable_checkpoints: dict[str, Path], tmp_path: Path) -> None:
     source = quantizable_checkpoints["canary2-bpe-w64"]
     convert(str(source), tmp_path / "q", ConvertOptions(quantize=QuantizeOptions.create(8)))
-    report = run_parity(source, tmp_path / "q")
+    report = run_parity(source, load_model(tmp_path / "q"))
     assert report.thresholds.tokens_identical and set(report.tokens) == {"greedy", "beam4"}
 
 

@@ -168,7 +168,7 @@ def test_parity_catches_a_wrong_weight(checkpoint: Path, tmp_path: Path) -> None
     weights[key] = weights[key] * 1.01  # a 1% error in one matrix
     mx.save_safetensors(str(file), weights, metadata={"format": "mlx"})
     with pytest.raises(ParityError) as caught:
-        run_parity(checkpoint, folder)
+        run_parity(checkpoint, load_model(folder))
     assert isinstance(caught.value, ValidationError) and caught.value.exit_code == 3
     assert any(f.startswith("encoder relative L2") for f in caught.value.report.failures)
 

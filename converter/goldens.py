@@ -1,0 +1,281 @@
+"""Golden outputs: what a converted folder's model gives on fixed test signals, recorded inside OUT at
+conversion time (`goldens.json`), so `canary-convert verify` can check the folder anywhere, from itself.
+
+Per group of signals (the synthetic test signals; the `--parity-audio` clips, referenced by sha256):
+- each stage's fingerprint: per utterance, statistics of its valid region and the values at fixed
+  pseudo-random positions (features; encoder states; teacher-forced log-probs on fixed tokens);
+- per prompt (transcribe; translate when the tokenizer has a second language) and decoding mode (greedy,
+  beam 4, the checkpoint's default), the token ids, capped at `MAX_NEW_TOKENS` new tokens, and at each
+  decoded position the gap between the two best log-probabilities (a near-tie below `Tolerances.near_tie`
+  is where another backend may legitimately choose differently);
+- when `--parity` ran, NeMo's own stage fingerprints (same positions) and token ids, as the reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from . import __version__
+from .errors import CanaryConvertError
+from .model.canary import CanaryModel
+from .model.decoding import DecodingOptions, strip_hypothesis
+from .model.prompts import PromptOptions, build_prompt
+from .model.transcribe import pad_short, transcribe
+from .parity import TOKEN_MODES, ParityReport, StageOutputs, mlx_stages, reference_signals
+
+GOLDENS_FILE = "goldens.json"
+SCHEMA = "canary-convert/goldens"
+SCHEMA_VERSION = 1
+SAMPLES_PER_UTTERANCE = 256
+MAX_NEW_TOKENS = 32
+STAGES = ("features", "encoder", "logprobs")
+_SEED = 20261127
+
+
+class GoldensError(CanaryConvertError):
+    """A golden file that cannot be trusted: unreadable, from another schema version, or edited by hand."""
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """How far a stage may move before verify calls it a regression, per the weights' compute dtype.
+
+    Set well below the parity limits (float32: features 1e-3, encoder 1e-4, log-probs 1e-3), and above the
+    rounding differences between machines and MLX backends.
+    """
+
+    features_max_abs: float
+    encoder_rel_l2: float
+    logprobs_max_abs: float
+    near_tie: float
+
+    @classmethod
+    def for_dtype(cls, dtype: str) -> Tolerances:
+        if dtype == "float16":
+            return cls(features_max_abs=1e-4, encoder_rel_l2=5e-3, logprobs_max_abs=5e-2, near_tie=5e-2)
+        if dtype == "bfloat16":
+            return cls(features_max_abs=1e-4, encoder_rel_l2=2e-2, logprobs_max_abs=2e-1, near_tie=0.25)
+        return cls(features_max_abs=1e-4, encoder_rel_l2=1e-5, logprobs_max_abs=1e-4, near_tie=1e-3)
+
+    def limit(self, stage: str) -> float:
+        return {"features": self.features_max_abs, "encoder": self.encoder_rel_l2,
+                "logprobs": self.logprobs_max_abs}[stage]
+
+
+def _valid(stages: StageOutputs, stage: str, row: int) -> np.ndarray:
+    """One utterance's valid region of a stage, flattened."""
+    if stage == "features":
+        return stages.features[row, :, : int(stages.frames[row])].ravel()
+    if stage == "encoder":
+        return stages.encoded[row, : int(stages.enc_lengths[row])].ravel()
+    return stages.logprobs[row].ravel()
+
+
+def fingerprint(stages: StageOutputs, stage: str, positions: list[list[int]] | None = None) -> list[dict[str, Any]]:
+    """Per utterance: statistics of the valid region and its values at fixed positions (chosen here when
+    `positions` is None, reused from the goldens when given, so a reference is sampled where ours is)."""
+    rows = []
+    for row in range(len(stages.frames)):
+        values = _valid(stages, stage, row).astype(np.float64)
+        if positions is None:
+            rng = np.random.default_rng(_SEED + row)
+            chosen = np.sort(rng.choice(values.size, size=min(SAMPLES_PER_UTTERANCE, values.size), replace=False))
+        else:
+            chosen = np.array(positions[row], dtype=np.int64)
+        stats = {"l2": np.linalg.norm(values), "mean": values.mean(), "std": values.std(), "min": values.min(),
+                 "max": values.max()}
+        rows.append({"size": int(values.size), **{name: _float32(value) for name, value in stats.items()},
+                     "positions": chosen.tolist(), "values": [_float32(value) for value in values[chosen]]})
+    return rows
+
+
+def _float32(value: float) -> float:
+    """A float32 value with the 9 significant digits that represent it exactly (keeps the JSON small)."""
+    return float(f"{value:.9g}")
+
+
+def stage_distance(stage: str, golden: Sequence[Mapping[str, Any]], now: Sequence[Mapping[str, Any]]) -> float:
+    """How far `now` is from `golden` in the stage's own measure: max |Δ| (features, log-probs) or relative
+    L2 (encoder), over the sampled values and the whole region's L2 norm. Infinite when the shapes differ."""
+    worst = 0.0
+    for old, new in zip(golden, now, strict=True):
+        if old["size"] != new["size"]:
+            return float("inf")
+        a, b = np.array(old["values"]), np.array(new["values"])
+        if stage == "encoder":
+            worst = max(worst, float(np.linalg.norm(b - a) / max(np.linalg.norm(a), 1e-30)),
+                        abs(new["l2"] - old["l2"]) / max(old["l2"], 1e-30))
+        else:
+            worst = max(worst, float(np.abs(b - a).max(initial=0.0)))
+    return worst
+
+
+def golden_prompts(model: CanaryModel) -> list[PromptOptions]:
+    """Transcribe in the first language; translate into the second where the tokenizer has one."""
+    assert model.tokenizer is not None
+    languages = model.tokenizer.languages
+    prompts = [PromptOptions(source_lang=languages[0])]
+    if len(languages) > 1 and (model.config.prompt_format == "canary2"
+                               or "<|translate|>" in model.tokenizer.special_tokens):
+        prompts.append(PromptOptions(source_lang=languages[0], target_lang=languages[1], task="translate"))
+    return prompts
+
+
+def golden_modes(model: CanaryModel) -> dict[str, DecodingOptions]:
+    """Greedy, beam 4 and the checkpoint's own default search, each capped at MAX_NEW_TOKENS."""
+    default = replace(DecodingOptions.from_config(model.config.decoding), max_new_tokens=MAX_NEW_TOKENS)
+    modes = {name: replace(default, strategy=strategy, beam_size=beam) for name, (strategy, beam) in TOKEN_MODES.items()}
+    modes["default"] = default
+    return modes
+
+
+def _gaps(model: CanaryModel, signal: np.ndarray, prompt: list[int], tokens: list[int]) -> list[float]:
+    """At each decoded position (and the one after, where the search chose to stop), the gap between the
+    two best log-probabilities, teacher-forced on the utterance alone."""
+    clip = pad_short(signal, model.config.preprocessor.sample_rate)
+    features, frames = model.preprocess(mx.array(clip[None]), mx.array([clip.size]))
+    encoded, lengths = model.encode(features, frames)
+    ids = (prompt + tokens)[: model.decoder.max_sequence_length]
+    logprobs = model.decoder_logprobs(mx.array([ids]), encoded, lengths)[0, len(prompt) - 1:]
+    top = mx.topk(logprobs, 2, axis=-1)  # unsorted: the gap is the difference of the two, either way
+    return [round(float(gap), 6) for gap in np.abs(np.diff(np.array(top), axis=-1))[:, 0]]
+
+
+def decode_goldens(model: CanaryModel, signals: Sequence[np.ndarray]) -> list[dict[str, Any]]:
+    """Token ids and near-tie gaps of every golden prompt and mode on `signals`."""
+    assert model.tokenizer is not None
+    records = []
+    for prompt in golden_prompts(model):
+        prompt_ids = build_prompt(model.config.prompt_format, model.tokenizer, prompt)
+        for mode, options in golden_modes(model).items():
+            results = transcribe(model, model.tokenizer, list(signals), prompt, options)
+            tokens = [result.tokens for result in results]
+            records.append({"prompt": asdict(prompt), "mode": mode, "strategy": options.strategy,
+                            "beam_size": options.beam_size, "length_penalty": options.length_penalty,
+                            "tokens": tokens,
+                            "gaps": [_gaps(model, s, prompt_ids, t) for s, t in zip(signals, tokens)]})
+    return records
+
+
+def _group(model: CanaryModel, signals: list[np.ndarray], reference: StageOutputs | None,
+           reference_tokens: Mapping[str, list[list[int]]] | None) -> dict[str, Any]:
+    stages = mlx_stages(model, signals)
+    group: dict[str, Any] = {"stages": {stage: fingerprint(stages, stage) for stage in STAGES},
+                             "decoding": decode_goldens(model, signals)}
+    if reference is not None:
+        group["reference"] = {
+            "source": "NeMo (canary-convert --parity)",
+            "stages": {stage: fingerprint(reference, stage, [row["positions"] for row in group["stages"][stage]])
+                       for stage in STAGES},
+            # NeMo's transcribe() in the first language with punctuation, uncapped.
+            "tokens": dict(reference_tokens or {}),
+        }
+    return group
+
+
+def _rows(stages: StageOutputs, rows: slice) -> StageOutputs:
+    return StageOutputs(stages.features[rows], stages.frames[rows], stages.encoded[rows], stages.enc_lengths[rows],
+                        stages.logprobs[rows])
+
+
+def record_goldens(model: CanaryModel, clips: Sequence[tuple[str, np.ndarray, str]] = (),
+                   parity: ParityReport | None = None, device: str = "cpu") -> dict[str, Any]:
+    """The goldens of a loaded model. `clips` are (name, samples, sha256) of the `--parity-audio` files;
+    `parity`, when it ran on the test signals followed by those clips, supplies NeMo's reference."""
+    sample_rate = model.config.preprocessor.sample_rate
+    signals = reference_signals(sample_rate)
+    split = len(signals)
+    reference = parity.reference if parity is not None else None
+    tokens = parity.reference_tokens if parity is not None else {}
+    groups = {"test-signals": _group(model, signals, reference and _rows(reference, slice(None, split)),
+                                     {mode: ids[:split] for mode, ids in tokens.items()})}
+    groups["test-signals"]["signals"] = {"generator": "canary_convert.parity.reference_signals",
+                                         "sample_rate": sample_rate, "sha256": signals_digest(signals)}
+    if clips:
+        groups["audio"] = _group(model, [samples for _, samples, _ in clips],
+                                 reference and _rows(reference, slice(split, None)),
+                                 {mode: ids[split:] for mode, ids in tokens.items()})
+        groups["audio"]["clips"] = [{"name": name, "sha256": digest} for name, _, digest in clips]
+    dtype = str(model.compute_dtype).removeprefix("mlx.core.")
+    goldens = {
+        "schema": SCHEMA, "version": SCHEMA_VERSION,
+        "made_by": {"canary_convert": __version__, "mlx": mx.__version__, "platform": platform.platform(),
+                    "device": device},
+        "max_new_tokens": MAX_NEW_TOKENS,
+        "tolerances": asdict(Tolerances.for_dtype(dtype)),
+        "config": model.config.to_dict(),
+        "groups": groups,
+    }
+    goldens["digest"] = goldens_digest(goldens)
+    return goldens
+
+
+def signals_digest(signals: Sequence[np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for signal in signals:
+        digest.update(np.ascontiguousarray(signal, dtype=np.float32).tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
+def goldens_digest(goldens: Mapping[str, Any]) -> str:
+    """A digest of the goldens' content: an edit by hand that does not recompute it is detected."""
+    content = {key: value for key, value in goldens.items() if key != "digest"}
+    return "sha256:" + hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def write_goldens(path: Path, goldens: Mapping[str, Any]) -> None:
+    """Compact JSON: the file is read by verify, and small enough to commit beside an example model."""
+    path.write_text(json.dumps(goldens, separators=(",", ":")) + "\n")
+
+
+def read_goldens(path: Path) -> dict[str, Any]:
+    """Read a golden file, refusing one from another schema version or one edited by hand."""
+    try:
+        goldens = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise GoldensError(f"{path}: not a readable golden file: {exc}") from None
+    if not isinstance(goldens, dict) or goldens.get("schema") != SCHEMA:
+        raise GoldensError(f"{path}: not a canary-convert golden file (no schema {SCHEMA!r})")
+    version = goldens.get("version")
+    made_by = goldens.get("made_by", {}).get("canary_convert", "an unknown version")
+    if version != SCHEMA_VERSION:
+        newer = isinstance(version, int) and version > SCHEMA_VERSION
+        raise GoldensError(
+            f"{path}: golden schema version {version} (made by canary-convert {made_by}); this canary-convert "
+            f"{__version__} reads version {SCHEMA_VERSION} only: "
+            + ("upgrade canary-convert" if newer else "record them again with `canary-convert verify FOLDER --update`")
+        )
+    if goldens.get("digest") != goldens_digest(goldens):
+        raise GoldensError(f"{path}: the content does not match its digest (edited by hand?); record the goldens "
+                           "again with `canary-convert verify FOLDER --update`")
+    return goldens
+
+
+def load_clips(paths: Sequence[Path], sample_rate: int) -> list[tuple[str, np.ndarray, str]]:
+    """(name, samples, sha256 of the file) for each clip."""
+    from .manifest import hash_file
+    from .model.audio_io import load_audio
+
+    return [(path.name, load_audio(path, sample_rate), hash_file(path).sha256) for path in paths]
+
+
+def first_difference(old: Sequence[int], new: Sequence[int]) -> int | None:
+    """The first position where two token sequences differ (a length difference counts), or None."""
+    for index, (a, b) in enumerate(zip(old, new)):
+        if a != b:
+            return index
+    return None if len(old) == len(new) else min(len(old), len(new))
+
+
+def same_up_to_cap(golden_cap: int, reference: Sequence[int], ours: Sequence[int], eos_id: int, pad_id: int) -> bool:
+    """Greedy search is step by step, so a capped run is the uncapped one's first tokens."""
+    return list(ours) == strip_hypothesis(list(reference[:golden_cap]), eos_id, pad_id)

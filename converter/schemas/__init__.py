@@ -1,0 +1,1 @@
+"""JSON Schemas of the files canary-convert writes for other tools (the verify report)."""

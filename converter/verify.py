@@ -1,0 +1,437 @@
+"""The verifier: check a converted folder from the folder alone — its manifest, a strict load, and its
+golden outputs (and NeMo's reference, when the conversion recorded one) — or compare two folders.
+
+Each check is one line of the report; `--json` writes the report in a versioned schema and `--junit-xml`
+one test case per check, so CI systems show them. Exit codes: 0 pass, 3 regression, 1 error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+from xml.etree import ElementTree
+
+import mlx.core as mx
+import numpy as np
+
+from . import __version__
+from .errors import EXIT_ERROR, EXIT_OK, EXIT_VALIDATION, ModelFolderError, UsageError
+from .goldens import (
+    GOLDENS_FILE,
+    MAX_NEW_TOKENS,
+    STAGES,
+    GoldensError,
+    Tolerances,
+    _gaps,
+    fingerprint,
+    first_difference,
+    golden_modes,
+    goldens_digest,
+    load_clips,
+    read_goldens,
+    record_goldens,
+    write_goldens,
+    same_up_to_cap,
+    signals_digest,
+    stage_distance,
+)
+from .manifest import CONVERSION_FILE, FileRecord, hash_file, manifest_problems
+from .model.canary import CanaryModel
+from .model.decoding import DecodingOptions
+from .model.load import load_model, weight_files
+from .model.prompts import PromptOptions, build_prompt
+from .model.quantized import read_quantization
+from .model.transcribe import transcribe
+from .parity import mlx_stages, reference_signals
+
+REPORT_SCHEMA = "canary-convert/verify-report"
+REPORT_VERSION = 1
+# The JSON Schema of `to_json`, shipped in the package (canary_convert/schemas/).
+REPORT_SCHEMA_FILE = "verify-report-v1.schema.json"
+Status = Literal["pass", "fail", "advisory", "skipped", "error"]
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the report: what was checked, how it went, and where (file, stage) when it failed."""
+
+    name: str
+    status: Status
+    detail: str
+    file: str | None = None
+    stage: str | None = None
+
+
+@dataclass
+class VerifyReport:
+    target: str
+    device: str
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        statuses = {check.status for check in self.checks}
+        return EXIT_ERROR if "error" in statuses else EXIT_VALIDATION if "fail" in statuses else EXIT_OK
+
+    def to_json(self) -> dict[str, Any]:
+        """The report in its versioned schema (README: "verify --json")."""
+        return {"schema": REPORT_SCHEMA, "version": REPORT_VERSION, "target": self.target,
+                "canary_convert": __version__, "mlx": mx.__version__, "platform": platform.platform(),
+                "device": self.device, "passed": self.exit_code == EXIT_OK,
+                "checks": [asdict(check) for check in self.checks]}
+
+    def to_junit(self) -> bytes:
+        """JUnit XML: one test case per check (failure, error or skipped; advisories pass with a note)."""
+        counts = {status: sum(c.status == status for c in self.checks) for status in ("fail", "error", "skipped")}
+        suite = ElementTree.Element("testsuite", name=f"canary-convert verify {self.target}",
+                                    tests=str(len(self.checks)), failures=str(counts["fail"]),
+                                    errors=str(counts["error"]), skipped=str(counts["skipped"]))
+        properties = ElementTree.SubElement(suite, "properties")
+        for name, value in (("device", self.device), ("mlx", mx.__version__), ("platform", platform.platform()),
+                            ("canary_convert", __version__)):
+            ElementTree.SubElement(properties, "property", name=name, value=value)
+        for check in self.checks:
+            case = ElementTree.SubElement(suite, "testcase", classname=check.stage or "folder", name=check.name)
+            if check.status in ("fail", "error", "skipped"):
+                tag = {"fail": "failure", "error": "error", "skipped": "skipped"}[check.status]
+                ElementTree.SubElement(case, tag, message=check.detail)
+            elif check.status == "advisory":
+                ElementTree.SubElement(case, "system-out").text = f"advisory: {check.detail}"
+        return ElementTree.tostring(suite, encoding="utf-8", xml_declaration=True)
+
+
+def use_device(device: str) -> None:
+    """CPU gives the same numbers on any machine; the GPU is Apple silicon's (Metal) backend."""
+    if device not in ("cpu", "gpu"):
+        raise UsageError(f"--device {device!r}: choose cpu or gpu")
+    target = mx.gpu if device == "gpu" else mx.cpu
+    if not mx.is_available(target):
+        raise UsageError(f"--device {device}: this MLX build ({mx.__version__}, {platform.system()}) has no {device}")
+    mx.set_default_device(target)
+
+
+def read_record(folder: Path) -> dict[str, Any]:
+    """conversion.json, or the error that says this is not a canary-convert folder."""
+    if not folder.is_dir():
+        raise ModelFolderError(f"{folder}: no such folder")
+    try:
+        return json.loads((folder / CONVERSION_FILE).read_text())
+    except FileNotFoundError:
+        raise ModelFolderError(f"{folder}: not a canary-convert folder (no {CONVERSION_FILE})") from None
+    except (OSError, ValueError) as exc:
+        raise ModelFolderError(f"{folder / CONVERSION_FILE}: unreadable: {exc}") from None
+
+
+def check_manifest(folder: Path, record: Mapping[str, Any]) -> Check:
+    manifest = {name: FileRecord.from_dict(entry) for name, entry in record.get("manifest", {}).items()}
+    if not manifest:
+        return Check("manifest", "error", f"{CONVERSION_FILE} has no manifest (made before canary-convert 0.1.0?)",
+                     CONVERSION_FILE)
+    problems = manifest_problems(folder, manifest)
+    if problems:
+        return Check("manifest", "fail", "; ".join(problems), problems[0].split(":", 1)[0])
+    return Check("manifest", "pass", f"{len(manifest)} files, sizes and sha256 as recorded")
+
+
+def check_load(folder: Path) -> tuple[Check, CanaryModel | None]:
+    try:
+        model = load_model(folder)
+    except ModelFolderError as exc:
+        return Check("strict load", "fail", str(exc), _named_file(str(exc), folder)), None
+    kind = "quantized " if model.config.quantization else ""
+    return Check("strict load", "pass", f"every parameter of the {kind}model present with its shape"), model
+
+
+def _named_file(message: str, folder: Path) -> str | None:
+    """The folder's file a load error names, so the report points at it."""
+    for name in ("config.json", *(file.name for file in weight_files(folder)), "tokenizer"):
+        if name in message:
+            return name
+    return None
+
+
+def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(config, Mapping):
+        return {prefix: config}
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """`key is X, was Y` for every config.json entry that differs."""
+    before, after = _flatten(old), _flatten(new)
+    return [f"{key} is {after.get(key)!r}, was {before.get(key)!r}"
+            for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)]
+
+
+def check_config(goldens: Mapping[str, Any], model: CanaryModel) -> Check:
+    changed = config_differences(goldens["config"], model.config.to_dict())
+    if changed:
+        return Check("config", "fail", "config.json: " + "; ".join(changed) + " (when the goldens were recorded)",
+                     "config.json", "config")
+    return Check("config", "pass", "config.json as when the goldens were recorded")
+
+
+def _group_signals(name: str, group: Mapping[str, Any], model: CanaryModel,
+                   clips: Sequence[tuple[str, np.ndarray, str]]) -> list[np.ndarray] | str:
+    """The group's signals, or why they are not at hand."""
+    sample_rate = model.config.preprocessor.sample_rate
+    if name == "test-signals":
+        signals = reference_signals(sample_rate)
+        if signals_digest(signals) != group["signals"]["sha256"]:
+            return "the synthesised test signals differ from the recorded ones (a different numpy?)"
+        return signals
+    given = {digest: samples for _, samples, digest in clips}
+    wanted = group["clips"]
+    if missing := [clip["name"] for clip in wanted if clip["sha256"] not in given]:
+        return f"clips {', '.join(missing)} not given (pass them with --audio; matched by sha256)"
+    return [given[clip["sha256"]] for clip in wanted]
+
+
+def check_stages(group_name: str, golden: Mapping[str, Any], now: Mapping[str, Any], tolerances: Tolerances,
+                 label: str = "") -> list[Check]:
+    checks = []
+    for stage in STAGES:
+        distance = stage_distance(stage, golden[stage], now[stage])
+        limit = tolerances.limit(stage)
+        measure = "relative L2" if stage == "encoder" else "max |Δ|"
+        status: Status = "pass" if distance <= limit else "fail"
+        checks.append(Check(f"{group_name}: {label}{stage}", status, f"{measure} {distance:.2e} (limit {limit:g})",
+                            stage=stage))
+    return checks
+
+
+def _describe(prompt: Mapping[str, Any], mode: str) -> str:
+    target = prompt.get("target_lang") or prompt["source_lang"]
+    return f"{prompt['task']} {prompt['source_lang']}->{target} {mode}"
+
+
+def check_decoding(group_name: str, golden: Mapping[str, Any], model: CanaryModel, signals: list[np.ndarray],
+                   tolerances: Tolerances) -> Check:
+    """Run one golden prompt and mode again; a first difference at a recorded near-tie is advisory."""
+    assert model.tokenizer is not None
+    prompt = PromptOptions(**golden["prompt"])
+    if golden["mode"] == "default":  # what users get: the folder's current defaults
+        options = golden_modes(model)["default"]
+    else:
+        options = replace(DecodingOptions.from_config(model.config.decoding), strategy=golden["strategy"],
+                          beam_size=golden["beam_size"], length_penalty=golden["length_penalty"],
+                          max_new_tokens=MAX_NEW_TOKENS)
+    name = f"{group_name}: {_describe(golden['prompt'], golden['mode'])} tokens"
+    now = [result.tokens for result in transcribe(model, model.tokenizer, signals, prompt, options)]
+    prompt_ids = build_prompt(model.config.prompt_format, model.tokenizer, prompt)
+    advisories = []
+    for index, (old, new) in enumerate(zip(golden["tokens"], now)):
+        at = first_difference(old, new)
+        if at is None:
+            continue
+        gaps = golden["gaps"][index] + [float("inf")]
+        new_gaps = _gaps(model, signals[index], prompt_ids, new) + [float("inf")]
+        gap = min(gaps[min(at, len(gaps) - 1)], new_gaps[min(at, len(new_gaps) - 1)])
+        where = f"utterance {index}, token {at}: {old[at:at + 3]} -> {new[at:at + 3]}"
+        if gap >= tolerances.near_tie:
+            return Check(name, "fail", f"{where} (top-2 gap {gap:.2e}, not a near-tie)", stage="decoding")
+        advisories.append(f"{where} at a near-tie (gap {gap:.2e} < {tolerances.near_tie:g})")
+    if advisories:
+        return Check(name, "advisory", "; ".join(advisories), stage="decoding")
+    return Check(name, "pass", f"{len(now)} utterances identical")
+
+
+def check_reference(group_name: str, group: Mapping[str, Any], now: Mapping[str, Any], model: CanaryModel,
+                    signals: list[np.ndarray]) -> list[Check]:
+    """Against NeMo's own outputs recorded at conversion, within the parity limits of the precision."""
+    from .parity import precision_of
+
+    assert model.tokenizer is not None
+    reference = group["reference"]
+    _, limits = precision_of(model)
+    checks = []
+    for stage, limit in (("features", limits.features_max_abs), ("encoder", limits.encoder_rel_l2),
+                         ("logprobs", limits.logprobs_max_abs)):
+        distance = stage_distance(stage, reference["stages"][stage], now[stage])
+        name = f"{group_name}: NeMo reference, {stage}"
+        if limit is None:
+            checks.append(Check(name, "skipped", f"no parity limit at this precision; measured {distance:.2e}",
+                                stage=stage))
+            continue
+        checks.append(Check(name, "pass" if distance <= limit else "fail", f"{distance:.2e} (parity limit {limit:g})",
+                            stage=stage))
+    nemo_greedy = reference["tokens"].get("greedy")
+    if nemo_greedy:
+        language = model.tokenizer.languages[0]
+        options = golden_modes(model)["greedy"]
+        ours = [r.tokens for r in transcribe(model, model.tokenizer, signals, PromptOptions(language), options)]
+        same = all(same_up_to_cap(MAX_NEW_TOKENS, ref, mine, model.tokenizer.eos_id, model.tokenizer.pad_id)
+                   for ref, mine in zip(nemo_greedy, ours))
+        checks.append(Check(f"{group_name}: NeMo reference, greedy tokens", "pass" if same else "fail",
+                            f"first {MAX_NEW_TOKENS} tokens {'identical to' if same else 'differ from'} NeMo's",
+                            stage="decoding"))
+    return checks
+
+
+def verify_goldens(goldens: Mapping[str, Any], model: CanaryModel, tolerances: Tolerances,
+                   clips: Sequence[tuple[str, np.ndarray, str]] = ()) -> list[Check]:
+    checks = [check_config(goldens, model)]
+    for group_name, group in goldens["groups"].items():
+        signals = _group_signals(group_name, group, model, clips)
+        if isinstance(signals, str):
+            checks.append(Check(f"{group_name}: stages and tokens", "skipped", signals))
+            continue
+        stages = mlx_stages(model, signals)
+        now = {stage: fingerprint(stages, stage, [row["positions"] for row in group["stages"][stage]])
+               for stage in STAGES}
+        checks += check_stages(group_name, group["stages"], now, tolerances)
+        checks += [check_decoding(group_name, golden, model, signals, tolerances) for golden in group["decoding"]]
+        if "reference" in group:
+            checks += check_reference(group_name, group, now, model, signals)
+    return checks
+
+
+def tolerances_of(goldens: Mapping[str, Any], overrides: Mapping[str, float | None]) -> Tolerances:
+    """The tolerances stored with the goldens, with any the command line overrides."""
+    stored = Tolerances(**goldens["tolerances"])
+    return replace(stored, **{key: value for key, value in overrides.items() if value is not None})
+
+
+def verify_folder(folder: Path, target: str, device: str, goldens_path: Path | None = None,
+                  overrides: Mapping[str, float | None] | None = None, audio: Sequence[Path] = ()) -> VerifyReport:
+    """Manifest, strict load, then the golden outputs (and NeMo's reference when recorded)."""
+    use_device(device)
+    report = VerifyReport(target=target, device=device)
+    record = read_record(folder)
+    report.checks.append(check_manifest(folder, record))
+    load, model = check_load(folder)
+    report.checks.append(load)
+    path = goldens_path or folder / GOLDENS_FILE
+    try:
+        goldens = read_goldens(path)
+    except GoldensError as exc:
+        report.checks.append(Check("goldens", "error", str(exc), path.name))
+        return report
+    if model is None:
+        report.checks.append(Check("goldens", "skipped", "the folder does not load"))
+        return report
+    clips = load_clips(audio, model.config.preprocessor.sample_rate)
+    report.checks += verify_goldens(goldens, model, tolerances_of(goldens, overrides or {}), clips)
+    return report
+
+
+# --- verify --update ----------------------------------------------------------------------------------------
+
+
+def update_goldens(folder: Path, device: str, audio: Sequence[Path] = ()) -> list[str]:
+    """Record the folder's goldens again with this MLX and canary-convert; keep NeMo's reference; re-hash the
+    manifest entry. Returns what changed."""
+    use_device(device)
+    record = read_record(folder)
+    model = load_model(folder)
+    path = folder / GOLDENS_FILE
+    old = read_goldens(path) if path.is_file() else None
+    new = record_goldens(model, load_clips(audio, model.config.preprocessor.sample_rate), device=device)
+    if old is not None:
+        for name, group in old["groups"].items():
+            if "reference" in group and name in new["groups"]:
+                new["groups"][name]["reference"] = group["reference"]
+        new["digest"] = goldens_digest(new)
+    changes = (golden_changes(old, new) or ["nothing changed"]) if old is not None else ["no goldens before: recorded anew"]
+    partial = path.with_name(f".{path.name}.partial")
+    write_goldens(partial, new)
+    os.replace(partial, path)
+    record.setdefault("manifest", {})[GOLDENS_FILE] = hash_file(path).to_dict()
+    _replace_file(folder / CONVERSION_FILE, json.dumps(record, indent=2) + "\n")
+    return changes
+
+
+def golden_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """What differs between two golden files: versions, config, stage distances, token ids."""
+    changes = [f"made by {key} {old['made_by'].get(key)} -> {new['made_by'].get(key)}"
+               for key in ("canary_convert", "mlx", "device") if old["made_by"].get(key) != new["made_by"].get(key)]
+    changes += [f"config: {line}" for line in config_differences(old["config"], new["config"])]
+    for name, group in new["groups"].items():
+        before = old["groups"].get(name)
+        if before is None:
+            changes.append(f"{name}: new group")
+            continue
+        for stage in STAGES:
+            distance = stage_distance(stage, before["stages"][stage], group["stages"][stage])
+            if distance:
+                changes.append(f"{name}: {stage} moved by {distance:.2e}")
+        previous = {(json.dumps(d["prompt"], sort_keys=True), d["mode"]): d["tokens"] for d in before["decoding"]}
+        for decoded in group["decoding"]:
+            key = (json.dumps(decoded["prompt"], sort_keys=True), decoded["mode"])
+            if previous.get(key) != decoded["tokens"]:
+                changes.append(f"{name}: {_describe(decoded['prompt'], decoded['mode'])} tokens changed")
+    return changes
+
+
+def _replace_file(path: Path, text: str) -> None:
+    """Write beside, then rename over: a reader never sees half a file."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+# --- verify --against ---------------------------------------------------------------------------------------
+
+
+def _layers(folder: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a folder by parameter name, quantized layers dequantized to float32."""
+    config = json.loads((folder / "config.json").read_text())
+    weights: dict[str, mx.array] = {}
+    for file in weight_files(folder):
+        weights.update(mx.load(str(file)))
+    options = read_quantization(config["quantization"])[0] if config.get("quantization") else None
+    layers = {}
+    for key, value in weights.items():
+        if key.endswith((".scales", ".biases")):
+            continue
+        path = key.removesuffix(".weight")
+        if options is not None and f"{path}.scales" in weights:
+            value = mx.dequantize(value, weights[f"{path}.scales"], weights.get(f"{path}.biases"),
+                                  group_size=options.group_size, bits=options.bits, mode=options.mode)
+        layers[key] = np.array(value.astype(mx.float32))
+    return layers
+
+
+def compare_folders(first: Path, second: Path, target: str, device: str) -> VerifyReport:
+    """Tensor by tensor (quantized layers dequantized), config and goldens: did anything change?"""
+    use_device(device)
+    report = VerifyReport(target=target, device=device)
+    for folder in (first, second):
+        read_record(folder)
+    ours, theirs = _layers(first), _layers(second)
+    names = sorted(set(ours) | set(theirs))
+    differing = []
+    for key in names:
+        if key not in theirs or key not in ours:
+            differing.append(Check(f"tensor {key}", "fail", f"only in {first if key in ours else second}",
+                                   stage="weights"))
+        elif ours[key].shape != theirs[key].shape:
+            differing.append(Check(f"tensor {key}", "fail", f"shape {ours[key].shape} vs {theirs[key].shape}",
+                                   stage="weights"))
+        elif not np.array_equal(ours[key], theirs[key]):
+            a, b = ours[key], theirs[key]
+            relative = float(np.linalg.norm(a - b) / max(float(np.linalg.norm(a)), 1e-30))
+            differing.append(Check(f"tensor {key}", "fail", f"max |Δ| {np.abs(a - b).max():.2e}, relative L2 "
+                                   f"{relative:.2e}", stage="weights"))
+    report.checks.append(Check("tensors", "fail" if differing else "pass",
+                               f"{len(names) - len(differing)} of {len(names)} tensors identical", stage="weights"))
+    report.checks += differing
+    config_changes = config_differences(json.loads((first / "config.json").read_text()),
+                                        json.loads((second / "config.json").read_text()))
+    report.checks.append(Check("config", "fail" if config_changes else "pass",
+                               "; ".join(config_changes) or "config.json identical", "config.json", "config"))
+    paths = [folder / GOLDENS_FILE for folder in (first, second)]
+    if all(path.is_file() for path in paths):
+        changes = golden_changes(read_goldens(paths[0]), read_goldens(paths[1]))
+        meaningful = [c for c in changes if not c.startswith("made by")]
+        report.checks.append(Check("goldens", "fail" if meaningful else "pass", "; ".join(changes) or "identical",
+                                   GOLDENS_FILE))
+    return report
