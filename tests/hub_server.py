@@ -17,15 +17,49 @@ Both servers bind 127.0.0.1 only and record every request (method, path, headers
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from types import TracebackType
 from urllib.parse import unquote
 
 _RESOLVE = re.compile(r"^/(?P<owner>[^/]+)/(?P<name>[^/]+)/resolve/(?P<revision>[^/]+)/(?P<filename>.+)$")
 _BLOB = re.compile(r"^/blobs/(?P<sha256>[0-9a-f]{64})$")
+
+
+_DROPPED_ENV_PREFIXES = ("HF_", "HUGGING_FACE_", "HUGGINGFACE_")
+_DROPPED_ENV = {"TRANSFORMERS_OFFLINE", "DO_NOT_TRACK", "DISABLE_TELEMETRY", "XDG_CACHE_HOME"}
+_PROXY_ENV = {"http_proxy", "https_proxy", "all_proxy", "no_proxy"}
+
+
+def loopback_env(hf_home: Path, endpoint: str, *, offline: bool = False, token: str | None = None) -> dict[str, str]:
+    """The environment of a child process whose huggingface_hub talks to `endpoint` (a 127.0.0.1 url) only.
+
+    Every HF_*/proxy variable of the caller is dropped (no stored token: HF_HOME is `hf_home`), Xet is off so
+    uploads use plain Git LFS, and progress bars, telemetry and update checks are off.
+    """
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(_DROPPED_ENV_PREFIXES) and key not in _DROPPED_ENV and key.lower() not in _PROXY_ENV
+    }
+    env.update(
+        HF_HOME=str(hf_home),
+        HF_ENDPOINT=endpoint,
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_DISABLE_XET="1",
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+        HF_HUB_DISABLE_UPDATE_CHECK="1",
+        NO_PROXY="127.0.0.1,localhost",
+    )
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    if token is not None:
+        env["HF_TOKEN"] = token
+    return env
 
 
 def git_blob_sha1(content: bytes) -> str:
