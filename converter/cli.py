@@ -36,6 +36,7 @@ from .convert import Conversion, ConvertOptions, convert, plan_only
 from .errors import CanaryConvertError, UsageError
 from .parity import ParityError, ParityReport
 from .quantize import QuantizationError, module_path, quantize_options
+from .upload import UploadOptions, upload
 
 console = Console(stderr=True)
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -285,9 +286,40 @@ def transcribe_command(
         typer.echo(result.text if len(results) == 1 else f"{result.source}\t{result.text}")
 
 
+upload_app = typer.Typer(add_completion=False, help="Publish a converted MLX folder to the Hugging Face Hub.")
+
+
+@upload_app.command()
+def upload_command(
+    out: Annotated[Path, typer.Argument(help="A folder written by canary-convert.")],
+    repo_id: Annotated[str, typer.Argument(metavar="ORG/NAME", help="The Hub model repo; created when absent.")],
+    private: Annotated[bool, typer.Option("--private", help="Create the repo private; refuse an existing public one.")] = False,
+    revision: Annotated[Optional[str], typer.Option(help="Commit to this branch, created from main when absent.")] = None,
+) -> None:
+    """Upload OUT to ORG/NAME in one commit, once OUT matches its manifest, passed validation and names a licence."""
+    _exit_on_sigterm()
+    try:
+        publish(out, UploadOptions(repo_id, private=private, revision=revision))
+    except CanaryConvertError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        console.print(f"[bold red]interrupted:[/bold red] the upload to {repo_id} did not finish")
+        raise typer.Exit(130) from None
+
+
+def publish(folder: Path, options: UploadOptions) -> None:
+    """Upload `folder` with its steps on stderr and the commit on stdout; raises UploadError (see upload.py).
+
+    The convert command calls this for `--upload-repo` once the conversion succeeded.
+    """
+    result = upload(folder, options, on_step=lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True))
+    typer.echo(f"uploaded {folder} -> {result.repo_id}@{result.revision}: {len(result.files)} files over "
+               f"{result.transport}, commit {result.commit[:12]} ({result.commit_url})")
+
+
 # `canary-convert NAME ...` for these names runs the subcommand; anything else is a SOURCE to convert
 # (a local folder that happens to share a subcommand's name is reached as ./NAME).
-SUBCOMMANDS: dict[str, typer.Typer] = {}
+SUBCOMMANDS: dict[str, typer.Typer] = {"upload": upload_app}
 
 
 def main() -> None:

@@ -9,7 +9,6 @@ huggingface_hub reads HF_ENDPOINT, HF_HUB_OFFLINE and HF_HOME when it is importe
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -93,14 +92,6 @@ def hf_home(tmp_path: Path) -> Path:
     home = tmp_path / "hf-home"
     home.mkdir()
     return home
-
-
-@pytest.fixture
-def dead_endpoint() -> Iterator[str]:
-    """A 127.0.0.1 url whose port is bound but not listening: every connection is refused at once."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 @pytest.fixture
