@@ -343,6 +343,11 @@ class HubUploadServer:
         with self._state.lock:
             self._state.failures.append(Failure(route, status, code, message, skip, dict(headers or {})))
 
+    def recover(self) -> None:
+        """Answer every route normally again."""
+        with self._state.lock:
+            self._state.failures.clear()
+
     def close(self) -> None:
         for server, thread in ((self._hub, self._hub_thread), (self._storage, self._storage_thread)):
             server.shutdown()

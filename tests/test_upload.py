@@ -195,7 +195,7 @@ def test_unknown_repo_is_404(converted: Path, hub: HubUploadServer, tmp_path: Pa
 
 def test_storage_failure_mid_upload_says_what_was_stored(folder: Path, hub: HubUploadServer, tmp_path: Path) -> None:
     """The second large file's PUT keeps failing (503, retried by huggingface_hub): the first one is in storage,
-    the rest is not, and no commit was made."""
+    the rest is not, and no commit was made. Run again, the upload finishes without sending the first again."""
     hub.fail("storage-put", 503, "Slow Down", skip=1, headers={"Retry-After": "0"})
     first = large_files(folder)[0]
 
@@ -205,8 +205,16 @@ def test_storage_failure_mid_upload_says_what_was_stored(folder: Path, hub: HubU
                  f"large files stored before the failure: {first};", "no commit was made")
     not_uploaded = result.stderr.split("not uploaded: ", 1)[1].split(";", 1)[0].split(", ")
     assert sorted(not_uploaded) == sorted({*manifest_of(folder), CONVERSION_FILE} - {first})
-    assert list(hub.stored) == [manifest_of(folder)[first].sha256.removeprefix("sha256:")]
+    first_oid = manifest_of(folder)[first].sha256.removeprefix("sha256:")
+    assert list(hub.stored) == [first_oid]
     assert len(hub.repo(REPO_ID).branches["main"]) == 1
+
+    hub.recover()
+    again = upload_cli(folder, hub.url, tmp_path / "hf")
+
+    assert again.returncode == 0, again.stderr
+    assert set(hub.repo(REPO_ID).head().files) == {*manifest_of(folder), CONVERSION_FILE, ".gitattributes"}
+    assert [r.path for r in hub.requests if r.server == "storage"].count(f"/upload/{first_oid}") == 1
 
 
 def test_commit_failure_leaves_the_repo_as_it_was(converted: Path, hub: HubUploadServer, tmp_path: Path) -> None:
