@@ -29,7 +29,6 @@ import base64
 import hashlib
 import json
 import re
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
