@@ -32,10 +32,10 @@ from huggingface_hub.utils._runtime import is_xet_available  # what huggingface_
 
 from . import __version__
 from .errors import UploadError, UploadRefusedError, UsageError
+from .card import CARD_FILE, UNKNOWN_LICENCE
 from .manifest import CONVERSION_FILE, FileRecord, manifest_problems
 
-CARD_FILE = "README.md"
-UNKNOWN_LICENCES = ("", "unknown")
+UNKNOWN_LICENCES = ("", UNKNOWN_LICENCE)
 LOGIN_HINT = "set HF_TOKEN to a token with write access, or run `hf auth login`"
 
 
@@ -106,13 +106,15 @@ def _read_record(folder: Path) -> dict[str, Any]:
     return record
 
 
+def _passed(check: Any) -> bool:
+    return isinstance(check, dict) and check.get("passed") is True
+
+
 def _check_results(folder: Path, record: Mapping[str, Any]) -> None:
-    """Validation always ran (strict load, exact round trip); parity only with --parity."""
-    validation = record.get("validation")
-    if not isinstance(validation, dict) or validation.get("strict_load") != "ok" or validation.get("round_trip") != "exact":
+    """Validation always runs (strict load, exact round trip); parity only with --parity."""
+    if not _passed(record.get("validation")):
         raise _refuse(folder, f"{CONVERSION_FILE} does not record a passed validation (strict load, exact round trip)")
-    parity = record.get("parity")
-    if parity is not None and not (isinstance(parity, dict) and parity.get("passed") is True):
+    if record.get("parity") is not None and not _passed(record["parity"]):
         raise _refuse(folder, f"{CONVERSION_FILE} records a parity check with NeMo that did not pass")
 
 

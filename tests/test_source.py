@@ -163,6 +163,21 @@ def test_cli_answers_at_once_when_the_hub_refuses(hf_home: Path, dead_endpoint: 
     assert seconds < 10
 
 
+def test_cli_with_a_cached_checkpoint_does_not_wait_for_the_card(
+    hf_home: Path, dead_endpoint: str, tmp_path: Path, checkpoint: Path
+) -> None:
+    """The .nemo cached, the Hub out of reach and its model card not cached: the conversion goes on at once
+    with an unknown licence, no retry backoff for the card either (a guard, not a benchmark)."""
+    seed_cache(hf_home, REPO_ID, FILENAME, checkpoint.read_bytes(), commit_id("cached checkpoint"))
+    started = time.monotonic()
+    result = run_cli(REPO_ID, str(tmp_path / "mlx"), env=loopback_env(hf_home, dead_endpoint))
+    seconds = time.monotonic() - started
+
+    assert result.returncode == 0, result.stderr
+    assert "license: unknown" in (tmp_path / "mlx" / "README.md").read_text()
+    assert seconds < 10
+
+
 def test_unreachable_hub_falls_back_to_cache(hf_home: Path, dead_endpoint: str) -> None:
     """Connection refused but the file cached: the cached snapshot, without waiting for retries."""
     commit = commit_id("fallback")

@@ -1,7 +1,8 @@
 """`canary-convert upload`: the real huggingface_hub client, end to end, against a loopback Hub over Git LFS.
 
-Folders come from the real converter on a NeMo-built checkpoint. Every run goes through the CLI in a child
-process whose environment reaches 127.0.0.1 only (`loopback_env`: Xet off, HF_HOME empty, HF_TOKEN as given).
+Folders (model card included) come from the real converter on a NeMo-built checkpoint. Every run goes through
+the CLI in a child process whose environment reaches 127.0.0.1 only (`loopback_env`: Xet off, HF_HOME empty,
+HF_TOKEN as given).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 
 from canary_convert import __version__
 from canary_convert.convert import ConvertOptions, convert
-from canary_convert.manifest import CONVERSION_FILE, FileRecord, build_manifest
+from canary_convert.manifest import CONVERSION_FILE, FileRecord
 from conftest import run_cli
 from hub_server import loopback_env
 from hub_upload_server import HubUploadServer, is_lfs
@@ -25,37 +26,21 @@ from hub_upload_server import HubUploadServer, is_lfs
 TOKEN = "hf_uploadtoken0123456789"
 ORG = "canary-org"
 REPO_ID = f"{ORG}/tiny-canary-mlx"
-CARD = """---
-license: {licence}
-library_name: mlx
-base_model: nvidia/canary-1b
-pipeline_tag: automatic-speech-recognition
-tags: [mlx, canary, speech, asr]
----
-
-# tiny canary (MLX)
-"""
-
-
-def write_card(folder: Path, licence: str) -> None:
-    """A model card as OUT carries one, recorded in the manifest like every file of OUT."""
-    (folder / "README.md").write_text(CARD.format(licence=licence), encoding="utf-8")
-    record = json.loads((folder / CONVERSION_FILE).read_text())
-    record["manifest"] = {name: entry.to_dict() for name, entry in build_manifest(folder).items()}
-    (folder / CONVERSION_FILE).write_text(json.dumps(record, indent=2))
-
-
 def manifest_of(folder: Path) -> dict[str, FileRecord]:
     record = json.loads((folder / CONVERSION_FILE).read_text())
     return {name: FileRecord.from_dict(entry) for name, entry in record["manifest"].items()}
 
 
+def _convert(checkpoint: Path, out: Path, options: ConvertOptions) -> Path:
+    folder = convert(str(checkpoint), out, options).out
+    assert folder is not None
+    return folder
+
+
 @pytest.fixture(scope="module")
 def converted(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = convert(str(checkpoint), tmp_path_factory.mktemp("upload") / "mlx", ConvertOptions()).out
-    assert out is not None
-    write_card(out, "cc-by-4.0")
-    return out
+    options = ConvertOptions(license="cc-by-4.0", base_model="nvidia/canary-1b")
+    return _convert(checkpoint, tmp_path_factory.mktemp("upload") / "mlx", options)
 
 
 @pytest.fixture
@@ -259,8 +244,7 @@ def _flip_a_weight_bit(folder: Path) -> None:
     (_edit_record("validation", None), "does not record a passed validation"),
     (_edit_record("parity", {"passed": False}), "records a parity check with NeMo that did not pass"),
     (_flip_a_weight_bit, "changed since the conversion: model.safetensors: sha256 differs from the manifest"),
-    (lambda folder: write_card(folder, "unknown"), "README.md names no licence (license: unknown)"),
-], ids=["no-conversion-json", "failed-validation", "failed-parity", "changed-file", "unknown-licence"])
+], ids=["no-conversion-json", "failed-validation", "failed-parity", "changed-file"])
 def test_unfit_folder_is_refused_before_any_request(
     folder: Path, hub: HubUploadServer, tmp_path: Path, spoil: Callable[[Path], None], expected: str
 ) -> None:
@@ -269,6 +253,16 @@ def test_unfit_folder_is_refused_before_any_request(
     result = upload_cli(folder, hub.url, tmp_path / "hf")
 
     assert_fails(result, f"{folder}: ", expected, "nothing was uploaded")
+    assert hub.requests == []
+
+
+def test_unknown_licence_is_refused(checkpoint: Path, hub: HubUploadServer, tmp_path: Path) -> None:
+    """A local .nemo converted without --license gets `license: unknown` on its card: never published silently."""
+    folder = _convert(checkpoint, tmp_path / "mlx", ConvertOptions())
+
+    result = upload_cli(folder, hub.url, tmp_path / "hf")
+
+    assert_fails(result, f"{folder}: README.md names no licence (license: unknown)", "--license", "nothing was uploaded")
     assert hub.requests == []
 
 
