@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import mlx.core as mx
 import typer
@@ -35,10 +35,13 @@ from rich.text import Text
 from tqdm.auto import tqdm
 
 from . import __version__
-from .convert import Conversion, ConvertOptions, convert, plan_only
 from .errors import CanaryConvertError, UsageError
 from .parity import ParityError, ParityReport
-from .quantize import QuantizationError, module_path, quantize_options
+from .upload import UploadOptions, require_token, upload
+
+if TYPE_CHECKING:  # the conversion pulls in torch: imported when a conversion runs, never for transcription
+    from .convert import Conversion
+    from .quantize import QuantizationError
 
 console = Console(stderr=True)
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -115,6 +118,8 @@ def _progress() -> Progress:
 
 
 def _plan_rows(conversion: Conversion) -> list[tuple[str, str, str, str]]:
+    from .quantize import module_path
+
     rows = []
     quantization = conversion.quantization
     for tensor in conversion.plan.tensors:
@@ -186,9 +191,15 @@ def convert_command(
     base_model: Annotated[Optional[str], typer.Option(help="The Hub repo a local SOURCE came from, for the model card.")] = None,
     parity: Annotated[bool, typer.Option("--parity", help="Also compare with NeMo itself (needs nemo-toolkit).")] = False,
     parity_audio: Annotated[Optional[list[Path]], typer.Option(help="Extra audio for --parity (repeatable).")] = None,
+    upload_repo: Annotated[Optional[str], typer.Option(metavar="ORG/NAME", help="After a successful conversion, publish OUT to this Hub repo.")] = None,
+    private: Annotated[bool, typer.Option("--private", help="With --upload-repo: create the repo private.")] = False,
+    upload_revision: Annotated[Optional[str], typer.Option(help="With --upload-repo: commit to this branch.")] = None,
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
 ) -> None:
     """Convert SOURCE into the MLX folder OUT, then validate it (strict load and exact round trip)."""
+    from .convert import ConvertOptions, convert, plan_only
+    from .quantize import quantize_options
+
     if version:
         typer.echo(f"canary-convert {__version__}")
         return
@@ -197,7 +208,8 @@ def convert_command(
         options = ConvertOptions(dtype=dtype, revision=revision, force=force, max_shard_bytes=parse_size(max_shard_size),
                                  parity=parity, parity_audio=tuple(parity_audio or ()),
                                  quantize=quantize_options(quantize, q_group_size, q_mode), license=license,
-                                 base_model=base_model)
+                                 base_model=base_model, upload_repo=upload_repo)
+        publishing = _upload_options(upload_repo, private, upload_revision, dry_run)
         if dry_run:
             with _progress() as progress:
                 conversion = plan_only(source, options, RichReporter(progress))
@@ -233,6 +245,24 @@ def convert_command(
         typer.echo(f"note: {note}")
     if conversion.parity is not None:
         _print_parity(conversion.parity)
+    if publishing is not None:
+        try:
+            publish(out, publishing)
+        except CanaryConvertError as exc:
+            _fail(exc)
+
+
+def _upload_options(repo_id: str | None, private: bool, revision: str | None, dry_run: bool) -> UploadOptions | None:
+    """--upload-repo and its companions, checked (and the login found) before a long conversion starts."""
+    if repo_id is None:
+        if private or revision:
+            raise UsageError("--private and --upload-revision need --upload-repo ORG/NAME")
+        return None
+    if dry_run:
+        raise UsageError("--upload-repo publishes a conversion; --dry-run writes nothing to publish")
+    options = UploadOptions(repo_id, private=private, revision=revision)
+    require_token()
+    return options
 
 
 def _print_quantization_errors(errors: list[QuantizationError], shown: int = 5) -> None:
@@ -345,9 +375,40 @@ def verify_command(
     raise typer.Exit(report.exit_code)
 
 
+upload_app = typer.Typer(add_completion=False, help="Publish a converted MLX folder to the Hugging Face Hub.")
+
+
+@upload_app.command()
+def upload_command(
+    out: Annotated[Path, typer.Argument(help="A folder written by canary-convert.")],
+    repo_id: Annotated[str, typer.Argument(metavar="ORG/NAME", help="The Hub model repo; created when absent.")],
+    private: Annotated[bool, typer.Option("--private", help="Create the repo private; refuse an existing public one.")] = False,
+    revision: Annotated[Optional[str], typer.Option(help="Commit to this branch, created from main when absent.")] = None,
+) -> None:
+    """Upload OUT to ORG/NAME in one commit, once OUT matches its manifest, passed validation and names a licence."""
+    _exit_on_sigterm()
+    try:
+        publish(out, UploadOptions(repo_id, private=private, revision=revision))
+    except CanaryConvertError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        console.print(f"[bold red]interrupted:[/bold red] the upload to {repo_id} did not finish")
+        raise typer.Exit(130) from None
+
+
+def publish(folder: Path, options: UploadOptions) -> None:
+    """Upload `folder` with its steps on stderr and the commit on stdout; raises UploadError (see upload.py).
+
+    The convert command calls this for `--upload-repo` once the conversion succeeded.
+    """
+    result = upload(folder, options, on_step=lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True))
+    typer.echo(f"uploaded {folder} -> {result.repo_id}@{result.revision}: {len(result.files)} files over "
+               f"{result.transport}, commit {result.commit[:12]} ({result.commit_url})")
+
+
 # `canary-convert NAME ...` for these names runs the subcommand; anything else is a SOURCE to convert
 # (a local folder that happens to share a subcommand's name is reached as ./NAME).
-SUBCOMMANDS: dict[str, typer.Typer] = {"verify": verify_app}
+SUBCOMMANDS: dict[str, typer.Typer] = {"upload": upload_app, "verify": verify_app}
 
 
 def main() -> None:

@@ -75,6 +75,7 @@ class ConvertOptions:
     quantize: QuantizeOptions | None = None
     license: str | None = None  # the model card's licence, when the source's own card cannot say
     base_model: str | None = None  # the Hub repo the source came from, when converting a local file
+    upload_repo: str | None = None  # where the folder will be published (the card's usage shows it)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -88,7 +89,7 @@ class ConvertOptions:
         return {"dtype": self.dtype, "revision": self.revision, "max_shard_bytes": self.max_shard_bytes,
                 "parity": self.parity, "parity_audio": [str(path) for path in self.parity_audio],
                 "quantize": self.quantize.to_dict() if self.quantize else None, "license": self.license,
-                "base_model": self.base_model}
+                "base_model": self.base_model, "upload_repo": self.upload_repo}
 
     def command(self, source: str, out: str) -> str:
         """The `canary-convert` command line these options come from (for the model card)."""
@@ -108,6 +109,8 @@ class ConvertOptions:
             words += ["--license", self.license]
         if self.base_model:
             words += ["--base-model", self.base_model]
+        if self.upload_repo:
+            words += ["--upload-repo", self.upload_repo]
         return shlex.join(words)
 
 
@@ -209,7 +212,7 @@ def _card(conversion: Conversion, options: ConvertOptions, record: dict[str, Any
     languages = load_tokenizer(staging, config.tokenizer).languages
     return render_card(CardFacts(record=record, config=config.to_dict(), folder=folder, summary=preset.summary,
                                  languages=languages, licence=licence, command=options.command(source_arg, folder),
-                                 parity=conversion.parity))
+                                 repo_id=options.upload_repo, parity=conversion.parity))
 
 
 def _provenance(conversion: Conversion, options: ConvertOptions) -> dict[str, Any]:

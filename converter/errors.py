@@ -68,3 +68,12 @@ class ValidationError(CanaryConvertError):
     """The converted folder does not load strictly or does not reproduce the source."""
 
     exit_code = EXIT_VALIDATION
+
+
+class UploadError(CanaryConvertError):
+    """Publishing to the Hugging Face Hub failed; the message says what reached the Hub and what did not."""
+
+
+class UploadRefusedError(UploadError):
+    """The folder is not fit to publish (no conversion.json, failed validation, changed files, unknown licence);
+    nothing was sent."""

@@ -15,13 +15,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import httpx2  # huggingface_hub 2.x's transport; a connection lost mid-download surfaces as its error
-from huggingface_hub import ModelCard, hf_hub_download, snapshot_download
+from huggingface_hub import (
+    ModelCard,
+    get_hf_file_metadata,
+    hf_hub_download,
+    hf_hub_url,
+    snapshot_download,
+    try_to_load_from_cache,
+)
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
     HfHubHTTPError,
     HFValidationError,
     LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
@@ -116,10 +124,29 @@ def _download(repo_id: str, revision: str | None, tqdm_class: Any) -> ResolvedSo
     request = _HubRequest(repo_id, revision, "the file",
                           f"download {filename} elsewhere and pass its path: canary-convert ./{filename} OUT", filename)
     with _hub_errors(request):
-        local = Path(hf_hub_download(repo_id, filename, revision=revision, tqdm_class=tqdm_class))
+        local = _hub_download(repo_id, filename, revision, tqdm_class)
     # The cache keeps files at .../snapshots/<commit>/<filename>.
     commit = local.parent.name if local.parent.parent.name == "snapshots" else None
     return ResolvedSource(kind="hub", path=local, repo_id=repo_id, revision=revision, commit=commit)
+
+
+def _hub_download(repo_id: str, filename: str, revision: str | None, tqdm_class: Any = None) -> Path:
+    """`hf_hub_download`, except that a file the cache lacks is first asked for once, without retries.
+
+    When its first HEAD fails and nothing is cached, huggingface_hub 2.4 asks again with retries: 1+2+4+8+8 s
+    of backoff (each attempt may wait 60 s), about 23 s before it gives up on a refused connection or an
+    unknown host. A Hub that answers at all, even with an error, is reachable: hf_hub_download then reports
+    that answer (or retries a 5xx) as usual. A cached file needs no probe: huggingface_hub falls back to it
+    at once. An unreachable Hub raises what hf_hub_download raises then, LocalEntryNotFoundError.
+    """
+    if not isinstance(try_to_load_from_cache(repo_id, filename, revision=revision), str):
+        try:
+            get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision))
+        except (httpx2.ConnectError, httpx2.TimeoutException, OfflineModeIsEnabled) as exc:
+            raise LocalEntryNotFoundError(f"{repo_id}/{filename} is not cached and the Hub cannot be reached: {exc}") from None
+        except HfHubHTTPError:
+            pass
+    return Path(hf_hub_download(repo_id, filename, revision=revision, tqdm_class=tqdm_class))
 
 
 def sha256_of(path: Path) -> str:
@@ -138,7 +165,7 @@ def source_card_licence(source: ResolvedSource) -> str | None:
     if source.kind != "hub" or source.repo_id is None:
         return None
     try:
-        card = ModelCard.load(hf_hub_download(source.repo_id, CARD_NAME, revision=source.commit or source.revision))
+        card = ModelCard.load(_hub_download(source.repo_id, CARD_NAME, source.commit or source.revision))
     except (HfHubHTTPError, LocalEntryNotFoundError, httpx2.HTTPError, OSError, ValueError):
         return None
     licence = card.data.get("license")

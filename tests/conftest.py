@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,6 +36,14 @@ def quantizable_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[st
 def checkpoint(checkpoints: dict[str, Path]) -> Path:
     """The default variant, for tests that need just one."""
     return checkpoints["canary-sub8"]
+
+
+@pytest.fixture
+def dead_endpoint() -> Iterator[str]:
+    """A 127.0.0.1 url whose port is bound but not listening: every connection is refused at once."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

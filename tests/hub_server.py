@@ -11,21 +11,56 @@ huggingface_hub 2.x reads (`file_download.get_hf_file_metadata`, `utils._http.hf
   an unknown file: `404` + `EntryNotFound` (with `X-Repo-Commit`, which the client uses to cache the miss).
 
 Both servers bind 127.0.0.1 only and record every request (method, path, headers) for the tests to check.
-`truncate_downloads` simulates a connection lost mid-download.
+`truncate_downloads` simulates a connection lost mid-download. `loopback_env` is the environment of a child
+process that must talk to such a server only; `hub_upload_server.py` answers uploads on the same plumbing.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from types import TracebackType
 from urllib.parse import unquote
 
 _RESOLVE = re.compile(r"^/(?P<owner>[^/]+)/(?P<name>[^/]+)/resolve/(?P<revision>[^/]+)/(?P<filename>.+)$")
 _BLOB = re.compile(r"^/blobs/(?P<sha256>[0-9a-f]{64})$")
+
+
+_DROPPED_ENV_PREFIXES = ("HF_", "HUGGING_FACE_", "HUGGINGFACE_")
+_DROPPED_ENV = {"TRANSFORMERS_OFFLINE", "DO_NOT_TRACK", "DISABLE_TELEMETRY", "XDG_CACHE_HOME"}
+_PROXY_ENV = {"http_proxy", "https_proxy", "all_proxy", "no_proxy"}
+
+
+def loopback_env(hf_home: Path, endpoint: str, *, offline: bool = False, token: str | None = None) -> dict[str, str]:
+    """The environment of a child process whose huggingface_hub talks to `endpoint` (a 127.0.0.1 url) only.
+
+    Every HF_*/proxy variable of the caller is dropped (no stored token: HF_HOME is `hf_home`), Xet is off so
+    uploads use plain Git LFS, and progress bars, telemetry and update checks are off.
+    """
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(_DROPPED_ENV_PREFIXES) and key not in _DROPPED_ENV and key.lower() not in _PROXY_ENV
+    }
+    env.update(
+        HF_HOME=str(hf_home),
+        HF_ENDPOINT=endpoint,
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_DISABLE_XET="1",
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+        HF_HUB_DISABLE_UPDATE_CHECK="1",
+        NO_PROXY="127.0.0.1,localhost",
+    )
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    if token is not None:
+        env["HF_TOKEN"] = token
+    return env
 
 
 def git_blob_sha1(content: bytes) -> str:
@@ -57,27 +92,35 @@ class HubRepo:
 class RecordedRequest:
     """One request as received: which server, method, path, and headers (lower-cased names)."""
 
-    server: str  # "hub" or "cdn"
+    server: str  # "hub", "cdn" or "storage"
     method: str
     path: str
     headers: dict[str, str]
 
 
 @dataclass
-class _State:
-    repos: dict[str, HubRepo] = field(default_factory=dict)
-    blobs: dict[str, bytes] = field(default_factory=dict)
+class RequestLog:
+    """What every loopback server shares between its handler threads: the requests received, under a lock."""
+
     requests: list[RecordedRequest] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    truncate_downloads: bool = False  # when set, a 200 answer to GET sends half its body and hangs up
+
+
+@dataclass
+class _State(RequestLog):
+    repos: dict[str, HubRepo] = field(default_factory=dict)
+    blobs: dict[str, bytes] = field(default_factory=dict)
     cdn_url: str = ""
-    truncate_downloads: bool = False
 
 
 class _Handler(BaseHTTPRequestHandler):
-    """Shared plumbing: record the request, then let the subclass pick status, headers and body."""
+    """Shared plumbing: read and record the request, then let the subclass pick status, headers and body
+    (`respond`, which finds the request body in `self.body`)."""
 
     server_name_tag = ""
-    state: _State
+    state: RequestLog
+    body: bytes = b""
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - signature from the base class
         """Keep test output quiet."""
@@ -88,7 +131,24 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server naming
         self._handle(send_body=True)
 
+    def do_POST(self) -> None:  # noqa: N802 - http.server naming
+        self._handle(send_body=True)
+
+    def do_PUT(self) -> None:  # noqa: N802 - http.server naming
+        self._handle(send_body=True)
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks = []
+            while size := int(self.rfile.readline().split(b";")[0], 16):
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+            self.rfile.readline()
+            return b"".join(chunks)
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
     def _handle(self, send_body: bool) -> None:
+        self.body = self._read_body()
         with self.state.lock:
             self.state.requests.append(
                 RecordedRequest(
@@ -104,7 +164,7 @@ class _Handler(BaseHTTPRequestHandler):
         for name, value in headers.items():
             self.send_header(name, value)
         self.end_headers()
-        if send_body and body and status == 200 and self.state.truncate_downloads:
+        if send_body and body and status == 200 and self.command == "GET" and self.state.truncate_downloads:
             # A connection lost mid-download: announce the full length, send half, hang up.
             self.wfile.write(body[: len(body) // 2])
             self.close_connection = True
@@ -169,7 +229,7 @@ def _error(status: int, code: str, message: str) -> tuple[int, dict[str, str], b
     return status, {"X-Error-Code": code, "X-Error-Message": message, "Content-Type": "application/json"}, body
 
 
-def _serve(handler: type[_Handler], state: _State) -> tuple[ThreadingHTTPServer, threading.Thread]:
+def _serve(handler: type[_Handler], state: RequestLog) -> tuple[ThreadingHTTPServer, threading.Thread]:
     bound = type(handler.__name__, (handler,), {"state": state})
     server = ThreadingHTTPServer(("127.0.0.1", 0), bound)
     server.daemon_threads = True

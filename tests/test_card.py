@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,21 +11,17 @@ from huggingface_hub import ModelCard
 
 from conftest import run_cli
 from hub_cache import seed_cache
-from hub_server import commit_id
+from hub_server import commit_id, loopback_env
 
 CARD = "README.md"
 
 
 @pytest.fixture
-def offline_hub(tmp_path: Path) -> Iterator[dict[str, str]]:
+def offline_hub(tmp_path: Path, dead_endpoint: str) -> dict[str, str]:
     """An environment whose Hub is a hand-built cache (HF_HUB_OFFLINE) and a refused loopback endpoint."""
     home = tmp_path / "hf-home"
     home.mkdir()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        env = {key: value for key, value in os.environ.items() if not key.startswith("HF_")}
-        env.update(HF_HOME=str(home), HF_HUB_OFFLINE="1", HF_ENDPOINT=f"http://127.0.0.1:{sock.getsockname()[1]}")
-        yield env
+    return loopback_env(home, dead_endpoint, offline=True)
 
 
 def _card(folder: Path) -> ModelCard:

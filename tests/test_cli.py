@@ -55,8 +55,8 @@ def test_converts_every_variant(checkpoints: dict[str, Path], tmp_path: Path, va
     assert all((out / path).is_file() for path in tokenizer_files)
     model = load_model(out)  # strict: every parameter present with its shape
     assert model.config.family == record["family"]
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "conversion.json", "model.safetensors",
-                                                   "tokenizer"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "conversion.json", "goldens.json",
+                                                   "model.safetensors", "tokenizer"]
 
 
 def test_dry_run_prints_the_whole_plan_and_writes_nothing(checkpoint: Path, tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from canary_convert.convert import ConvertOptions, convert
 from canary_convert.model.quantized import QuantizeOptions
 from canary_convert.model.audio_io import load_audio
 from canary_convert.parity import compare_tokens, restore_nemo
-from conftest import REPO
+from conftest import REPO, run_cli
 
 EXAMPLE = REPO / "examples" / "tiny-canary"
 RECORDS = json.loads((EXAMPLE / "references.json").read_text())
@@ -64,3 +64,15 @@ def test_the_model_listens_and_honours_pnc() -> None:
     # Different clips get different transcripts, and pnc on/off changes the text as the labels do.
     assert len({record["nemo_nopnc"] for record in RECORDS}) > len(RECORDS) // 2
     assert any(record["nemo_pnc"] != record["nemo_nopnc"] for record in RECORDS)
+
+
+def test_a_fresh_conversion_matches_the_committed_goldens(converted: dict[str, Path], tmp_path: Path) -> None:
+    # examples/tiny-canary/goldens.json was recorded once (with --parity, so NeMo's outputs are its reference); a
+    # change to the bundled model's numerics, to MLX or to the converter fails here with the stage named.
+    report = tmp_path / "report.json"
+    result = run_cli("verify", str(converted["float32"]), "--goldens", str(EXAMPLE / "goldens.json"),
+                     "--json", str(report))
+    checks = json.loads(report.read_text())["checks"]
+    assert result.returncode == 0, [c for c in checks if c["status"] != "pass"]
+    assert {"test-signals: NeMo reference, encoder", "test-signals: NeMo reference, greedy tokens",
+            "test-signals: translate en->de beam4 tokens"} <= {c["name"] for c in checks}

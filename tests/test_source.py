@@ -9,10 +9,9 @@ huggingface_hub reads HF_ENDPOINT, HF_HUB_OFFLINE and HF_HOME when it is importe
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,9 @@ import pytest
 
 from canary_convert.errors import HubUnreachableError, SourceError
 from canary_convert.source import hub_filename, resolve_source
+from conftest import run_cli
 from hub_cache import repo_cache, seed_cache
-from hub_server import HubServer, commit_id, git_blob_sha1
+from hub_server import HubServer, commit_id, loopback_env
 
 REPO_ID = "owner/tiny-canary"
 FILENAME = "tiny-canary.nemo"  # hub_filename(REPO_ID)
@@ -48,10 +48,6 @@ out["sleeps"] = sleeps
 print(json.dumps(out))
 """
 
-_DROPPED_ENV_PREFIXES = ("HF_", "HUGGING_FACE_", "HUGGINGFACE_")
-_DROPPED_ENV = {"TRANSFORMERS_OFFLINE", "DO_NOT_TRACK", "DISABLE_TELEMETRY", "XDG_CACHE_HOME"}
-_PROXY_ENV = {"http_proxy", "https_proxy", "all_proxy", "no_proxy"}
-
 
 class ResolverCrashed(Exception):
     """`resolve_source` let a non-SourceError escape (the CLI would show a traceback)."""
@@ -68,24 +64,7 @@ def resolve_in_subprocess(
     no_sleep: bool = False,
 ) -> dict[str, Any]:
     """Run `resolve_source` in a fresh interpreter; return `{"provenance": ...}` or `{"error", "message"}`."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(_DROPPED_ENV_PREFIXES) and key not in _DROPPED_ENV and key.lower() not in _PROXY_ENV
-    }
-    env.update(
-        HF_HOME=str(hf_home),
-        HF_ENDPOINT=endpoint,
-        HF_HUB_DISABLE_TELEMETRY="1",
-        HF_HUB_DISABLE_XET="1",
-        HF_HUB_DISABLE_PROGRESS_BARS="1",
-        HF_HUB_DISABLE_UPDATE_CHECK="1",
-        NO_PROXY="127.0.0.1,localhost",
-    )
-    if offline:
-        env["HF_HUB_OFFLINE"] = "1"
-    if token is not None:
-        env["HF_TOKEN"] = token
+    env = loopback_env(hf_home, endpoint, offline=offline, token=token)
     args = {"source": source, "revision": revision, "no_sleep": no_sleep}
     done = subprocess.run(
         [sys.executable, "-c", _RESOLVE_SCRIPT, json.dumps(args)],
@@ -113,14 +92,6 @@ def hf_home(tmp_path: Path) -> Path:
     home = tmp_path / "hf-home"
     home.mkdir()
     return home
-
-
-@pytest.fixture
-def dead_endpoint() -> Iterator[str]:
-    """A 127.0.0.1 url whose port is bound but not listening: every connection is refused at once."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 @pytest.fixture
@@ -171,10 +142,40 @@ def test_offline_not_cached_is_hub_unreachable(hf_home: Path, dead_endpoint: str
 
 
 def test_unreachable_hub_not_cached_is_hub_unreachable(hf_home: Path, dead_endpoint: str) -> None:
-    """Connection refused and nothing cached: HubUnreachableError (after huggingface_hub's retries)."""
+    """Connection refused and nothing cached: HubUnreachableError at once, without huggingface_hub's retries."""
     result = resolve_in_subprocess(REPO_ID, hf_home=hf_home, endpoint=dead_endpoint, no_sleep=True)
 
     assert_unreachable(result)
+    assert result["sleeps"] == []
+
+
+def test_cli_answers_at_once_when_the_hub_refuses(hf_home: Path, dead_endpoint: str, tmp_path: Path) -> None:
+    """`canary-convert owner/name OUT` with the Hub out of reach and nothing cached: exit 1, the local-file hint,
+    and no retry backoff (huggingface_hub alone waits about 23 s; the bound is a guard, not a benchmark)."""
+    started = time.monotonic()
+    result = run_cli(REPO_ID, str(tmp_path / "mlx"), env=loopback_env(hf_home, dead_endpoint))
+    seconds = time.monotonic() - started
+
+    assert result.returncode == 1, result.stderr
+    assert f"{REPO_ID}/{FILENAME}: the Hugging Face Hub cannot be reached" in result.stderr
+    assert f"canary-convert ./{FILENAME} OUT" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "mlx").exists()
+    assert seconds < 10
+
+
+def test_cli_with_a_cached_checkpoint_does_not_wait_for_the_card(
+    hf_home: Path, dead_endpoint: str, tmp_path: Path, checkpoint: Path
+) -> None:
+    """The .nemo cached, the Hub out of reach and its model card not cached: the conversion goes on at once
+    with an unknown licence, no retry backoff for the card either (a guard, not a benchmark)."""
+    seed_cache(hf_home, REPO_ID, FILENAME, checkpoint.read_bytes(), commit_id("cached checkpoint"))
+    started = time.monotonic()
+    result = run_cli(REPO_ID, str(tmp_path / "mlx"), env=loopback_env(hf_home, dead_endpoint))
+    seconds = time.monotonic() - started
+
+    assert result.returncode == 0, result.stderr
+    assert "license: unknown" in (tmp_path / "mlx" / "README.md").read_text()
+    assert seconds < 10
 
 
 def test_unreachable_hub_falls_back_to_cache(hf_home: Path, dead_endpoint: str) -> None:
@@ -194,7 +195,7 @@ def test_unreachable_hub_falls_back_to_cache(hf_home: Path, dead_endpoint: str) 
 
 @pytest.mark.parametrize("lfs", [False, True], ids=["regular", "lfs"])
 def test_download_then_offline_cache_hit(hf_home: Path, hub: HubServer, lfs: bool) -> None:
-    """First resolve downloads byte-identical content; offline and pinned resolves then hit the cache only."""
+    """First resolve probes, then downloads byte-identical content; offline and pinned resolves hit the cache only."""
     repo = hub.add_repo(REPO_ID, {FILENAME: CONTENT, "README.md": b"# tiny\n"}, lfs=lfs)
     folder = repo_cache(hf_home, REPO_ID)
     expected_path = folder / "snapshots" / repo.commit / FILENAME
@@ -211,7 +212,8 @@ def test_download_then_offline_cache_hit(hf_home: Path, hub: HubServer, lfs: boo
     resolve_url = f"/{REPO_ID}/resolve/main/{FILENAME}"
     download_url = f"/blobs/{repo.etag(FILENAME)}" if lfs else resolve_url
     assert [(r.server, r.method, r.path) for r in hub.requests] == [
-        ("hub", "HEAD", resolve_url),
+        ("hub", "HEAD", resolve_url),  # the unretried probe: is the Hub there at all?
+        ("hub", "HEAD", resolve_url),  # hf_hub_download's own metadata request
         ("cdn" if lfs else "hub", "GET", download_url),
     ]
     assert all("authorization" not in r.headers for r in hub.requests)
@@ -248,7 +250,7 @@ def test_hf_token_is_sent_as_bearer(hf_home: Path, hub: HubServer, lfs: bool) ->
     assert result["provenance"]["commit"] == repo.commit
     hub_requests = [r for r in hub.requests if r.server == "hub"]
     cdn_requests = [r for r in hub.requests if r.server == "cdn"]
-    assert [r.method for r in hub_requests] == (["HEAD"] if lfs else ["HEAD", "GET"])
+    assert [r.method for r in hub_requests] == (["HEAD", "HEAD"] if lfs else ["HEAD", "HEAD", "GET"])
     assert [r.headers.get("authorization") for r in hub_requests] == [f"Bearer {TOKEN}"] * len(hub_requests)
     assert [r.method for r in cdn_requests] == (["GET"] if lfs else [])
     assert all("authorization" not in r.headers for r in cdn_requests)

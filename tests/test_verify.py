@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
+import subprocess
+import sys
 from importlib import resources
 from pathlib import Path
 from xml.etree import ElementTree
@@ -12,16 +15,17 @@ import jsonschema
 import mlx.core as mx
 import numpy as np
 import pytest
+import yaml
 
 from canary_convert.convert import ConvertOptions, convert
 from canary_convert.goldens import GOLDENS_FILE, goldens_digest
 from canary_convert.manifest import hash_file
 from canary_convert.model.quantized import QuantizeOptions
 from canary_convert.verify import REPORT_SCHEMA_FILE, verify_folder
-from conftest import run_cli
+from conftest import REPO, run_cli
 from factory import QUANTIZABLE_VARIANTS, VARIANTS
 from hub_cache import seed_cache
-from hub_server import commit_id
+from hub_server import commit_id, loopback_env
 
 SCHEMA = json.loads((resources.files("canary_convert.schemas") / REPORT_SCHEMA_FILE).read_text())
 WEIGHTS = "model.safetensors"
@@ -237,13 +241,12 @@ def test_update_records_again_and_says_what_changed(converted: Path, tmp_path: P
     assert code == 0, _failed(report)
 
 
-def test_verify_a_hub_repo_from_the_cache(converted: Path, tmp_path: Path) -> None:
+def test_verify_a_hub_repo_from_the_cache(converted: Path, tmp_path: Path, dead_endpoint: str) -> None:
     home = tmp_path / "hf-home"
     commit = commit_id("published")
     for path in sorted(p for p in converted.rglob("*") if p.is_file()):
         seed_cache(home, "mlx-community/tiny-canary", path.relative_to(converted).as_posix(), path.read_bytes(), commit)
-    env = {key: value for key, value in __import__("os").environ.items() if not key.startswith("HF_")}
-    env.update(HF_HOME=str(home), HF_HUB_OFFLINE="1")
+    env = loopback_env(home, dead_endpoint, offline=True)
     code, report, _ = _verify(Path("mlx-community/tiny-canary"), tmp_path, env=env)
     assert code == 0 and report["target"] == "mlx-community/tiny-canary", report
     result = run_cli("verify", "mlx-community/absent", env=env)
@@ -257,3 +260,29 @@ def test_goldens_are_deterministic(converted: Path, checkpoint: Path, tmp_path: 
     assert first["groups"] == second["groups"] and first["digest"] == second["digest"]
     values = np.array(first["groups"]["test-signals"]["stages"]["encoder"][0]["values"])
     assert values.size == 256 and np.unique(values).size > 200  # real numbers, not a constant
+
+
+def test_the_maintainers_workflow_runs_commands_the_cli_accepts(converted: Path, tmp_path: Path,
+                                                               dead_endpoint: str) -> None:
+    """examples/ci/verify-mlx-canary.yml: valid YAML, and each matrix repo's verify command runs as written
+    against that repo (here a converted folder in an offline Hub cache), writing both reports."""
+    workflow = yaml.safe_load((REPO / "examples" / "ci" / "verify-mlx-canary.yml").read_text())
+    job = workflow["jobs"]["verify"]
+    repos = job["strategy"]["matrix"]["repo"]
+    commands = [step["run"] for step in job["steps"] if "canary-convert verify" in step.get("run", "")]
+    assert len(commands) == 1 and repos and any(step.get("if") == "always()" and "upload-artifact" in step.get("uses", "")
+                                                for step in job["steps"])
+    home = tmp_path / "hf-home"
+    for repo in repos:
+        for path in sorted(p for p in converted.rglob("*") if p.is_file()):
+            seed_cache(home, repo, path.relative_to(converted).as_posix(), path.read_bytes(), commit_id(repo))
+    for repo in repos:
+        words = shlex.split(commands[0].replace("${{ matrix.repo }}", repo))
+        assert words[:2] == ["canary-convert", "verify"]
+        workdir = tmp_path / repo.replace("/", "-")
+        workdir.mkdir()
+        result = subprocess.run([str(Path(sys.executable).parent / words[0]), *words[1:]], cwd=workdir,
+                                env=loopback_env(home, dead_endpoint, offline=True), capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        jsonschema.validate(json.loads((workdir / "verify-report.json").read_text()), SCHEMA)
+        assert ElementTree.parse(workdir / "verify-report.xml").getroot().get("failures") == "0"
