@@ -68,7 +68,7 @@ def _front_matter(facts: CardFacts) -> dict[str, Any]:
             matter["base_model_relation"] = "quantized"
     matter["language"] = list(facts.languages)
     matter["pipeline_tag"] = "automatic-speech-recognition"
-    matter["tags"] = _TAGS + [record["family"]]
+    matter["tags"] = _TAGS + [record["family"]] + (["mlx-audio"] if record["options"].get("layout") == "mlx-audio" else [])
     return matter
 
 
@@ -145,6 +145,19 @@ def _usage(facts: CardFacts) -> list[str]:
     lines += [f"canary-transcribe speech.wav --model {folder} --source-lang {language}", "```", "", "```python",
               "from canary_convert import load_model", "", f'model = load_model("{folder}")',
               f'print(model.transcribe("speech.wav", source_lang="{language}")[0].text)', "```"]
+    if (facts.config.get("layout") or {}).get("name") == "mlx-audio":
+        lines += ["", "The folder is in mlx-audio's layout too, so mlx-audio loads it as it is:", "", "```python",
+                  "import mlx.core as mx", "from mlx_audio.stt import load", "",
+                  f'model = load("{folder}", strict=True)',
+                  f'print(model.generate("speech.wav", source_lang="{language}", target_lang="{language}", '
+                  'dtype=mx.float32).text)', "```", "",
+                  "mlx-audio's command line passes the model only the options its `generate` names, so it drops "
+                  "`--language` for Canary; give the languages with `--gen-kwargs`:", "", "```sh",
+                  f"mlx_audio.stt.generate --model {folder} --audio speech.wav --output-path speech "
+                  f"--gen-kwargs '{{\"source_lang\": \"{language}\", \"target_lang\": \"{language}\"}}'", "```", "",
+                  "mlx-audio computes its own mel features and prompt: they differ from NeMo's (see canary-convert's "
+                  "README, \"Folders for mlx-audio\"), so its transcripts can differ from NeMo's where "
+                  "canary-convert's model gives NeMo's tokens."]
     return lines
 
 

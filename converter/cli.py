@@ -191,6 +191,7 @@ def convert_command(
     base_model: Annotated[Optional[str], typer.Option(help="The Hub repo a local SOURCE came from, for the model card.")] = None,
     parity: Annotated[bool, typer.Option("--parity", help="Also compare with NeMo itself (needs nemo-toolkit).")] = False,
     parity_audio: Annotated[Optional[list[Path]], typer.Option(help="Extra audio for --parity (repeatable).")] = None,
+    layout: Annotated[str, typer.Option(help="Whose parameter names: mlx (canary-convert's) or mlx-audio (loads in mlx-audio too).")] = "mlx",
     upload_repo: Annotated[Optional[str], typer.Option(metavar="ORG/NAME", help="After a successful conversion, publish OUT to this Hub repo.")] = None,
     private: Annotated[bool, typer.Option("--private", help="With --upload-repo: create the repo private.")] = False,
     upload_revision: Annotated[Optional[str], typer.Option(help="With --upload-repo: commit to this branch.")] = None,
@@ -208,7 +209,7 @@ def convert_command(
         options = ConvertOptions(dtype=dtype, revision=revision, force=force, max_shard_bytes=parse_size(max_shard_size),
                                  parity=parity, parity_audio=tuple(parity_audio or ()),
                                  quantize=quantize_options(quantize, q_group_size, q_mode), license=license,
-                                 base_model=base_model, upload_repo=upload_repo)
+                                 base_model=base_model, upload_repo=upload_repo, layout=layout)
         publishing = _upload_options(upload_repo, private, upload_revision, dry_run)
         if dry_run:
             with _progress() as progress:

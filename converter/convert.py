@@ -23,8 +23,10 @@ from .model.load import CONFIG_FILE, parameter_shapes
 from .model.quantized import QuantizeOptions
 from .model.tokenizer import load_tokenizer
 from .parity import ParityReport, require_nemo, run_parity
-from .presets import Derived, detect_preset, derive_config
-from .quantize import QuantizationPlan, check_quantized_tree, plan_quantization
+from .layouts import library_parameter_shapes
+from .model.config import LayoutConfig
+from .presets import OWN_LAYOUT, Derived, detect_preset, derive_config
+from .quantize import QuantizationPlan, check_quantized_tree, module_path, plan_quantization
 from .rules import Plan, load_rules, plan_conversion
 from .source import ResolvedSource, resolve_source, sha256_of, source_card_licence
 from .validate import ValidationReport, validate_folder
@@ -76,6 +78,7 @@ class ConvertOptions:
     license: str | None = None  # the model card's licence, when the source's own card cannot say
     base_model: str | None = None  # the Hub repo the source came from, when converting a local file
     upload_repo: str | None = None  # where the folder will be published (the card's usage shows it)
+    layout: str = OWN_LAYOUT  # whose parameter names the folder uses (configs/aed-base.yaml, `layouts`)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -89,13 +92,15 @@ class ConvertOptions:
         return {"dtype": self.dtype, "revision": self.revision, "max_shard_bytes": self.max_shard_bytes,
                 "parity": self.parity, "parity_audio": [str(path) for path in self.parity_audio],
                 "quantize": self.quantize.to_dict() if self.quantize else None, "license": self.license,
-                "base_model": self.base_model, "upload_repo": self.upload_repo}
+                "base_model": self.base_model, "upload_repo": self.upload_repo, "layout": self.layout}
 
     def command(self, source: str, out: str) -> str:
         """The `canary-convert` command line these options come from (for the model card)."""
         words = ["canary-convert", source, out]
         if self.revision:
             words += ["--revision", self.revision]
+        if self.layout != OWN_LAYOUT:
+            words += ["--layout", self.layout]
         if self.dtype != "float32":
             words += ["--dtype", self.dtype]
         if self.quantize:
@@ -140,8 +145,15 @@ def _plan(archive: NemoArchive, source: ResolvedSource, state_dict: dict[str, to
           options: ConvertOptions) -> Conversion:
     nemo_config = archive.config()
     preset = detect_preset(nemo_config)
-    derived = derive_config(preset, nemo_config, state_dict, archive.artifacts(nemo_config))
-    plan = plan_conversion(load_rules(preset.mapping), state_dict, parameter_shapes(derived.config))
+    layout = preset.layout(options.layout, nemo_config)
+    derived = derive_config(preset, nemo_config, state_dict, archive.artifacts(nemo_config), layout)
+    own_shapes = parameter_shapes(derived.config)
+    # The bundled model's own plan proves it is filled, whichever library's names the folder is written in.
+    own = plan_conversion(load_rules(preset.mapping), state_dict, own_shapes)
+    plan = own
+    if layout is not None:
+        library = library_parameter_shapes(layout.name, derived.config_json())
+        plan = plan_conversion(load_rules(layout.mapping), state_dict, library, side_expected=own_shapes)
     quantization = None
     if options.quantize is not None:
         quantization = plan_quantization(plan, options.quantize)
@@ -149,11 +161,31 @@ def _plan(archive: NemoArchive, source: ResolvedSource, state_dict: dict[str, to
         derived = replace(derived, config=replace(derived.config, quantization=record, quantization_config=record))
     stored = output_tensors(plan.tensors, state_dict, DTYPES[options.dtype], quantization)
     if quantization is not None:
-        expected = parameter_shapes(derived.config, quantization.quantized)
-        check_quantized_tree({tensor.key: tensor.shape for tensor in stored}, expected)
+        in_weight_files = {tensor.key: tensor.shape for tensor in stored if not tensor.plan.rule.file}
+        check_quantized_tree(in_weight_files, library_parameter_shapes(layout.name, derived.config_json(),
+                                                                       quantization.quantized)
+                             if layout is not None else parameter_shapes(derived.config, quantization.quantized))
+    if layout is not None:
+        derived = replace(derived, config=replace(derived.config, layout=_layout_record(derived, own, stored)))
     ignored = _ignored_members(archive, set(derived.tokenizer_files.values()))
     return Conversion(source=source, derived=derived, plan=plan, stored=stored, ignored_members=ignored,
                       quantization=quantization)
+
+
+def _layout_record(derived: Derived, own: Plan, stored: list[OutputTensor]) -> LayoutConfig:
+    """How the bundled model reads a folder in another library's names: each stored tensor's name in the
+    bundled model, found by sending the same NeMo key through its own mapping (None: a tied copy it drops)."""
+    assert derived.layout is not None
+    bundled = {tensor.source_key: tensor.target_key for tensor in own.tensors}
+    rename: dict[str, str | None] = {}
+    for tensor in stored:
+        name = bundled.get(tensor.plan.source_key)
+        rename[tensor.key] = name if name is None or tensor.part is None else f"{module_path(name)}.{tensor.part}"
+    ours = derived.config.to_dict()
+    return LayoutConfig(name=derived.layout.name, mapping=derived.layout.mapping,
+                        foreign_keys=sorted(set(derived.foreign) - set(ours)),
+                        side_files=sorted({tensor.plan.rule.file for tensor in stored if tensor.plan.rule.file}),
+                        rename=rename)
 
 
 @contextmanager
@@ -188,7 +220,7 @@ def convert(source_arg: str, out: Path, options: ConvertOptions, reporter: Repor
             for relative, member in conversion.derived.tokenizer_files.items():
                 (staging / relative).parent.mkdir(parents=True, exist_ok=True)
                 archive.copy_member(member, staging / relative)
-            write_json(staging / CONFIG_FILE, conversion.derived.config.to_dict())
+            write_json(staging / CONFIG_FILE, conversion.derived.config_json())
             conversion.validation, model = validate_folder(staging, stored, state_dict, conversion.quantization)
             if options.parity:
                 conversion.parity = run_parity(source.path, model, options.parity_audio)

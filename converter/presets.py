@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from .archive import Artifact
-from .errors import RulesFileError, UnsupportedModelError
+from .errors import RulesFileError, UnsupportedModelError, UsageError
 from .model.config import ModelConfig
 
 _MISSING = object()
@@ -35,6 +35,23 @@ def lookup(config: Mapping[str, Any], dotted: str, default: Any = _MISSING) -> A
 
 
 @dataclass(frozen=True)
+class Layout:
+    """A folder layout for another library: its parameter names (a mapping file), what it needs of the
+    checkpoint, where the tokenizer files go, and the config.json entries it reads beside ours."""
+
+    name: str
+    mapping: str
+    requires: dict[str, Any]
+    why: str
+    tokenizer_folder: str
+    config: dict[str, Any]
+
+
+# canary-convert's own layout: the bundled model's names, mappings/canary.yaml, the tokenizer under tokenizer/.
+OWN_LAYOUT = "mlx"
+
+
+@dataclass(frozen=True)
 class Preset:
     name: str
     file: str
@@ -44,6 +61,24 @@ class Preset:
     config: dict[str, Any]
     summary: str = ""  # one line for the model card: what this family is
     licenses: dict[str, str] = field(default_factory=dict)  # Hub repo id -> licence of NVIDIA's own releases
+    layouts: dict[str, Layout] = field(default_factory=dict)
+
+    def layout(self, name: str, nemo_config: Mapping[str, Any]) -> Layout | None:
+        """The layout `--layout NAME` asks for (None: canary-convert's own), refused up front when this
+        checkpoint lacks what that layout's library needs."""
+        if name == OWN_LAYOUT:
+            return None
+        if name not in self.layouts:
+            known = ", ".join([OWN_LAYOUT, *sorted(self.layouts)])
+            raise UsageError(f"--layout {name!r}: choose one of {known}")
+        layout = self.layouts[name]
+        found = {key: lookup(nemo_config, key, None) for key in layout.requires}
+        if any(found[key] != want for key, want in layout.requires.items()):
+            needs = ", ".join(f"{key}={want!r}" for key, want in layout.requires.items())
+            has = ", ".join(f"{key}={value!r}" for key, value in found.items())
+            raise UnsupportedModelError(f"{self.name}: --layout {name} cannot serve this checkpoint: {layout.why}; "
+                                        f"it needs {needs}, this checkpoint has {has}")
+        return layout
 
     def matches(self, nemo_config: Mapping[str, Any]) -> bool:
         return all(lookup(nemo_config, key, None) == want for key, want in self.detect.items())
@@ -108,6 +143,10 @@ def presets() -> tuple[Preset, ...]:
                     config=dict(entry["config"]),
                     summary=str(entry.get("summary", "")),
                     licenses=dict(entry.get("licenses", {})),
+                    layouts={layout: Layout(name=layout, mapping=spec["mapping"], requires=dict(spec.get("requires", {})),
+                                            why=str(spec.get("why", "")), tokenizer_folder=spec["tokenizer_folder"],
+                                            config=dict(spec.get("config", {})))
+                             for layout, spec in entry.get("layouts", {}).items()},
                 )
             )
         except KeyError as exc:
@@ -160,22 +199,32 @@ def _derive(spec: Any, where: str, nemo_config: Mapping[str, Any], tensors: Mapp
 
 @dataclass(frozen=True)
 class Derived:
-    """The MLX config and which archive members become which tokenizer files in OUT."""
+    """The MLX config and which archive members become which tokenizer files in OUT.
+
+    With another library's layout, `foreign` holds the config.json entries that library reads; they are
+    merged over ours (`config_json`), which stay what the bundled model reads.
+    """
 
     preset: Preset
     config: ModelConfig
     tokenizer_files: dict[str, str]  # path inside OUT -> archive member
+    layout: Layout | None = None
+    foreign: dict[str, Any] = field(default_factory=dict)
+
+    def config_json(self) -> dict[str, Any]:
+        return _deep_merge(self.config.to_dict(), self.foreign)
 
 
-def _tokenizer_layout(nemo_config: Mapping[str, Any], artifacts: list[Artifact]) -> tuple[dict[str, Any], dict[str, str]]:
-    """Place tokenizer artifacts under `tokenizer/` by NeMo's own names (`<uuid>_tokenizer.model` -> `tokenizer.model`)."""
+def _tokenizer_layout(nemo_config: Mapping[str, Any], artifacts: list[Artifact],
+                      root: str = "tokenizer") -> tuple[dict[str, Any], dict[str, str]]:
+    """Place tokenizer artifacts under `root` by NeMo's own names (`<uuid>_tokenizer.model` -> `tokenizer.model`)."""
     kind = str(lookup(nemo_config, "tokenizer.type", "")).lower()
     files: dict[str, str] = {}
 
     def place(artifact: Artifact, folder: str) -> str:
-        name = _ARTIFACT_ID.sub("", PurePosixPath(artifact.member).name)
-        files[f"{folder}/{name}"] = artifact.member
-        return f"{folder}/{name}"
+        placed = (PurePosixPath(folder) / _ARTIFACT_ID.sub("", PurePosixPath(artifact.member).name)).as_posix()
+        files[placed] = artifact.member
+        return placed
 
     if kind == "agg":
         langs: dict[str, str] = {}
@@ -183,7 +232,7 @@ def _tokenizer_layout(nemo_config: Mapping[str, Any], artifacts: list[Artifact])
             prefix = f"tokenizer.langs.{lang}."
             for artifact in artifacts:
                 if artifact.config_path.startswith(prefix):
-                    placed = place(artifact, f"tokenizer/{lang}")
+                    placed = place(artifact, f"{root}/{lang}")
                     if artifact.config_path == prefix + "model_path":
                         langs[lang] = placed
             if lang not in langs:
@@ -192,7 +241,7 @@ def _tokenizer_layout(nemo_config: Mapping[str, Any], artifacts: list[Artifact])
     model = None
     for artifact in artifacts:
         if artifact.config_path.startswith("tokenizer."):
-            placed = place(artifact, "tokenizer")
+            placed = place(artifact, root)
             if artifact.config_path == "tokenizer.model_path":
                 model = placed
     if model is None:
@@ -201,14 +250,18 @@ def _tokenizer_layout(nemo_config: Mapping[str, Any], artifacts: list[Artifact])
 
 
 def derive_config(
-    preset: Preset, nemo_config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], artifacts: list[Artifact]
+    preset: Preset, nemo_config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], artifacts: list[Artifact],
+    layout: Layout | None = None,
 ) -> Derived:
-    """Build the MLX `config.json` from the preset's derivation table."""
+    """Build the MLX `config.json` from the preset's derivation table (and the layout's, when one is asked for)."""
     values = _derive(preset.config, "config", nemo_config, tensors)
     values["family"] = preset.name
-    values["tokenizer"], files = _tokenizer_layout(nemo_config, artifacts)
+    root = layout.tokenizer_folder if layout is not None else "tokenizer"
+    values["tokenizer"], files = _tokenizer_layout(nemo_config, artifacts, root)
+    foreign = _derive(layout.config, f"layout {layout.name}", nemo_config, tensors) if layout is not None else {}
     try:
-        config = ModelConfig.from_dict(values)
+        # Entries the layout sets in our own sections must still be valid for the bundled model.
+        config = ModelConfig.from_dict(_deep_merge(values, {k: v for k, v in foreign.items() if k in values}))
     except ValueError as exc:
         raise RulesFileError(f"{preset.file}: the derived config does not fit config.json: {exc}") from None
-    return Derived(preset=preset, config=config, tokenizer_files=files)
+    return Derived(preset=preset, config=config, tokenizer_files=files, layout=layout, foreign=foreign)

@@ -71,6 +71,7 @@ class Rule:
     dtype: torch.dtype | None
     same_as: str | None
     optional: bool
+    file: str | None  # a side file for tensors only canary-convert's model reads (None: the weight files)
 
     def describe(self) -> str:
         return f"rule {self.index + 1} ({self.written})"
@@ -92,7 +93,7 @@ def _parse_rule(index: int, raw: Any, label: str) -> Rule:
     where = f"{label}: rule {index + 1}"
     if not isinstance(raw, dict):
         raise RulesFileError(f"{where}: expected a mapping, got {raw!r}")
-    allowed = {"match", "regex", "to", "drop", "transforms", "dtype", "same_as", "optional"}
+    allowed = {"match", "regex", "to", "drop", "transforms", "dtype", "same_as", "optional", "file"}
     if unknown := sorted(set(raw) - allowed):
         raise RulesFileError(f"{where}: unknown field(s) {', '.join(unknown)}")
     if ("match" in raw) == ("regex" in raw):
@@ -114,8 +115,8 @@ def _parse_rule(index: int, raw: Any, label: str) -> Rule:
         raise RulesFileError(f"{where}: dtype {dtype_name!r} is not one of {', '.join(_DTYPES)}")
     if "drop" in raw and not str(raw["drop"]).strip():
         raise RulesFileError(f"{where}: a drop needs a reason")
-    if "same_as" in raw and "drop" not in raw:
-        raise RulesFileError(f"{where}: 'same_as' only makes sense on a drop (a tied copy)")
+    if "file" in raw and "to" not in raw:
+        raise RulesFileError(f"{where}: 'file' names where a renamed tensor is stored; a drop stores nothing")
     return Rule(
         index=index,
         written=written,
@@ -126,6 +127,7 @@ def _parse_rule(index: int, raw: Any, label: str) -> Rule:
         dtype=_DTYPES[dtype_name] if dtype_name else None,
         same_as=raw.get("same_as"),
         optional=bool(raw.get("optional", False)),
+        file=str(raw["file"]) if "file" in raw else None,
     )
 
 
@@ -239,8 +241,13 @@ def plan_conversion(
     mapping: MappingRules,
     source: Mapping[str, torch.Tensor],
     expected: Mapping[str, tuple[int, ...]],
+    side_expected: Mapping[str, tuple[int, ...]] | None = None,
 ) -> Plan:
-    """Match every source key to a rule and prove the result fills `expected` (target name -> shape)."""
+    """Match every source key to a rule and prove the result fills `expected` (target name -> shape).
+
+    Targets a rule sends to a side `file` are checked against `side_expected` instead (the shapes of the
+    model that reads that file); `expected` must still be filled completely.
+    """
     tensors: list[TensorPlan] = []
     dropped: list[DroppedKey] = []
     used: set[int] = set()
@@ -257,9 +264,10 @@ def plan_conversion(
             continue
         used.add(rule.index)
         groups = found.groupdict()
+        # A tied copy (same_as) is checked equal to its twin, whether it is dropped or stored again.
+        if rule.same_as is not None:
+            _check_tied(key, rule.same_as.format(**groups), source)
         if rule.drop_reason is not None:
-            if rule.same_as is not None:
-                _check_tied(key, rule.same_as.format(**groups), source)
             dropped.append(DroppedKey(key, rule.drop_reason, rule))
             continue
         assert rule.target is not None
@@ -282,7 +290,7 @@ def plan_conversion(
     if unknown:
         problems.insert(0, f"no rule in {mapping.file} for source key(s) {_name_keys(unknown)}")
     for plan in tensors:
-        want = expected.get(plan.target_key)
+        want = (side_expected or {}).get(plan.target_key) if plan.rule.file else expected.get(plan.target_key)
         if want is None:
             problems.append(f"{plan.source_key} -> {plan.target_key}: the MLX model has no such parameter")
         elif tuple(want) != plan.target_shape:
@@ -305,6 +313,6 @@ def plan_conversion(
 
 def _check_tied(key: str, twin: str, source: Mapping[str, torch.Tensor]) -> None:
     if twin not in source:
-        raise MappingError(f"{key} is dropped as a tied copy of {twin}, but the checkpoint has no {twin}")
+        raise MappingError(f"{key} is mapped as a tied copy of {twin}, but the checkpoint has no {twin}")
     if source[key].shape != source[twin].shape or not torch.equal(source[key], source[twin]):
-        raise MappingError(f"{key} is dropped as a tied copy of {twin}, but the two tensors differ")
+        raise MappingError(f"{key} is mapped as a tied copy of {twin}, but the two tensors differ")

@@ -16,7 +16,8 @@ from safetensors import SafetensorError, safe_open
 
 from .errors import ModelFolderError, ValidationError
 from .model.canary import CanaryModel
-from .model.load import load_model, weight_files
+from .model.config import ModelConfig
+from .model.load import CONFIG_FILE, load_model, tensor_files
 from .quantize import QuantizationError, QuantizationPlan, quantization_error, quantize_tensor
 from .rules import TensorPlan
 from .writer import OutputTensor
@@ -45,9 +46,9 @@ def check_strict_load(folder: Path) -> CanaryModel:
 
 
 def _stored_keys(folder: Path) -> dict[str, Path]:
-    """Every tensor name in the folder's weight files, with its file; the files must be MLX's."""
+    """Every tensor name in the folder's tensor files, with its file; the files must be MLX's."""
     where: dict[str, Path] = {}
-    for file in weight_files(folder):
+    for file in tensor_files(folder, ModelConfig.from_file(folder / CONFIG_FILE)):
         try:
             with safe_open(str(file), framework="numpy") as handle:
                 if handle.metadata().get("format") != "mlx":
@@ -90,7 +91,7 @@ def _check_quantized(where: Mapping[str, Path], layers: Mapping[TensorPlan, list
     if quantization is None:
         raise ValidationError("the folder holds quantized layers but the conversion planned none")
     options = quantization.options
-    files = {file: mx.load(str(file)) for file in set(where.values())}  # lazy: each tensor is read when compared
+    files = {file: mx.load(str(file), format="safetensors") for file in set(where.values())}  # lazy: each tensor is read when compared
     errors = []
     for plan, parts in layers.items():
         weights = source[plan.source_key]

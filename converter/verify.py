@@ -43,7 +43,8 @@ from .goldens import (
 from .manifest import CONVERSION_FILE, FileRecord, hash_file, manifest_problems
 from .model.canary import CanaryModel
 from .model.decoding import DecodingOptions
-from .model.load import load_model, weight_files
+from .model.config import ModelConfig
+from .model.load import CONFIG_FILE, load_model, read_tensors, weight_files
 from .model.prompts import PromptOptions, build_prompt
 from .model.quantized import read_quantization
 from .model.transcribe import transcribe
@@ -382,12 +383,10 @@ def _replace_file(path: Path, text: str) -> None:
 
 
 def _layers(folder: Path) -> dict[str, np.ndarray]:
-    """Every tensor of a folder by parameter name, quantized layers dequantized to float32."""
-    config = json.loads((folder / "config.json").read_text())
-    weights: dict[str, mx.array] = {}
-    for file in weight_files(folder):
-        weights.update(mx.load(str(file)))
-    options = read_quantization(config["quantization"])[0] if config.get("quantization") else None
+    """Every tensor of a folder by the bundled model's parameter names, quantized layers dequantized."""
+    config = ModelConfig.from_file(folder / CONFIG_FILE)
+    weights = read_tensors(folder, config)  # under the bundled model's names, whatever the layout
+    options = read_quantization(config.quantization)[0] if config.quantization else None
     layers = {}
     for key, value in weights.items():
         if key.endswith((".scales", ".biases")):

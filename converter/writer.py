@@ -183,17 +183,22 @@ def write_weights(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     on_tensor: TensorCallback | None = None,
 ) -> dict[str, FileRecord]:
-    """Write `model.safetensors`, or shards plus `model.safetensors.index.json`; returns each weight file's record."""
-    shards = shard(tensors, max_shard_bytes)
+    """Write `model.safetensors`, or shards plus `model.safetensors.index.json`, and any side file a rule
+    names (safetensors format too); returns each tensor file's record."""
+    in_weights = [tensor for tensor in tensors if not tensor.plan.rule.file]
+    shards = shard(in_weights, max_shard_bytes)
     names = shard_names(len(shards))
     records = {name: write_safetensors(folder / name, members, tensor_bytes, {"format": "mlx"}, on_tensor)
                for name, members in zip(names, shards)}
     if len(shards) > 1:
         index = {
-            "metadata": {"total_size": sum(t.nbytes for t in tensors)},
+            "metadata": {"total_size": sum(t.nbytes for t in in_weights)},
             "weight_map": {t.key: name for name, members in zip(names, shards) for t in members},
         }
         write_json(folder / INDEX_FILE, index)
+    for side in sorted({tensor.plan.rule.file for tensor in tensors if tensor.plan.rule.file}):
+        members = [tensor for tensor in tensors if tensor.plan.rule.file == side]
+        records[side] = write_safetensors(folder / side, members, tensor_bytes, {"format": "mlx"}, on_tensor)
     return records
 
 

@@ -26,7 +26,9 @@ def _from_dict(cls: type[T], data: dict[str, Any]) -> T:
     values: dict[str, Any] = {}
     for name in known & set(data):
         value, hint = data[name], hints[name]
-        values[name] = _from_dict(hint, value) if dataclasses.is_dataclass(hint) else value
+        # An optional section (`X | None`) is built as X when present.
+        kind = next((arg for arg in getattr(hint, "__args__", ()) if dataclasses.is_dataclass(arg)), hint)
+        values[name] = _from_dict(kind, value) if dataclasses.is_dataclass(kind) and value is not None else value
     try:
         return cls(**values)
     except TypeError as exc:
@@ -137,6 +139,21 @@ class DecodingConfig:
 
 
 @dataclass(frozen=True)
+class LayoutConfig:
+    """How the bundled model reads a folder written for another library (`canary-convert --layout NAME`).
+
+    The conversion records it from both mapping files: the stored tensors' names in that library and the
+    bundled model's name for each (None for a tied copy the bundled model does not keep).
+    """
+
+    name: str
+    mapping: str
+    foreign_keys: list[str]  # config.json entries that library reads and the bundled model does not
+    side_files: list[str]  # tensor files only the bundled model reads (that library recomputes them)
+    rename: dict[str, str | None]
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Everything the bundled MLX model needs to rebuild the checkpoint's architecture."""
 
@@ -153,10 +170,13 @@ class ModelConfig:
     # mlx-lm's convention for quantized folders (see quantized.py); absent in float folders.
     quantization: dict[str, Any] | None = None
     quantization_config: dict[str, Any] | None = None
+    layout: LayoutConfig | None = None  # absent in canary-convert's own layout
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        return _from_dict(cls, data)
+        """The config, leaving out the entries another library's layout added for that library."""
+        foreign = set((data.get("layout") or {}).get("foreign_keys", []))
+        return _from_dict(cls, {key: value for key, value in data.items() if key not in foreign})
 
     @classmethod
     def from_file(cls, path: Path) -> ModelConfig:
@@ -164,7 +184,7 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        for name in ("quantization", "quantization_config"):
+        for name in ("quantization", "quantization_config", "layout"):
             if data[name] is None:
                 del data[name]
         return data

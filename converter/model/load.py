@@ -29,6 +29,25 @@ def weight_files(folder: Path) -> list[Path]:
     return [folder / SINGLE_FILE]
 
 
+def tensor_files(folder: Path, config: ModelConfig) -> list[Path]:
+    """Every file of tensors the bundled model reads: the weight files, and another layout's side files."""
+    side = config.layout.side_files if config.layout is not None else []
+    return weight_files(folder) + [folder / name for name in side]
+
+
+def read_tensors(folder: Path, config: ModelConfig) -> dict[str, mx.array]:
+    """The folder's tensors under the bundled model's names (another layout's names renamed, as recorded)."""
+    tensors: dict[str, mx.array] = {}
+    for file in tensor_files(folder, config):
+        tensors.update(mx.load(str(file), format="safetensors"))
+    if config.layout is None:
+        return tensors
+    rename = config.layout.rename
+    if unknown := sorted(set(tensors) - set(rename)):
+        raise ValueError(f"{len(unknown)} stored tensor(s) the {config.layout.name} layout does not list: {unknown[0]}")
+    return {rename[key]: value for key, value in tensors.items() if rename[key] is not None}
+
+
 def parameter_shapes(config: ModelConfig, quantized: Collection[str] = ()) -> dict[str, tuple[int, ...]]:
     """Every parameter the model built from `config` has, with its shape (MLX allocates lazily: no cost).
 
@@ -47,9 +66,7 @@ def load_model(path: str | Path) -> CanaryModel:
     try:
         config = ModelConfig.from_file(folder / CONFIG_FILE)
         model = CanaryModel(config, load_tokenizer(folder, config.tokenizer))
-        weights: dict[str, mx.array] = {}
-        for file in weight_files(folder):
-            weights.update(mx.load(str(file)))
+        weights = read_tensors(folder, config)
         if config.quantization is not None:
             quantize_modules(model, config.quantization, weights.keys())
         model.load_weights(list(weights.items()), strict=True)
