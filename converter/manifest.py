@@ -10,8 +10,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+import json
 from pathlib import Path
 from typing import IO, Any
+
+from .errors import ModelFolderError
 
 CONVERSION_FILE = "conversion.json"
 # Files a folder may carry that are not part of a conversion: the Hub adds .gitattributes to every repo,
@@ -98,3 +101,31 @@ def manifest_problems(folder: Path, recorded: Mapping[str, FileRecord]) -> list[
         elif hash_file(folder / name).sha256 != want.sha256:
             problems.append(f"{name}: sha256 differs from the manifest (same size, changed content)")
     return problems
+
+
+def read_record(folder: Path) -> dict[str, Any]:
+    """A folder's `conversion.json`, or the error that says why it is not a canary-convert folder."""
+    if not folder.is_dir():
+        raise ModelFolderError(f"{folder}: no such folder")
+    path = folder / CONVERSION_FILE
+    if not path.is_file():
+        raise ModelFolderError(f"{folder}: not a canary-convert folder ({CONVERSION_FILE} is missing)")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ModelFolderError(f"{folder}: {CONVERSION_FILE} is unreadable ({exc})") from None
+    if not isinstance(record, dict):
+        raise ModelFolderError(f"{folder}: {CONVERSION_FILE} is not a JSON object")
+    return record
+
+
+def recorded_manifest(folder: Path, record: dict[str, Any]) -> dict[str, FileRecord]:
+    """The manifest `conversion.json` records, or the error that says it has none (or a malformed one)."""
+    entries = record.get("manifest")
+    if not isinstance(entries, dict) or not entries:
+        raise ModelFolderError(f"{folder}: {CONVERSION_FILE} has no manifest (written by an older canary-convert): "
+                               "convert again")
+    try:
+        return {str(name): FileRecord.from_dict(entry) for name, entry in entries.items()}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelFolderError(f"{folder}: {CONVERSION_FILE} has a malformed manifest entry ({exc})") from None

@@ -12,7 +12,6 @@ reached storage; until the commit lands the repo's files stay as they were.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +30,9 @@ from huggingface_hub.utils import validate_repo_id
 from huggingface_hub.utils._runtime import is_xet_available  # what huggingface_hub's own upload path consults
 
 from . import __version__
-from .errors import UploadError, UploadRefusedError, UsageError
+from .errors import ModelFolderError, UploadError, UploadRefusedError, UsageError
 from .card import CARD_FILE, UNKNOWN_LICENCE
-from .manifest import CONVERSION_FILE, FileRecord, manifest_problems
+from .manifest import CONVERSION_FILE, FileRecord, manifest_problems, read_record, recorded_manifest
 
 UNKNOWN_LICENCES = ("", UNKNOWN_LICENCE)
 LOGIN_HINT = "set HF_TOKEN to a token with write access, or run `hf auth login`"
@@ -92,18 +91,11 @@ def _refuse(folder: Path, problem: str) -> UploadRefusedError:
 
 
 def _read_record(folder: Path) -> dict[str, Any]:
-    path = folder / CONVERSION_FILE
-    if not folder.is_dir():
-        raise _refuse(folder, "no such folder")
-    if not path.is_file():
-        raise _refuse(folder, f"{CONVERSION_FILE} is missing: only a folder written by canary-convert can be uploaded")
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _refuse(folder, f"{CONVERSION_FILE} is unreadable ({exc})") from None
-    if not isinstance(record, dict):
-        raise _refuse(folder, f"{CONVERSION_FILE} is not a JSON object")
-    return record
+        return read_record(folder)
+    except ModelFolderError as exc:
+        raise UploadRefusedError(f"{exc}: only a folder written by canary-convert can be uploaded; "
+                                 "nothing was uploaded") from None
 
 
 def _passed(check: Any) -> bool:
@@ -118,14 +110,11 @@ def _check_results(folder: Path, record: Mapping[str, Any]) -> None:
         raise _refuse(folder, f"{CONVERSION_FILE} records a parity check with NeMo that did not pass")
 
 
-def _read_manifest(folder: Path, record: Mapping[str, Any]) -> dict[str, FileRecord]:
-    entries = record.get("manifest")
-    if not isinstance(entries, dict) or not entries:
-        raise _refuse(folder, f"{CONVERSION_FILE} has no manifest (written by an older canary-convert): convert again")
+def _read_manifest(folder: Path, record: dict[str, Any]) -> dict[str, FileRecord]:
     try:
-        manifest = {str(name): FileRecord.from_dict(entry) for name, entry in entries.items()}
-    except (KeyError, TypeError, ValueError) as exc:
-        raise _refuse(folder, f"{CONVERSION_FILE} has a malformed manifest entry ({exc})") from None
+        manifest = recorded_manifest(folder, record)
+    except ModelFolderError as exc:
+        raise UploadRefusedError(f"{exc}; nothing was uploaded") from None
     problems = manifest_problems(folder, manifest)
     if problems:
         raise _refuse(folder, "changed since the conversion: " + "; ".join(problems) + "; convert again")

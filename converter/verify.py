@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -40,7 +40,7 @@ from .goldens import (
     signals_digest,
     stage_distance,
 )
-from .manifest import CONVERSION_FILE, FileRecord, hash_file, manifest_problems
+from .manifest import CONVERSION_FILE, hash_file, manifest_problems, read_record, recorded_manifest
 from .model.canary import CanaryModel
 from .model.decoding import DecodingOptions
 from .model.config import ModelConfig
@@ -116,23 +116,11 @@ def use_device(device: str) -> None:
     mx.set_default_device(target)
 
 
-def read_record(folder: Path) -> dict[str, Any]:
-    """conversion.json, or the error that says this is not a canary-convert folder."""
-    if not folder.is_dir():
-        raise ModelFolderError(f"{folder}: no such folder")
+def check_manifest(folder: Path, record: dict[str, Any]) -> Check:
     try:
-        return json.loads((folder / CONVERSION_FILE).read_text())
-    except FileNotFoundError:
-        raise ModelFolderError(f"{folder}: not a canary-convert folder (no {CONVERSION_FILE})") from None
-    except (OSError, ValueError) as exc:
-        raise ModelFolderError(f"{folder / CONVERSION_FILE}: unreadable: {exc}") from None
-
-
-def check_manifest(folder: Path, record: Mapping[str, Any]) -> Check:
-    manifest = {name: FileRecord.from_dict(entry) for name, entry in record.get("manifest", {}).items()}
-    if not manifest:
-        return Check("manifest", "error", f"{CONVERSION_FILE} has no manifest (made before canary-convert 0.1.0?)",
-                     CONVERSION_FILE)
+        manifest = recorded_manifest(folder, record)
+    except ModelFolderError as exc:
+        return Check("manifest", "error", str(exc), CONVERSION_FILE)
     problems = manifest_problems(folder, manifest)
     if problems:
         return Check("manifest", "fail", "; ".join(problems), problems[0].split(":", 1)[0])

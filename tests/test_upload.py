@@ -240,7 +240,7 @@ def _flip_a_weight_bit(folder: Path) -> None:
 
 
 @pytest.mark.parametrize(("spoil", "expected"), [
-    (_drop_conversion, "conversion.json is missing: only a folder written by canary-convert can be uploaded"),
+    (_drop_conversion, "not a canary-convert folder (conversion.json is missing): only a folder written by canary-convert can be uploaded"),
     (_edit_record("validation", None), "does not record a passed validation"),
     (_edit_record("parity", {"passed": False}), "records a parity check with NeMo that did not pass"),
     (_flip_a_weight_bit, "changed since the conversion: model.safetensors: sha256 differs from the manifest"),

@@ -197,7 +197,7 @@ def test_not_a_canary_convert_folder(tmp_path: Path) -> None:
     (tmp_path / "folder").mkdir()
     (tmp_path / "folder" / "config.json").write_text("{}")
     result = run_cli("verify", str(tmp_path / "folder"))
-    assert result.returncode == 1 and "not a canary-convert folder (no conversion.json)" in result.stderr
+    assert result.returncode == 1 and "not a canary-convert folder (conversion.json is missing)" in result.stderr
     assert "Traceback" not in result.stderr
 
 
