@@ -176,6 +176,11 @@ def render_card(facts: CardFacts) -> str:
         "## How it was made", "", *_provenance(record, facts.command), "",
         "## Validation", "", *_validation(record), "",
         "### Parity with NeMo", "", *_parity(facts.parity), "",
+        "### Check it yourself", "",
+        "`goldens.json` holds this model's outputs on canary-convert's fixed test signals; `canary-convert verify` "
+        "checks the folder's files against the manifest in `conversion.json`, loads it strictly and runs those "
+        "signals again (CPU numbers are the same on any machine):", "",
+        "```sh", f"canary-convert verify {facts.repo_id or facts.folder} --device cpu", "```", "",
         "## Licence", "", f"`{facts.licence.id}`: {facts.licence.origin}.", "",
     ]
     matter = yaml.safe_dump(_front_matter(facts), sort_keys=False, allow_unicode=True)
