@@ -12,6 +12,7 @@ import re
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,10 +25,13 @@ from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
+    MofNCompleteColumn,
     Progress,
     ProgressColumn,
     Task,
+    TaskID,
     TextColumn,
+    TimeRemainingColumn,
     TransferSpeedColumn,
 )
 from rich.table import Table
@@ -35,7 +39,7 @@ from rich.text import Text
 from tqdm.auto import tqdm
 
 from . import __version__
-from .errors import CanaryConvertError, UsageError
+from .errors import CanaryConvertError, TranscriptWarning, UsageError
 from .parity import ParityError, ParityReport
 from .upload import UploadOptions, require_token, upload
 
@@ -287,36 +291,86 @@ def _print_parity(report: ParityReport) -> None:
 transcribe_app = typer.Typer(add_completion=False, help="Transcribe or translate audio with a converted MLX folder.")
 
 
+class _ChunkProgress:
+    """A rich bar per long file, counting its chunks, on stderr and only on a terminal."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.tasks: dict[str, TaskID] = {}
+
+    def __call__(self, name: str, done: int, total: int) -> None:
+        if name not in self.tasks:
+            self.tasks[name] = self.progress.add_task(Path(name).name, total=total)
+        self.progress.update(self.tasks[name], completed=done, total=total)
+
+
+def _chunk_bar() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("chunks"), TimeRemainingColumn(), console=console, transient=True,
+                    disable=not console.is_terminal)
+
+
+def _write_outputs(results: list[Any], fmt: str, output_dir: Optional[Path]) -> None:
+    from .formats import render, to_json
+
+    if output_dir is not None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for result in results:
+            stem = Path(result.source).stem if not result.source.startswith("<") else "audio"
+            (output_dir / f"{stem}.{fmt}").write_text(render(result, fmt), encoding="utf-8")
+        return
+    if fmt == "json":
+        typer.echo(to_json(results))
+    elif fmt == "txt":
+        for result in results:
+            typer.echo(result.text if len(results) == 1 else f"{result.source}\t{result.text}")
+    else:
+        typer.echo(render(results[0], fmt), nl=False)
+
+
 @transcribe_app.command()
 def transcribe_command(
     audio: Annotated[list[Path], typer.Argument(help="Audio files (WAV/FLAC; other formats need ffmpeg).")],
     model: Annotated[Path, typer.Option("--model", "-m", help="A folder written by canary-convert.")],
     source_lang: Annotated[Optional[str], typer.Option(help="Spoken language (default: the model's first).")] = None,
     target_lang: Annotated[Optional[str], typer.Option(help="Output language (default: the spoken one).")] = None,
-    task: Annotated[str, typer.Option(help="transcribe or translate.")] = "transcribe",
+    task: Annotated[str, typer.Option(help="transcribe or translate (or NeMo's asr, ast, s2t_translation).")] = "transcribe",
     pnc: Annotated[bool, typer.Option("--pnc/--no-pnc", help="Punctuation and capitals.")] = True,
+    timestamps: Annotated[bool, typer.Option("--timestamps", help="Word and segment times (canary2 models with frame tokens).")] = False,
     beam_size: Annotated[Optional[int], typer.Option(help="Beam size (default: the checkpoint's).")] = None,
     greedy: Annotated[bool, typer.Option("--greedy", help="Greedy search instead of beam search.")] = False,
-    batch_size: Annotated[int, typer.Option(help="Clips decoded together.")] = 4,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON list with text and token ids.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Clips (or chunks of a long file) decoded together.")] = 4,
+    chunking: Annotated[str, typer.Option(help="Long audio: nemo (NeMo's rule for the checkpoint), pauses, or off.")] = "nemo",
+    chunk_seconds: Annotated[Optional[float], typer.Option(help="Window for long audio (default: NeMo's, 40 s).")] = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="txt, json, srt or vtt.")] = "txt",
+    as_json: Annotated[bool, typer.Option("--json", help="Same as --format json.")] = False,
+    output_dir: Annotated[Optional[Path], typer.Option(help="Write one file per input here instead of stdout.")] = None,
 ) -> None:
     """Print one transcript per audio file (prefixed by its path when there are several)."""
+    from .formats import FORMATS
     from .model.load import load_model
 
+    fmt = "json" if as_json else fmt
     try:
+        if fmt not in FORMATS:
+            raise UsageError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+        if fmt in ("srt", "vtt") and len(audio) > 1 and output_dir is None:
+            raise UsageError(f"--format {fmt} with several inputs needs --output-dir (one subtitle file each)")
         loaded = load_model(model)
-        results = loaded.transcribe(
-            audio, source_lang=source_lang, target_lang=target_lang, task=task, pnc=pnc,
-            strategy="greedy" if greedy else None, beam_size=beam_size, batch_size=batch_size,
-        )
+        with _chunk_bar() as bar, warnings.catch_warnings():
+            # The warnings are printed below, once each, from the transcripts themselves.
+            warnings.simplefilter("ignore", TranscriptWarning)
+            results = loaded.transcribe(
+                audio, source_lang=source_lang, target_lang=target_lang, task=task, pnc=pnc, timestamp=timestamps,
+                strategy="greedy" if greedy else None, beam_size=beam_size, batch_size=batch_size,
+                chunking=chunking, chunk_seconds=chunk_seconds, progress=_ChunkProgress(bar),
+            )
     except CanaryConvertError as exc:
         _fail(exc)
-    if as_json:
-        typer.echo(json.dumps([{"audio": r.source, "text": r.text, "tokens": r.tokens} for r in results],
-                              ensure_ascii=False))
-        return
     for result in results:
-        typer.echo(result.text if len(results) == 1 else f"{result.source}\t{result.text}")
+        for message in result.warnings:
+            console.print(f"[bold yellow]warning:[/bold yellow] {message}", highlight=False, soft_wrap=True)
+    _write_outputs(results, fmt, output_dir)
 
 
 verify_app = typer.Typer(add_completion=False, help="Check a converted folder from the folder alone, or compare two.")

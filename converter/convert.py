@@ -146,7 +146,8 @@ def _plan(archive: NemoArchive, source: ResolvedSource, state_dict: dict[str, to
     nemo_config = archive.config()
     preset = detect_preset(nemo_config)
     layout = preset.layout(options.layout, nemo_config)
-    derived = derive_config(preset, nemo_config, state_dict, archive.artifacts(nemo_config), layout)
+    derived = derive_config(preset, nemo_config, state_dict, archive.artifacts(nemo_config), layout,
+                           set(archive.members))
     own_shapes = parameter_shapes(derived.config)
     # The bundled model's own plan proves it is filled, whichever library's names the folder is written in.
     own = plan_conversion(load_rules(preset.mapping), state_dict, own_shapes)

@@ -77,3 +77,8 @@ class UploadError(CanaryConvertError):
 class UploadRefusedError(UploadError):
     """The folder is not fit to publish (no conversion.json, failed validation, changed files, unknown licence);
     nothing was sent."""
+
+
+class TranscriptWarning(UserWarning):
+    """A transcript is known to be incomplete or altered (cut by the length budget, longer than the model's
+    window, ids outside the tokenizer); the same facts are flags on the `Transcript`."""

@@ -17,7 +17,7 @@ import numpy as np
 from .errors import CanaryConvertError, ValidationError
 from .model.audio_io import load_audio
 from .model.canary import CanaryModel
-from .model.transcribe import pad_batch
+from .model.clips import pad_batch
 
 TEST_SIGNAL_SECONDS = (2.3, 1.1, 3.4)  # a padded batch of three different lengths
 TEACHER_FORCED_TOKENS = 20

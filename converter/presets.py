@@ -4,7 +4,7 @@ and derive the MLX `config.json` from the NeMo config and the tensors' shapes.""
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -176,7 +176,8 @@ def detect_preset(nemo_config: Mapping[str, Any]) -> Preset:
     return preset
 
 
-def _derive(spec: Any, where: str, nemo_config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> Any:
+def _derive(spec: Any, where: str, nemo_config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
+            members: Collection[str]) -> Any:
     if not isinstance(spec, dict):
         raise RulesFileError(f"{where}: expected a mapping, got {spec!r}")
     if "from" in spec:
@@ -188,13 +189,15 @@ def _derive(spec: Any, where: str, nemo_config: Mapping[str, Any], tensors: Mapp
         return spec["value"]
     if "has_key" in spec:
         return spec["has_key"] in tensors
+    if "has_members" in spec:
+        return all(member in members for member in spec["has_members"])
     if "shape_of" in spec:
         key = spec["shape_of"]
         if key not in tensors:
             raise UnsupportedModelError(f"the checkpoint lacks tensor {key}, needed for {where}")
         return int(tensors[key].shape[int(spec.get("dim", 0))])
     # A nested section of config.json.
-    return {name: _derive(sub, f"{where}.{name}", nemo_config, tensors) for name, sub in spec.items()}
+    return {name: _derive(sub, f"{where}.{name}", nemo_config, tensors, members) for name, sub in spec.items()}
 
 
 @dataclass(frozen=True)
@@ -252,13 +255,17 @@ def _tokenizer_layout(nemo_config: Mapping[str, Any], artifacts: list[Artifact],
 def derive_config(
     preset: Preset, nemo_config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], artifacts: list[Artifact],
     layout: Layout | None = None,
+    members: Collection[str] = (),
 ) -> Derived:
-    """Build the MLX `config.json` from the preset's derivation table (and the layout's, when one is asked for)."""
-    values = _derive(preset.config, "config", nemo_config, tensors)
+    """Build the MLX `config.json` from the preset's derivation table (and the layout's, when one is asked for);
+    `members` are the archive's file names."""
+    values = _derive(preset.config, "config", nemo_config, tensors, members)
     values["family"] = preset.name
     root = layout.tokenizer_folder if layout is not None else "tokenizer"
     values["tokenizer"], files = _tokenizer_layout(nemo_config, artifacts, root)
-    foreign = _derive(layout.config, f"layout {layout.name}", nemo_config, tensors) if layout is not None else {}
+    foreign = {}
+    if layout is not None:
+        foreign = _derive(layout.config, f"layout {layout.name}", nemo_config, tensors, members)
     try:
         # Entries the layout sets in our own sections must still be valid for the bundled model.
         config = ModelConfig.from_dict(_deep_merge(values, {k: v for k, v in foreign.items() if k in values}))

@@ -29,6 +29,7 @@ from canary_convert import load_model
 from canary_convert.convert import ConvertOptions, convert
 from canary_convert.model.canary import CanaryModel
 from canary_convert.model.decoding import (
+    Decoded,
     DecodingOptions,
     decode,
     decode_beam,
@@ -174,10 +175,10 @@ def _nemo_decode(
     return [h.y_sequence.tolist() for h in hypotheses]
 
 
-def _ours(
+def _decoded(
     pair: Pair, options: DecodingOptions, rows: slice | None = None, trim: bool = False,
     prompts: list[list[int]] | None = None,
-) -> list[list[int]]:
+) -> list[Decoded]:
     """Our decode() on exactly the input `_nemo_decode` gets."""
     rows = rows or slice(None)
     encoded, lengths = pair.encoded[rows], pair.enc_lengths[rows]
@@ -185,6 +186,11 @@ def _ours(
         encoded = encoded[:, : int(lengths.max())]
     return decode(pair.mlx, mx.array(encoded.numpy()), mx.array(lengths.numpy()), (prompts or pair.prompts)[rows],
                   options, pair.eos, pair.pad)
+
+
+def _ours(pair: Pair, options: DecodingOptions, rows: slice | None = None, trim: bool = False,
+          prompts: list[list[int]] | None = None) -> list[list[int]]:
+    return [row.tokens for row in _decoded(pair, options, rows, trim, prompts)]
 
 
 def _budget(pair: Pair, delta: int) -> int:
@@ -248,6 +254,10 @@ def test_length_budget_is_nemos(pairs: dict[str, Pair], variant: str) -> None:
         greedy = [len(y) for y in _nemo_decode(pair, DecodingOptions("greedy", 1, 0.0, delta))]
         beam = [len(y) for y in _nemo_decode(pair, DecodingOptions("beam", 1, 0.0, delta))]
         assert max(greedy) == budget and max(beam) == budget + 1, (greedy, beam, budget)
+        # Ours says which rows the budget cut short: exactly those of NeMo's full length.
+        for strategy, full, seen in (("greedy", budget, greedy), ("beam", budget + 1, beam)):
+            decoded = _decoded(pair, DecodingOptions(strategy, 1, 0.0, delta))
+            assert [not row.ended for row in decoded] == [n == full for n in seen]
 
 
 @pytest.mark.parametrize("scenario", ["sharp", "eos", "pad"])
@@ -268,10 +278,13 @@ def test_batched_equals_alone(pairs: dict[str, Pair], variant: str, scenario: st
     alone = {name: [_nemo_decode(pair, options, slice(i, i + 1), trim=True, prompts=prompts)[0]
                     for i in range(len(SAMPLES))]
              for name, options in (("greedy", greedy), ("beam1", beam1), ("beam4", beam4))}
-    assert decode_greedy(pair.mlx, encoded, lengths, prompts, pair.eos, pair.pad, -1) == alone["greedy"]
-    assert decode_beam(pair.mlx, encoded, lengths, prompts, pair.eos, pair.pad, -1, 1, 0.0) == alone["beam1"]
-    assert decode_beam(pair.mlx, encoded, lengths, prompts, pair.eos, pair.pad, -1, 4, 1.3,
-                       tile_prompt_cache=False) == alone["beam4"]
+    def tokens(decoded: list[Decoded]) -> list[list[int]]:
+        return [row.tokens for row in decoded]
+
+    assert tokens(decode_greedy(pair.mlx, encoded, lengths, prompts, pair.eos, pair.pad, -1)) == alone["greedy"]
+    assert tokens(decode_beam(pair.mlx, encoded, lengths, prompts, pair.eos, pair.pad, -1, 1, 0.0)) == alone["beam1"]
+    assert tokens(decode_beam(pair.mlx, encoded, lengths, prompts, pair.eos, pair.pad, -1, 4, 1.3,
+                              tile_prompt_cache=False)) == alone["beam4"]
     for options in (MODES["greedy-d20"], MODES["beam4-lp0.5-d20"]):
         for i in range(len(SAMPLES)):
             rows = slice(i, i + 1)

@@ -202,6 +202,9 @@ def test_canary_prompt_matches_nemo(
         manifest[key] = nemo_manifest_prompt(model, source_lang=source, target_lang=target,
                                              taskname={"transcribe": "asr", "translate": "ast"}[task], pnc=yes(pnc))
         ours_ids[key] = build_prompt(prompt_format, tokenizer, PromptOptions(source, target, task, pnc=pnc))
+        # NeMo's manifest names are accepted as task names too (prompts/canary.py maps them the same way).
+        for alias in {"transcribe": ("asr",), "translate": ("ast", "s2t_translation")}[task]:
+            assert build_prompt(prompt_format, tokenizer, PromptOptions(source, target, alias, pnc=pnc)) == expected[key]
     assert ours_ids == expected
     assert ours_ids == manifest
 

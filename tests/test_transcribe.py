@@ -18,7 +18,7 @@ from canary_convert.convert import ConvertOptions, convert
 from canary_convert.errors import ValidationError
 from canary_convert.model.load import weight_files
 from canary_convert.model.prompts import PromptOptions, build_prompt
-from canary_convert.model.transcribe import pad_short
+from canary_convert.model.clips import pad_short
 from canary_convert.parity import (
     ParityError,
     compare_tokens,

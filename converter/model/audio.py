@@ -98,7 +98,12 @@ class AudioPreprocessor(nn.Module):
         var = mx.square(mx.where(valid, x - mean, 0.0)).sum(axis=(1, 2), keepdims=True) / (n - 1.0)
         return (x - mean) / (mx.sqrt(var) + NORMALIZE_EPS)
 
-    def __call__(self, audio: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
+    def log_mel(self, audio: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
+        """Waveforms (B, T) -> log-mel features (B, n_mels, frames) before normalisation, and frame counts.
+
+        This is NeMo's featurizer with `normalize=None`, what its buffered long-form inference computes once
+        for a whole file before normalising each chunk on its own; frames past a length are not masked.
+        """
         cfg = self.config
         x = audio.astype(mx.float32)
         lengths = lengths.astype(mx.int32)
@@ -116,6 +121,11 @@ class AudioPreprocessor(nn.Module):
         if cfg.log:
             guard = self._guard()
             mel = mx.log(mel + guard) if cfg.log_zero_guard_type == "add" else mx.log(mx.maximum(mel, guard))
+        return mel, frame_lengths
+
+    def __call__(self, audio: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
+        cfg = self.config
+        mel, frame_lengths = self.log_mel(audio, lengths)
         mel = self._normalize(mel, frame_lengths)
         # Frames past the length take pad_value, then time is padded up to a multiple of pad_to.
         mel = mx.where(valid_mask(frame_lengths, mel.shape[-1])[:, None, :], mel, cfg.pad_value)

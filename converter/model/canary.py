@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from .audio import AudioPreprocessor
 from .config import ModelConfig
@@ -12,7 +13,10 @@ from .encoder import ConformerEncoder
 from .masks import valid_mask
 from .prompts import PromptOptions
 from .tokenizer import Tokenizer
-from .transcribe import AudioInput, Transcript, decoding_options, transcribe
+from .audio_io import load_audio
+from .clips import pad_batch
+from .longform import LongFormOptions
+from .transcribe import AudioInput, FileProgress, Transcript, audio_items, decoding_options, transcribe
 
 
 class CanaryModel(nn.Module):
@@ -41,9 +45,19 @@ class CanaryModel(nn.Module):
         """
         return self.encoder.pre_encode.conv[0].weight.dtype
 
-    def preprocess(self, audio: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
-        """Waveforms (B, T) float32 and sample counts (B,) -> log-mel features (B, n_mels, T') and frame counts."""
-        return self.preprocessor(audio, lengths)
+    def preprocess(self, audio: AudioInput | mx.array, lengths: mx.array | np.ndarray | None = None) -> tuple[mx.array, mx.array]:
+        """Audio -> log-mel features (B, n_mels, T') and frame counts, as NeMo's preprocessor computes them.
+
+        `audio` is a (B, T) float32 batch with its sample counts `lengths` (B,), or what `transcribe` takes:
+        a path, a 1-D array at the model's rate, or a list of them (right-padded into one batch, not padded
+        to a second as transcribe() pads short clips).
+        """
+        if lengths is None:
+            rate = self.config.preprocessor.sample_rate
+            clips = [item if isinstance(item, np.ndarray) else load_audio(item, rate) for item in audio_items(audio)]
+            batch, counts = pad_batch(clips)
+            audio, lengths = mx.array(batch), mx.array(counts)
+        return self.preprocessor(mx.array(audio), mx.array(lengths))
 
     def encode(self, features: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
         """Features (B, n_mels, T') -> encoder states (B, T'', H_dec) in the decoder's width, and their lengths."""
@@ -104,11 +118,17 @@ class CanaryModel(nn.Module):
         beam_size: int | None = None,
         length_penalty: float | None = None,
         batch_size: int = 4,
+        chunking: str = "nemo",
+        chunk_seconds: float | None = None,
+        progress: FileProgress | None = None,
     ) -> list[Transcript]:
         """Paths or 16 kHz float32 arrays (one or a list) -> one Transcript each, with `.text` and `.tokens`.
 
         Without `source_lang` the first language of the tokenizer is used; `target_lang` defaults to it.
-        Decoding defaults come from the checkpoint (NeMo's: beam search of size 1).
+        `task` is transcribe/translate or NeMo's manifest names (asr, ast, s2t_translation). Decoding defaults
+        come from the checkpoint (NeMo's: beam search of size 1). `timestamp` asks a canary2 model for its
+        frame tokens (word and segment times). Inputs longer than the window are chunked by `chunking`
+        ("nemo", "pauses" or "off", see LongFormOptions); `progress(name, done, total)` hears of each chunk.
         """
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer: load it with canary_convert.load_model(folder)")
@@ -116,4 +136,5 @@ class CanaryModel(nn.Module):
         prompt = PromptOptions(source_lang=source, target_lang=target_lang or source, task=task, pnc=pnc,
                                itn=itn, timestamp=timestamp, diarize=diarize)
         decoding = decoding_options(self, strategy, beam_size, length_penalty)
-        return transcribe(self, self.tokenizer, audio, prompt, decoding, batch_size)
+        long_form = LongFormOptions(chunking=chunking, chunk_seconds=chunk_seconds)
+        return transcribe(self, self.tokenizer, audio, prompt, decoding, batch_size, long_form, progress)

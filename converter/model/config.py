@@ -171,6 +171,9 @@ class ModelConfig:
     quantization: dict[str, Any] | None = None
     quantization_config: dict[str, Any] | None = None
     layout: LayoutConfig | None = None  # absent in canary-convert's own layout
+    # The checkpoint carries NeMo's CTC timestamps model (not converted): NeMo then chunks long audio itself
+    # and takes timestamps from that model. Absent in folders written before this field existed.
+    timestamps_asr_model: bool = False
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:

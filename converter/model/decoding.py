@@ -88,6 +88,15 @@ class DecodingOptions:
                    config.greedy_max_generation_delta)
 
 
+@dataclass(frozen=True)
+class Decoded:
+    """One utterance's result: NeMo's y_sequence, and whether the search ended it on end-of-text (or, for
+    beam search, a pad) rather than on the length budget, which cuts the transcript short."""
+
+    tokens: list[int]
+    ended: bool
+
+
 def pad_prompts(prompts: list[list[int]], pad_id: int) -> mx.array:
     """Right-pad prompts to one length with the pad id, as NeMo's dataloader batches them."""
     if not prompts or any(not prompt for prompt in prompts):
@@ -188,7 +197,7 @@ def decode_greedy(
     pad_id: int,
     max_generation_delta: int = -1,
     max_new_tokens: int | None = None,
-) -> list[list[int]]:
+) -> list[Decoded]:
     """NeMo's greedy search (TransformerAEDGreedyInfer, no sampling): per utterance, NeMo's y_sequence.
 
     encoded: decoder-width encoder states (B, T, H) as `CanaryModel.encode` returns them; enc_lengths (B,).
@@ -201,7 +210,7 @@ def decode_greedy(
     )
     if budget <= 0:
         # NeMo runs no step at all then (and its format_hypotheses fails on the empty result).
-        return [[] for _ in range(batch)]
+        return [Decoded([], False) for _ in range(batch)]
 
     enc_lengths = enc_lengths.astype(mx.int32)
     hidden, cache = _run_prompt(model, prompt, encoded, enc_lengths, pad_id)
@@ -222,7 +231,8 @@ def decode_greedy(
         if bool(mx.all(finished).item()):
             break
     rows = mx.stack(generated, axis=1).tolist()
-    return [strip_hypothesis(row, eos_id, pad_id) for row in rows]
+    # A row ended on EOS exactly when it holds one (greedy stops a row only there).
+    return [Decoded(strip_hypothesis(row, eos_id, pad_id), eos_id in row) for row in rows]
 
 
 def decode_beam(
@@ -237,7 +247,7 @@ def decode_beam(
     length_penalty: float = 0.0,
     tile_prompt_cache: bool = True,
     max_new_tokens: int | None = None,
-) -> list[list[int]]:
+) -> list[Decoded]:
     """NeMo's beam search (TransformerAEDBeamInfer, best hypothesis): per utterance, NeMo's y_sequence.
 
     `tile_prompt_cache` mirrors NeMo's cross-utterance cache layout (see the module docstring); it only
@@ -308,7 +318,9 @@ def decode_beam(
     final = (scores / length_penalty_factor(lengths, length_penalty)).reshape(batch, k)
     winners = mx.arange(batch) * k + mx.argmax(final, axis=1).astype(mx.int32)  # first best on ties
     best_rows = mx.take(prefixes, winners, axis=0)[:, prompt_length:].tolist()
-    return [strip_hypothesis(row, eos_id, pad_id) for row in best_rows]
+    # Beam search finishes a hypothesis on EOS or pad; one that ends on anything else ran out of budget.
+    return [Decoded(strip_hypothesis(row, eos_id, pad_id), bool(row) and row[-1] in (eos_id, pad_id))
+            for row in best_rows]
 
 
 def decode(
@@ -319,7 +331,7 @@ def decode(
     options: DecodingOptions,
     eos_id: int,
     pad_id: int,
-) -> list[list[int]]:
+) -> list[Decoded]:
     """Decode a batch with NeMo's strategy named in `options`; per utterance, NeMo's y_sequence."""
     if options.is_greedy:
         return decode_greedy(model, encoded, enc_lengths, prompts, eos_id, pad_id, options.generation_delta,

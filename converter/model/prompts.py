@@ -8,13 +8,15 @@ the way NeMo's tokenizer of that layout does. Invalid requests fail before any l
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from canary_convert.errors import UsageError
 
 from .tokenizer import BOS, START_OF_CONTEXT, Tokenizer
 
 TASKS = ("transcribe", "translate")
+# NeMo's manifest names for the two tasks (prompts/canary.py TASK_TRANSCRIBE / TASK_TRANSLATE).
+TASK_ALIASES = {"asr": "transcribe", "ast": "translate", "s2t_translation": "translate"}
 PROMPT_FORMATS = ("canary", "canary2")
 # Task tokens of NeMo's canary format (prompts/canary.py maps "asr"/"ast" onto these).
 _TASK_TOKENS = {"transcribe": "<|transcribe|>", "translate": "<|translate|>"}
@@ -25,7 +27,8 @@ _EMOTION_PREFIX = "<|emo:"
 class PromptOptions:
     """What to ask the model for.
 
-    `target_lang` None means "same as the source". Only `canary2` checkpoints understand `itn`,
+    `target_lang` None means "same as the source"; `task` may also be one of NeMo's manifest names (asr, ast,
+    s2t_translation). Only `canary2` checkpoints understand `itn`,
     `timestamp`, `diarize`, `decoder_context` (text that biases the output) and `emotion`.
     """
 
@@ -102,6 +105,7 @@ def _canary2_turn(tokenizer: Tokenizer, options: PromptOptions, source: str, tar
 
 def build_prompt(prompt_format: str, tokenizer: Tokenizer, options: PromptOptions) -> list[int]:
     """The decoder prompt ids NeMo's `transcribe()` feeds for these options (the user turn only)."""
+    options = replace(options, task=TASK_ALIASES.get(options.task, options.task))
     source = _language_token(tokenizer, options.source_lang)
     target_lang = options.target_lang or options.source_lang
     target = _language_token(tokenizer, target_lang)

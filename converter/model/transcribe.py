@@ -1,8 +1,15 @@
-"""Audio in, text out: NeMo's `transcribe()` on the bundled MLX model (audio -> prompt -> decoding -> text)."""
+"""Audio in, text out: NeMo's `transcribe()` on the bundled MLX model (audio -> prompt -> decoding -> text).
+
+Inputs up to the window are batched and decoded whole, exactly as NeMo's transcribe() does; longer ones go
+through longform.py chunk by chunk. Nothing is cut silently: a transcript that the length budget ended,
+an input decoded whole although longer than the window, and generated ids the tokenizer does not know
+are flags on the `Transcript`, warnings in its `warnings`, and a `TranscriptWarning`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
@@ -10,10 +17,13 @@ from typing import TYPE_CHECKING, Union
 import mlx.core as mx
 import numpy as np
 
-from ..errors import AudioError, UsageError
-from .audio_io import load_audio
-from .decoding import DecodingOptions, decode
+from ..errors import TranscriptWarning, UsageError
+from .audio_io import open_audio
+from .clips import pad_batch, pad_short
+from .decoding import Decoded, DecodingOptions, decode
+from .longform import LongFormOptions, LongFormOutput, merged_tokens, method_for, transcribe_chunks, window_seconds
 from .prompts import PromptOptions, build_prompt
+from .timestamps import FrameWord, TimedText, frame_segments, has_frame_tokens, split_timed_text, to_seconds
 from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -21,47 +31,158 @@ if TYPE_CHECKING:
 
 AudioItem = Union[str, Path, np.ndarray]
 AudioInput = Union[AudioItem, Sequence[AudioItem]]
+FileProgress = Callable[[str, int, int], None]  # (audio name, chunks done, chunks in that file)
 
-# NeMo's transcribe() batches 4 clips at a time and pads clips shorter than 1 s with silence on both sides
-# (lhotse's cut.pad(duration=1.0, direction="both")). The batch matters for tokens: NeMo's length budget
-# is taken from the batch's padded encoder length.
+# NeMo's transcribe() batches 4 clips at a time (see clips.py for its padding). The batch matters for
+# tokens: NeMo's length budget is taken from the batch's padded encoder length.
 DEFAULT_BATCH_SIZE = 4
-PAD_MIN_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A stretch decoded in one piece: its place in the audio (seconds), the text it contributes to the
+    transcript, the tokens the decoder generated for it, and whether it ended on end-of-text (False: the
+    length budget cut it)."""
+
+    start: float
+    end: float
+    text: str
+    tokens: list[int]
+    ended: bool
 
 
 @dataclass(frozen=True)
 class Transcript:
-    """One clip's result: the text and the generated token ids (prompt and final EOS excluded)."""
+    """One input's result.
+
+    `tokens` are the generated ids behind `text` (prompt and final EOS excluded; for overlapping chunks,
+    after the overlaps are merged). `words` and `segments` carry times when the model wrote frame tokens
+    (`timestamps`); `chunks` always do. `truncated`: some piece ended on the length budget, not end-of-text;
+    `over_window`: decoded in one piece although longer than the window. `warnings` says it in words.
+    """
 
     source: str
     text: str
     tokens: list[int]
+    seconds: float = 0.0
+    chunks: tuple[Chunk, ...] = ()
+    words: tuple[TimedText, ...] = ()
+    segments: tuple[TimedText, ...] = ()
+    timestamps: bool = False
+    truncated: bool = False
+    over_window: bool = False
+    warnings: tuple[str, ...] = ()
 
 
-def _load(item: AudioItem, index: int, sample_rate: int) -> tuple[str, np.ndarray]:
-    if isinstance(item, np.ndarray):
-        if item.ndim != 1:
-            raise AudioError(f"audio array {index}: expected one channel (T,) at {sample_rate} Hz, got {item.shape}")
-        return f"<array {index}>", item.astype(np.float32, copy=False)
-    return str(item), load_audio(item, sample_rate)
+def audio_items(audio: AudioInput) -> list[AudioItem]:
+    """One path or array, or a list of them, as a list."""
+    return [audio] if isinstance(audio, (str, Path, np.ndarray)) else list(audio)
 
 
-def pad_short(samples: np.ndarray, sample_rate: int) -> np.ndarray:
-    """Centre a clip shorter than a second in silence, as NeMo's transcribe dataloader does."""
-    missing = int(PAD_MIN_SECONDS * sample_rate) - samples.size
-    if missing <= 0:
-        return samples
-    left = missing // 2
-    return np.pad(samples, (left, missing - left))
+def item_name(item: AudioItem, index: int) -> str:
+    return f"<array {index}>" if isinstance(item, np.ndarray) else str(item)
 
 
-def pad_batch(signals: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pad clips with zeros into one (B, T) float32 batch, with their sample counts."""
-    lengths = np.array([signal.size for signal in signals], dtype=np.int64)
-    batch = np.zeros((len(signals), int(lengths.max())), dtype=np.float32)
-    for row, signal in enumerate(signals):
-        batch[row, : signal.size] = signal
-    return batch, lengths
+@dataclass(frozen=True)
+class _Reader:
+    """What turns a chunk's tokens into text: the tokenizer, and whether frame tokens are to be read."""
+
+    tokenizer: Tokenizer
+    timestamps: bool
+
+    def text(self, tokens: Sequence[int]) -> tuple[str, list[FrameWord], list[int]]:
+        """(text, timed words, ids outside the tokenizer) for generated tokens."""
+        known = [token for token in tokens if token < self.tokenizer.vocab_size]
+        unknown = [token for token in tokens if token >= self.tokenizer.vocab_size]
+        text = self.tokenizer.decode(known)
+        if not self.timestamps:
+            return text, [], unknown
+        words, text = split_timed_text(text)
+        return text, words, unknown
+
+
+def _warnings(name: str, chunks: Sequence[Chunk], unknown: list[int], vocab_size: int,
+              over_window: float | None, seconds: float) -> tuple[str, ...]:
+    found = []
+    if over_window is not None:
+        found.append(f"{name}: {seconds:.1f} s is longer than the {over_window:g} s window and chunking is off: "
+                     "the model may stop early or lose words")
+    cut = [chunk for chunk in chunks if not chunk.ended]
+    if cut:
+        where = "" if len(chunks) == 1 else f" in {len(cut)} of {len(chunks)} chunks"
+        found.append(f"{name}: decoding reached the length budget before end-of-text{where}; "
+                     "the transcript is cut short")
+    if unknown:
+        listed = ", ".join(str(token) for token in sorted(set(unknown)))
+        found.append(f"{name}: the model generated id(s) {listed} past the tokenizer's {vocab_size} entries "
+                     "(padding rows of the decoder's vocabulary); kept in tokens, left out of the text")
+    return tuple(found)
+
+
+def _whole(reader: _Reader, name: str, seconds: float, decoded: Decoded, times: tuple[float, int],
+           over_window: float | None) -> Transcript:
+    """A clip decoded in one piece."""
+    text, words, unknown = reader.text(decoded.tokens)
+    chunk = Chunk(0.0, seconds, text.strip(), decoded.tokens, decoded.ended)
+    return Transcript(
+        source=name, text=text, tokens=decoded.tokens, seconds=seconds, chunks=(chunk,),
+        words=tuple(to_seconds(words, *times)), segments=tuple(to_seconds(frame_segments(words), *times)),
+        timestamps=reader.timestamps, truncated=not decoded.ended, over_window=over_window is not None,
+        warnings=_warnings(name, [chunk], unknown, reader.tokenizer.vocab_size, over_window, seconds),
+    )
+
+
+def join_chunks(tokenizer: Tokenizer, timestamps: bool, output: LongFormOutput, name: str, seconds: float,
+                times: tuple[float, int]) -> Transcript:
+    """Decoded chunks joined into one transcript: overlapping chunks merged as NeMo merges them, others end
+    to end; frame tokens (with `timestamps`) read per chunk and shifted to the chunk's place.
+
+    `times` is (window_stride, subsampling_factor), NeMo's factors from frame offsets to seconds.
+    """
+    reader = _Reader(tokenizer, timestamps)
+    stride, subsampling = times
+    chunks: list[Chunk] = []
+    words: list[TimedText] = []
+    segments: list[TimedText] = []
+    unknown: list[int] = []
+    for index, piece in enumerate(output.chunks):
+        text, frame_words, dropped = reader.text(piece.decoded.tokens)
+        unknown += dropped
+        chunks.append(Chunk(piece.start, piece.end, text.strip(), piece.decoded.tokens, piece.decoded.ended))
+        # Fixed chunks shift frame offsets by NeMo's integer frame offset; pause chunks by their start time.
+        shift = (dict(frame_offset=output.frame_offsets[index]) if output.frame_offsets is not None
+                 else dict(seconds_offset=piece.start))
+        words += to_seconds(frame_words, stride, subsampling, **shift)
+        segments += to_seconds(frame_segments(frame_words), stride, subsampling, **shift)
+    tokens: list[int] = []
+    texts: list[str] = []
+    for merged, owners in merged_tokens(output, subsampling):
+        tokens += merged
+        if output.method == "parallel":
+            texts.append(reader.text(merged)[0])
+            # Each chunk's cue shows the tokens of the merged text it contributed.
+            for index in sorted(set(owners)):
+                own = [token for token, owner in zip(merged, owners) if owner == index]
+                chunks[index] = replace(chunks[index], text=reader.text(own)[0].strip())
+        else:
+            texts += [chunks[index].text for index in sorted(set(owners))]
+    # NeMo joins the texts of its hour windows (and we those of end-to-end chunks) stripped, by one space.
+    text = " ".join(text.strip() for text in texts if text)
+    return Transcript(
+        source=name, text=text, tokens=tokens, seconds=seconds, chunks=tuple(chunks), words=tuple(words),
+        segments=tuple(segments), timestamps=timestamps, truncated=any(not chunk.ended for chunk in chunks),
+        warnings=_warnings(name, chunks, unknown, tokenizer.vocab_size, None, seconds),
+    )
+
+
+def _check_timestamps(model: CanaryModel, tokenizer: Tokenizer) -> None:
+    if model.config.timestamps_asr_model:
+        raise UsageError(
+            f"{model.config.family}: NeMo takes this checkpoint's timestamps from its separate CTC timestamps "
+            "model (timestamps_asr_model), which canary-convert does not convert yet; transcribe without timestamps"
+        )
+    if not has_frame_tokens(tokenizer):
+        raise UsageError("this checkpoint's tokenizer has no frame tokens (<|0|>, <|1|>, ...): it cannot emit timestamps")
 
 
 def transcribe(
@@ -71,26 +192,55 @@ def transcribe(
     prompt: PromptOptions,
     decoding: DecodingOptions,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    long_form: LongFormOptions | None = None,
+    progress: FileProgress | None = None,
 ) -> list[Transcript]:
-    """Transcribe (or translate) clips in batches of `batch_size`, in order."""
+    """Transcribe (or translate) inputs in order: short ones in batches of `batch_size`, long ones chunked."""
     if batch_size < 1:
         raise UsageError(f"batch_size must be at least 1, got {batch_size}")
-    items = [audio] if isinstance(audio, (str, Path, np.ndarray)) else list(audio)
-    sample_rate = model.config.preprocessor.sample_rate
+    long_form = long_form or LongFormOptions()
     prompt_ids = build_prompt(model.config.prompt_format, tokenizer, prompt)
-    results: list[Transcript] = []
-    for start in range(0, len(items), batch_size):
-        loaded = [_load(item, start + i, sample_rate) for i, item in enumerate(items[start : start + batch_size])]
-        clips = [pad_short(samples, sample_rate) for _, samples in loaded]
+    if prompt.timestamp:
+        _check_timestamps(model, tokenizer)
+    reader = _Reader(tokenizer, prompt.timestamp)
+    method = method_for(model, long_form)
+    window = window_seconds(method, long_form, prompt.timestamp)
+    times = (model.config.preprocessor.window_stride, model.config.encoder.subsampling_factor)
+    sample_rate = model.config.preprocessor.sample_rate
+    results: dict[int, Transcript] = {}
+    pending: list[tuple[int, str, np.ndarray]] = []
+
+    def flush() -> None:
+        clips = [pad_short(samples, sample_rate) for _, _, samples in pending]
         batch, lengths = pad_batch(clips)
         features, frames = model.preprocess(mx.array(batch), mx.array(lengths))
         encoded, enc_lengths = model.encode(features, frames)
-        tokens = decode(model, encoded, enc_lengths, [prompt_ids] * len(clips), decoding,
-                        tokenizer.eos_id, tokenizer.pad_id)
-        results.extend(
-            Transcript(source=name, text=tokenizer.decode(ids), tokens=ids) for (name, _), ids in zip(loaded, tokens)
-        )
-    return results
+        decoded = decode(model, encoded, enc_lengths, [prompt_ids] * len(clips), decoding,
+                         tokenizer.eos_id, tokenizer.pad_id)
+        for (index, name, samples), result in zip(pending, decoded):
+            seconds = samples.size / sample_rate
+            over = window if seconds > window else None
+            results[index] = _whole(reader, name, seconds, result, times, over)
+        pending.clear()
+
+    for index, item in enumerate(audio_items(audio)):
+        with open_audio(item, sample_rate, item_name(item, index)) as source:
+            if method != "off" and source.seconds > window:
+                report = (lambda done, total, name=source.name: progress(name, done, total)) if progress else None
+                output = transcribe_chunks(model, source, method, window, prompt_ids, decoding, batch_size,
+                                           tokenizer.eos_id, tokenizer.pad_id, long_form.pause_rule, report)
+                results[index] = join_chunks(tokenizer, prompt.timestamp, output, source.name, source.seconds, times)
+            else:
+                pending.append((index, source.name, source.read(0, source.num_samples)))
+        if len(pending) == batch_size:
+            flush()
+    if pending:
+        flush()
+    transcripts = [results[index] for index in sorted(results)]
+    for transcript in transcripts:
+        for message in transcript.warnings:
+            warnings.warn(message, TranscriptWarning, stacklevel=3)
+    return transcripts
 
 
 def decoding_options(model: CanaryModel, strategy: str | None, beam_size: int | None,
