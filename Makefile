@@ -27,12 +27,13 @@ dev: $(VENV)/.dev
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest
 
-# The example model (trained by examples/train_tiny_canary.py, committed): convert it, validate it, and
-# transcribe its clips with canary-transcribe beside the references. Needs the runtime only, not NeMo.
+# The example model (trained by examples/train_tiny_canary.py, committed): convert it, validate it,
+# transcribe its clips with canary-transcribe beside the references, then a 3-minute recording per language
+# made of those clips (written to build/demo, with its subtitles), and print the WERs. Needs the runtime only.
 demo: $(VENV)/.runtime
 	mkdir -p $(DEMO)
 	$(BIN)/canary-convert $(EXAMPLE)/tiny-canary.nemo $(DEMO)/tiny-canary-mlx --force
-	$(BIN)/python examples/demo.py $(DEMO)/tiny-canary-mlx $(EXAMPLE)
+	$(BIN)/python examples/demo.py $(DEMO)/tiny-canary-mlx $(EXAMPLE) $(DEMO)
 
 # Retrain the example model (about 25 minutes on 2 cores); needs espeak-ng and NeMo.
 example: $(VENV)/.dev

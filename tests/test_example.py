@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import soundfile
 
 from canary_convert import load_model
 from canary_convert.convert import ConvertOptions, convert
@@ -13,6 +17,10 @@ from canary_convert.model.quantized import QuantizeOptions
 from canary_convert.model.audio_io import load_audio
 from canary_convert.parity import compare_tokens, restore_nemo
 from conftest import REPO, run_cli
+
+sys.path.insert(0, str(REPO / "examples"))
+from long_audio import build_long_audio  # noqa: E402  (examples/ is not a package: the demo's own builder)
+from wer import word_error_rate  # noqa: E402
 
 EXAMPLE = REPO / "examples" / "tiny-canary"
 RECORDS = json.loads((EXAMPLE / "references.json").read_text())
@@ -76,3 +84,33 @@ def test_a_fresh_conversion_matches_the_committed_goldens(converted: dict[str, P
     assert result.returncode == 0, [c for c in checks if c["status"] != "pass"]
     assert {"test-signals: NeMo reference, encoder", "test-signals: NeMo reference, greedy tokens",
             "test-signals: translate en->de beam4 tokens"} <= {c["name"] for c in checks}
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_long_recording(converted: dict[str, Path], tmp_path: Path, lang: str) -> None:
+    """Three minutes of the committed clips joined with pauses: every utterance, in order, and the WER of
+    the clips transcribed one by one (within 2 points)."""
+    audio = build_long_audio(EXAMPLE, lang)
+    assert audio.seconds >= 180
+    model = load_model(converted["float32"])
+    alone = {record["audio"]: result.text.strip() for record, result in
+             zip(_clips(lang), model.transcribe([str(EXAMPLE / r["audio"]) for r in _clips(lang)], source_lang=lang))}
+    path = tmp_path / "long.wav"
+    soundfile.write(path, audio.samples, 16000, subtype="FLOAT")
+    cli = [str(Path(sys.executable).parent / "canary-transcribe"), str(path), "--model", str(converted["float32"]),
+           "--source-lang", lang, "--chunking", "pauses", "--chunk-seconds", "2"]  # one utterance under 2 s at a time
+    done = subprocess.run([*cli, "--format", "json"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)[0]
+    reference = " ".join(record["pnc"] for record in audio.records)
+    clip_by_clip = " ".join(alone[record["audio"]] for record in audio.records)
+    assert abs(word_error_rate([reference], [result["text"]]) - word_error_rate([reference], [clip_by_clip])) <= 0.02
+    # One chunk per utterance, each over its utterance, in order, none empty.
+    assert len(result["chunks"]) == len(audio.spans)
+    for chunk, (start, end) in zip(result["chunks"], audio.spans):
+        assert chunk["start"] < end and chunk["end"] > start and chunk["text"]
+    assert not result["truncated"] and not result["warnings"]
+    # Subtitles: one cue per utterance, in time order.
+    srt = subprocess.run([*cli, "--format", "srt"], capture_output=True, text=True, check=True).stdout
+    times = re.findall(r"^(\d\d:\d\d:\d\d,\d{3}) --> (\d\d:\d\d:\d\d,\d{3})$", srt, flags=re.M)
+    assert len(times) == len(audio.spans) and times == sorted(times)

@@ -48,10 +48,15 @@ class CanaryModel(nn.Module):
     def preprocess(self, audio: AudioInput | mx.array, lengths: mx.array | np.ndarray | None = None) -> tuple[mx.array, mx.array]:
         """Audio -> log-mel features (B, n_mels, T') and frame counts, as NeMo's preprocessor computes them.
 
-        `audio` is a (B, T) float32 batch with its sample counts `lengths` (B,), or what `transcribe` takes:
-        a path, a 1-D array at the model's rate, or a list of them (right-padded into one batch, not padded
-        to a second as transcribe() pads short clips).
+        `audio` is a (B, T) float32 batch with its sample counts `lengths` (B,) (without them every row
+        counts whole), or what `transcribe` takes: a path, a 1-D numpy array at the model's
+        rate, or a list of them (right-padded into one batch, not padded to a second as transcribe() pads
+        short clips).
         """
+        if lengths is None and (isinstance(audio, mx.array) or (isinstance(audio, np.ndarray) and audio.ndim == 2)):
+            # A batch without lengths: every row is audio all the way.
+            audio = mx.array(audio).reshape(-1, audio.shape[-1])
+            lengths = mx.full((audio.shape[0],), audio.shape[1], dtype=mx.int32)
         if lengths is None:
             rate = self.config.preprocessor.sample_rate
             clips = [item if isinstance(item, np.ndarray) else load_audio(item, rate) for item in audio_items(audio)]

@@ -52,7 +52,7 @@ def frame_chunks(num_frames: int, chunk_seconds: float, window_stride: float) ->
     step = chunk_seconds / window_stride  # a float, as NeMo keeps it
     spans, start = [], 0
     while start < num_frames:
-        stop = min(int(start + step), num_frames)
+        stop = min(max(int(start + step), start + 1), num_frames)
         spans.append(Span(start, stop))
         start = stop
     return spans

@@ -186,10 +186,17 @@ def _frames(model: CanaryModel, source: AudioSource, window: float, **run: objec
     spans = frame_chunks(frames, window, pre.window_stride)
     outputs, groups = _run(model, [spans], lambda _, batch: _frame_batch(model, source, batch),
                            model.preprocessor.hop_length / source.sample_rate, **run)
-    # NeMo shifts each chunk's frame tokens by the feature frames before it, // the subsampling factor.
-    offsets = [sum(span.size for span in spans[:index]) // model.config.encoder.subsampling_factor
-               for index in range(len(spans))]
-    return LongFormOutput("frames", outputs, groups, offsets)
+    return LongFormOutput("frames", outputs, groups, chunk_frame_offsets(spans, model.config.encoder.subsampling_factor))
+
+
+def chunk_frame_offsets(spans: Sequence[Span], subsampling_factor: int) -> list[int]:
+    """Encoder-frame shift of each fixed chunk's frame tokens: FrameBatchMultiTaskAED._join_timestamp adds
+    the feature frames of all earlier chunks, integer-divided by the subsampling factor."""
+    offsets, before = [], 0
+    for span in spans:
+        offsets.append(before // subsampling_factor)
+        before += span.size
+    return offsets
 
 
 def _parallel(model: CanaryModel, source: AudioSource, window: float, **run: object) -> LongFormOutput:
