@@ -90,6 +90,14 @@ def window_seconds(method: str, options: LongFormOptions, timestamps: bool) -> f
     return WINDOW_SECONDS
 
 
+def is_long(method: str, num_samples: int, sample_rate: int, window: float) -> bool:
+    """Whether an input goes through long-form inference rather than in one piece."""
+    if method == "parallel":
+        # NeMo's _find_optimal_chunk_size keeps a file whole only when it is shorter than the 40 s maximum.
+        return num_samples >= window * sample_rate
+    return method != "off" and num_samples > window * sample_rate
+
+
 @dataclass(frozen=True)
 class ChunkOutput:
     """One decoded chunk: where it lies in the file (seconds) and what the decoder made of it."""

@@ -21,7 +21,15 @@ from ..errors import TranscriptWarning, UsageError
 from .audio_io import open_audio
 from .clips import pad_batch, pad_short
 from .decoding import Decoded, DecodingOptions, decode
-from .longform import LongFormOptions, LongFormOutput, merged_tokens, method_for, transcribe_chunks, window_seconds
+from .longform import (
+    LongFormOptions,
+    LongFormOutput,
+    is_long,
+    merged_tokens,
+    method_for,
+    transcribe_chunks,
+    window_seconds,
+)
 from .prompts import PromptOptions, build_prompt
 from .timestamps import FrameWord, TimedText, frame_segments, has_frame_tokens, split_timed_text, to_seconds
 from .tokenizer import Tokenizer
@@ -225,7 +233,7 @@ def transcribe(
 
     for index, item in enumerate(audio_items(audio)):
         with open_audio(item, sample_rate, item_name(item, index)) as source:
-            if method != "off" and source.seconds > window:
+            if is_long(method, source.num_samples, sample_rate, window):
                 report = (lambda done, total, name=source.name: progress(name, done, total)) if progress else None
                 output = transcribe_chunks(model, source, method, window, prompt_ids, decoding, batch_size,
                                            tokenizer.eos_id, tokenizer.pad_id, long_form.pause_rule, report)
