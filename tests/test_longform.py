@@ -228,3 +228,36 @@ def test_long_form_usage_errors(converted: dict[str, Path], tmp_path: Path, args
     command = [CLI, str(wav), "--model", str(converted["canary-sub8"]), *[a.format(wav=wav) for a in args]]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 2 and message in " ".join(result.stderr.split())
+
+
+def test_audio_is_resampled_block_by_block(tmp_path: Path) -> None:
+    """A long 44.1 kHz stereo file is converted a block at a time, giving soxr's one-shot result exactly."""
+    import soxr
+
+    from canary_convert.model.audio_io import CONVERT_BLOCK
+
+    stereo = np.random.default_rng(0).standard_normal((int(50 * 44100), 2)).astype(np.float32) * 0.1
+    assert stereo.shape[0] > 2 * CONVERT_BLOCK
+    path = tmp_path / "stereo.flac"
+    soundfile.write(path, stereo, 44100, subtype="PCM_24")
+    mono = soundfile.read(path, dtype="float32")[0].mean(axis=1, dtype=np.float32)
+    expected = soxr.resample(mono, 44100, 16000, quality="HQ")
+    with open_audio(path) as source:
+        assert source.num_samples == expected.size and source.sample_rate == 16000
+        assert np.array_equal(source.read(123_456, 345_678), expected[123_456:345_678])
+        assert np.array_equal(source.read(-5, source.num_samples + 5), expected)
+
+
+def test_subtitles_from_segments_or_chunks() -> None:
+    from canary_convert.formats import to_srt, to_vtt
+    from canary_convert.model.timestamps import TimedText
+    from canary_convert.model.transcribe import Chunk, Transcript
+
+    chunks = (Chunk(0.0, 40.0, "First part.", [1], True), Chunk(40.0, 3725.5, "", [], True),
+              Chunk(3725.5, 3726.25, "Last.", [2], False))
+    plain = Transcript("a.wav", "First part. Last.", [1, 2], 3726.25, chunks)
+    assert to_srt(plain) == ("1\n00:00:00,000 --> 00:00:40,000\nFirst part.\n\n"
+                             "2\n01:02:05,500 --> 01:02:06,250\nLast.\n")
+    timed = Transcript("a.wav", "Hi there.", [1], 2.0, chunks[:1], segments=(TimedText("Hi there.", 0.08, 1.2),),
+                       timestamps=True)
+    assert to_vtt(timed) == "WEBVTT\n\n00:00:00.080 --> 00:00:01.200\nHi there.\n"
