@@ -18,9 +18,8 @@ from canary_convert.model.audio_io import load_audio
 from canary_convert.parity import compare_tokens, restore_nemo
 from conftest import REPO, run_cli
 
-sys.path.insert(0, str(REPO / "examples"))
-from long_audio import build_long_audio  # noqa: E402  (examples/ is not a package: the demo's own builder)
-from wer import word_error_rate  # noqa: E402
+from long_inputs import build_long_audio
+from wer import word_error_rate  # examples/wer.py, on the path through long_inputs
 
 EXAMPLE = REPO / "examples" / "tiny-canary"
 RECORDS = json.loads((EXAMPLE / "references.json").read_text())

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -26,51 +25,24 @@ from omegaconf import OmegaConf
 from canary_convert import load_model
 from canary_convert.convert import ConvertOptions, convert
 from canary_convert.errors import TranscriptWarning, UsageError
-from canary_convert.model.audio_io import load_audio, open_audio
+from canary_convert.model.audio_io import open_audio
 from canary_convert.model.chunking import frame_chunks
 from canary_convert.model.decoding import max_generation_length
-from canary_convert.model.longform import LongFormOptions, frame_features
+from canary_convert.model.longform import frame_features
 from canary_convert.model.prompts import PromptOptions, build_prompt
 from canary_convert.parity import nemo_prompt_slots, reference_signals, restore_nemo
 from conftest import REPO
 from factory import VARIANTS, with_timestamps_model
+from long_inputs import build_long_audio, long_signal, nemo_frame_batch, write
 
 EXAMPLE = REPO / "examples" / "tiny-canary"
 CLI = str(Path(sys.executable).parent / "canary-transcribe")
-
-
-def long_signal(seconds: float, seed: int = 5) -> np.ndarray:
-    """Speech-like stretches of different lengths end to end, over a little noise (never pure silence)."""
-    pieces = reference_signals(16000, (7.3, 11.1, 9.4, 13.2, 6.6, 8.8, 12.0, 10.9, 9.9, 4.4) * 4)
-    signal = np.concatenate(pieces)[: int(seconds * 16000)]
-    return (signal + 0.01 * np.random.default_rng(seed).standard_normal(signal.size)).astype(np.float32)
-
-
-def write(path: Path, signal: np.ndarray) -> Path:
-    soundfile.write(path, signal, 16000, subtype="FLOAT")
-    return path
 
 
 @pytest.fixture(scope="module")
 def converted(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("longform")
     return {name: convert(str(path), folder / name, ConvertOptions()).out for name, path in checkpoints.items()}
-
-
-def nemo_frame_batch(nemo: Any, path: Path, chunk_seconds: float, prompt: dict[str, str],
-                     strategy: str = "greedy", beam_size: int = 1, timestamps: bool = False) -> Any:
-    """NeMo's FrameBatchMultiTaskAED as speech_to_text_aed_chunked_infer.py runs it (batch of 4 chunks)."""
-    from nemo.collections.asr.parts.utils.streaming_utils import FrameBatchMultiTaskAED
-
-    nemo.change_decoding_strategy(OmegaConf.merge(nemo.cfg.decoding, {"strategy": strategy,
-                                                                      "beam": {"beam_size": beam_size}}))
-    frame_asr = FrameBatchMultiTaskAED(nemo, frame_len=chunk_seconds, total_buffer=chunk_seconds, batch_size=4)
-    frame_asr.reset()
-    meta = {"source_lang": prompt["source_lang"], "target_lang": prompt["target_lang"], "pnc": prompt["pnc"],
-            "taskname": "asr", "timestamp": "yes" if timestamps else "no"}
-    model_stride = nemo.cfg.preprocessor.window_stride * nemo.cfg.encoder.subsampling_factor
-    frame_asr.read_audio_file(str(path), 0, model_stride, meta_data=meta)
-    return frame_asr, frame_asr.transcribe(timestamps=timestamps)
 
 
 def _same_text(ours: str, nemo: str) -> bool:
@@ -97,25 +69,11 @@ def test_fixed_chunks_match_nemo(checkpoints: dict[str, Path], converted: dict[s
     assert [c.start for c in result.chunks] == [0.0, 40.0, 80.0] and result.chunks[-1].end == pytest.approx(95.0, abs=0.01)
 
 
-def _example_long(seconds: float, lang: str, seed: int) -> tuple[np.ndarray, list[int]]:
-    """The example's clips of one language in random order, with pauses of low noise between them."""
-    records = [r for r in json.loads((EXAMPLE / "references.json").read_text()) if r["lang"] == lang]
-    clips = [load_audio(EXAMPLE / r["audio"]) for r in records]
-    rng = np.random.default_rng(seed)
-    parts, order = [], []
-    while sum(part.size for part in parts) < seconds * 16000:
-        order.append(int(rng.integers(len(clips))))
-        pause = int(rng.uniform(0.4, 1.2) * 16000)
-        parts += [clips[order[-1]], (0.0015 * rng.standard_normal(pause)).astype(np.float32)]
-    return np.concatenate(parts), order
-
-
 def test_example_fixed_chunks_match_nemo(tmp_path: Path) -> None:
     """A trained model, whose transcript changes from chunk to chunk: greedy and batched beam-4 search."""
     nemo = restore_nemo(EXAMPLE / "tiny-canary.nemo")
     model = load_model(convert(str(EXAMPLE / "tiny-canary.nemo"), tmp_path / "mlx", ConvertOptions()).out)
-    signal, _ = _example_long(25.0, "en", seed=3)
-    path = write(tmp_path / "long.wav", signal)
+    path = write(tmp_path / "long.wav", build_long_audio(EXAMPLE, "en", seconds=25.0, seed=3).samples)
     prompt = nemo_prompt_slots("canary", "en", "en", True)
     for strategy, beam_size in (("greedy", 1), ("beam", 4)):
         frame_asr, expected = nemo_frame_batch(nemo, path, 2.0, prompt, strategy, beam_size)

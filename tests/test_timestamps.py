@@ -34,7 +34,7 @@ from canary_convert.model.timestamps import TimedText
 from canary_convert.model.transcribe import Transcript, join_chunks
 from canary_convert.parity import nemo_prompt_slots, restore_nemo
 from factory import VARIANTS, build
-from test_longform import long_signal, nemo_frame_batch, write
+from long_inputs import long_signal, nemo_frame_batch, write
 
 FRAMES = 300
 STRIDE = 0.01

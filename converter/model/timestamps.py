@@ -77,11 +77,6 @@ def _segment(words: list[FrameWord]) -> FrameWord:
     return FrameWord(" ".join(word.text for word in words), words[0].start, words[-1].end)
 
 
-def frame_seconds(window_stride: float, subsampling_factor: int) -> float:
-    """Seconds per encoder frame, the factor NeMo multiplies offsets by (stride first, then subsampling)."""
-    return window_stride * subsampling_factor
-
-
 def to_seconds(items: list[FrameWord], window_stride: float, subsampling_factor: int,
                frame_offset: int = 0, seconds_offset: float = 0.0) -> list[TimedText]:
     """Offsets (shifted by `frame_offset` encoder frames) to seconds, NeMo's `offset * stride * subsampling`."""
