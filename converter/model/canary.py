@@ -16,7 +16,7 @@ from .tokenizer import Tokenizer
 from .audio_io import load_audio
 from .clips import pad_batch
 from .longform import LongFormOptions
-from .transcribe import AudioInput, FileProgress, Transcript, audio_items, decoding_options, transcribe
+from .transcribe import AudioInput, FileProgress, Transcript, audio_items, decoding_options, transcribe, warn
 
 
 class CanaryModel(nn.Module):
@@ -142,4 +142,6 @@ class CanaryModel(nn.Module):
                                itn=itn, timestamp=timestamp, diarize=diarize)
         decoding = decoding_options(self, strategy, beam_size, length_penalty)
         long_form = LongFormOptions(chunking=chunking, chunk_seconds=chunk_seconds)
-        return transcribe(self, self.tokenizer, audio, prompt, decoding, batch_size, long_form, progress)
+        results = transcribe(self, self.tokenizer, audio, prompt, decoding, batch_size, long_form, progress)
+        warn(results)
+        return results

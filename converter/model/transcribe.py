@@ -3,7 +3,8 @@
 Inputs up to the window are batched and decoded whole, exactly as NeMo's transcribe() does; longer ones go
 through longform.py chunk by chunk. Nothing is cut silently: a transcript that the length budget ended,
 an input decoded whole although longer than the window, and generated ids the tokenizer does not know
-are flags on the `Transcript`, warnings in its `warnings`, and a `TranscriptWarning`.
+are flags on the `Transcript` and sentences in its `warnings` (which `CanaryModel.transcribe` also issues
+as `TranscriptWarning`s; internal callers that record tokens, such as goldens, get the flags alone).
 """
 
 from __future__ import annotations
@@ -244,11 +245,14 @@ def transcribe(
             flush()
     if pending:
         flush()
-    transcripts = [results[index] for index in sorted(results)]
+    return [results[index] for index in sorted(results)]
+
+
+def warn(transcripts: Sequence[Transcript], stacklevel: int = 3) -> None:
+    """Each transcript's warnings as a `TranscriptWarning` (the public API's way of not being silent)."""
     for transcript in transcripts:
         for message in transcript.warnings:
-            warnings.warn(message, TranscriptWarning, stacklevel=3)
-    return transcripts
+            warnings.warn(message, TranscriptWarning, stacklevel=stacklevel)
 
 
 def decoding_options(model: CanaryModel, strategy: str | None, beam_size: int | None,
