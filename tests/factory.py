@@ -49,6 +49,7 @@ class TinySpec:
     max_sequence_length: int = 64
     seed: int = 0
     frame_tokens: int = 0  # canary2 flash models' timestamp tokens <|0|> .. <|N-1|> in spl_tokens
+    prompt_defaults: list[dict[str, Any]] | None = None  # NeMo's prompt_defaults (role/slots turns), when set
 
 
 VARIANTS = {
@@ -144,6 +145,7 @@ def nemo_config(spec: TinySpec, tokenizer: dict[str, Any]) -> dict[str, Any]:
         "head": {"_target_": "nemo.collections.asr.parts.submodules.token_classifier.TokenClassifier",
                  "num_layers": 1, "activation": "relu", "log_softmax": True, "hidden_size": spec.dec_hidden,
                  "num_classes": None, "dropout": 0.0, "use_transformer_init": True},
+        **({"prompt_defaults": spec.prompt_defaults} if spec.prompt_defaults else {}),
         "decoding": {"strategy": "beam", "beam": {"beam_size": 1, "length_penalty": 0.5, "max_generation_delta": 20},
                      "greedy": {"max_generation_delta": 15}},
         "loss": {"_target_": "nemo.collections.common.losses.smoothed_cross_entropy.SmoothedCrossEntropyLoss",

@@ -11,7 +11,7 @@ from .config import ModelConfig
 from .decoder import KVCache, TextDecoder
 from .encoder import ConformerEncoder
 from .masks import valid_mask
-from .prompts import PromptOptions
+from .prompts import FLAGS, PromptOptions, default_slots
 from .tokenizer import Tokenizer
 from .audio_io import load_audio
 from .clips import pad_batch
@@ -109,16 +109,28 @@ class CanaryModel(nn.Module):
         hidden, _ = self.decoder(token_ids, encoded, enc_lengths, token_mask=token_mask)
         return self.decoder.logprobs(hidden)
 
+    def prompt_options(self, source_lang: str | None = None, target_lang: str | None = None, task: str | None = None,
+                       **flags: bool | None) -> PromptOptions:
+        """The prompt for what the caller asks, the rest from the checkpoint's `prompt_defaults` (see transcribe)."""
+        assert self.tokenizer is not None
+        defaults = default_slots(self.config.prompt_defaults)
+        source = source_lang or str(defaults.get("source_lang") or self.tokenizer.languages[0])
+        target = target_lang or (source if source_lang else str(defaults.get("target_lang") or source))
+        chosen = {name: value for name, value in flags.items() if value is not None}
+        options = {**{name: defaults[name] for name in FLAGS if name in defaults}, **chosen}
+        return PromptOptions(source_lang=source, target_lang=target,
+                             task=task or ("transcribe" if target == source else "translate"), **options)
+
     def transcribe(
         self,
         audio: AudioInput,
         source_lang: str | None = None,
         target_lang: str | None = None,
-        task: str = "transcribe",
-        pnc: bool = True,
-        itn: bool = False,
-        timestamp: bool = False,
-        diarize: bool = False,
+        task: str | None = None,
+        pnc: bool | None = None,
+        itn: bool | None = None,
+        timestamp: bool | None = None,
+        diarize: bool | None = None,
         strategy: str | None = None,
         beam_size: int | None = None,
         length_penalty: float | None = None,
@@ -129,17 +141,18 @@ class CanaryModel(nn.Module):
     ) -> list[Transcript]:
         """Paths or 16 kHz float32 arrays (one or a list) -> one Transcript each, with `.text` and `.tokens`.
 
-        Without `source_lang` the first language of the tokenizer is used; `target_lang` defaults to it.
-        `task` is transcribe/translate or NeMo's manifest names (asr, ast, s2t_translation). Decoding defaults
+        What is left out comes from the checkpoint's `prompt_defaults` (NeMo's own defaults), else: the
+        tokenizer's first language, target = source (a source given alone means "in that language"), task from
+        the two languages, punctuation on, itn/timestamp/diarize off. `task` is transcribe/translate or NeMo's
+        manifest names (asr, ast, s2t_translation). Decoding defaults
         come from the checkpoint (NeMo's: beam search of size 1). `timestamp` asks a canary2 model for its
         frame tokens (word and segment times). Inputs longer than the window are chunked by `chunking`
         ("nemo", "pauses" or "off", see LongFormOptions); `progress(name, done, total)` hears of each chunk.
         """
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer: load it with canary_convert.load_model(folder)")
-        source = source_lang or self.tokenizer.languages[0]
-        prompt = PromptOptions(source_lang=source, target_lang=target_lang or source, task=task, pnc=pnc,
-                               itn=itn, timestamp=timestamp, diarize=diarize)
+        prompt = self.prompt_options(source_lang, target_lang, task, pnc=pnc, itn=itn, timestamp=timestamp,
+                                     diarize=diarize)
         decoding = decoding_options(self, strategy, beam_size, length_penalty)
         long_form = LongFormOptions(chunking=chunking, chunk_seconds=chunk_seconds)
         results = transcribe(self, self.tokenizer, audio, prompt, decoding, batch_size, long_form, progress)

@@ -174,6 +174,9 @@ class ModelConfig:
     # The checkpoint carries NeMo's CTC timestamps model (not converted): NeMo then chunks long audio itself
     # and takes timestamps from that model. Absent in folders written before this field existed.
     timestamps_asr_model: bool = False
+    # NeMo's `prompt_defaults` as the checkpoint has them (role/slots turns): the prompt slots transcribe()
+    # uses when the caller gives none (prompts.default_slots reads them).
+    prompt_defaults: list[dict[str, Any]] | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
@@ -187,7 +190,7 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        for name in ("quantization", "quantization_config", "layout"):
+        for name in ("quantization", "quantization_config", "layout", "prompt_defaults"):
             if data[name] is None:
                 del data[name]
         return data

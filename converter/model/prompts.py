@@ -43,6 +43,44 @@ class PromptOptions:
     emotion: str = "undefined"
 
 
+# NeMo's spellings of a yes/no slot (prompts/canary.py BOOL_TRUE, and the slot's own token, e.g. <|pnc|>).
+_YES = {"yes", "true", "1"}
+_NO = {"no", "false", "0"}
+FLAGS = ("pnc", "itn", "timestamp", "diarize")  # the yes/no prompt slots
+
+
+def _bare(value: str) -> str:
+    """`<|en|>` -> `en`: NeMo's prompt defaults spell languages and flags either way."""
+    return value[2:-2] if value.startswith("<|") and value.endswith("|>") else value
+
+
+def _yes_no(name: str, value: object) -> bool:
+    word = _bare(str(value)).lower()
+    if word in _YES or word == name:
+        return True
+    if word in _NO or word == f"no{name}":
+        return False
+    raise ValueError(f"prompt_defaults: {name}={value!r} is neither yes nor no")
+
+
+def default_slots(prompt_defaults: list[dict] | None) -> dict[str, object]:
+    """The user turn of the checkpoint's `prompt_defaults` (NeMo's defaults when a prompt slot is not given),
+    as PromptOptions fields: languages, task and the yes/no flags it sets."""
+    user = next((turn.get("slots") or {} for turn in prompt_defaults or [] if turn.get("role") == "user"), {})
+    slots: dict[str, object] = {}
+    for name in ("source_lang", "target_lang"):
+        if user.get(name):
+            slots[name] = _bare(str(user[name]))
+    task = user.get("task", user.get("taskname"))
+    if task:
+        task = _bare(str(task))
+        slots["task"] = TASK_ALIASES.get(task, task)
+    for name in FLAGS:
+        if user.get(name) is not None:
+            slots[name] = _yes_no(name, user[name])
+    return slots
+
+
 def _flag(name: str, value: bool) -> str:
     # NeMo's canary/canary2 formats spell a yes/no slot as <|name|> or <|noname|>.
     return f"<|{name}|>" if value else f"<|no{name}|>"
