@@ -6,18 +6,30 @@ PIP    := $(BIN)/pip install --disable-pip-version-check -c constraints.txt
 DEMO   := build/demo
 EXAMPLE := examples/tiny-canary
 
-.PHONY: test demo example bench install dev clean
+.PHONY: test demo example bench install dev clean blas
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# MLX's Linux wheel multiplies with the reference BLAS it bundles; canary_convert loads the system's
+# OpenBLAS in its place (converter/blas.py), about 20x faster. PyPI has no OpenBLAS that loads without the
+# system's libgfortran and runs on every x86_64 CPU, so it comes from Debian/Ubuntu's libopenblas0-pthread.
+blas:
+	@if [ "$$(uname -s)" = Linux ] && ! /sbin/ldconfig -p | grep -q 'libopenblas\.so\.0 '; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends libopenblas0-pthread; \
+	  else \
+	    echo "note: no libopenblas.so.0; install OpenBLAS (Debian/Ubuntu: libopenblas0-pthread) for a fast MLX CPU backend"; \
+	  fi; \
+	fi
+
 # The runtime alone (no NeMo); torch comes from the pinned CPU wheel.
-$(VENV)/.runtime: pyproject.toml constraints.txt | $(BIN)/python
+$(VENV)/.runtime: pyproject.toml constraints.txt | $(BIN)/python blas
 	$(PIP) -e .
 	touch $@
 
 # Runtime plus pytest, hypothesis and NeMo (the reference the tests compare against).
-$(VENV)/.dev: pyproject.toml constraints.txt | $(BIN)/python
+$(VENV)/.dev: pyproject.toml constraints.txt | $(BIN)/python blas
 	$(PIP) -e '.[dev]'
 	touch $@ $(VENV)/.runtime
 

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .blas import BlasInfo, preload
+
 __version__ = "0.1.0"
+
+# Before anything imports MLX: on Linux its CPU backend binds its BLAS when mlx.core is first loaded.
+BLAS: BlasInfo = preload()
 
 if TYPE_CHECKING:
     from .model.canary import CanaryModel
@@ -17,4 +22,4 @@ def load_model(path: Any) -> CanaryModel:
     return _load(path)
 
 
-__all__ = ["__version__", "load_model"]
+__all__ = ["BLAS", "__version__", "load_model"]

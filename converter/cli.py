@@ -6,6 +6,7 @@ room beside the pipeline. Exit codes: 0 ok, 1 error, 2 usage, 3 validation faile
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import platform
 import re
@@ -38,7 +39,7 @@ from rich.table import Table
 from rich.text import Text
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import BLAS, __version__
 from .errors import CanaryConvertError, TranscriptWarning, UsageError
 from .parity import ParityError, ParityReport
 from .upload import UploadOptions, require_token, upload
@@ -176,6 +177,13 @@ def _exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"canary-convert {__version__}, mlx {importlib.metadata.version('mlx')}")
+        typer.echo(f"blas: {BLAS.describe()}")
+        raise typer.Exit()
+
+
 convert_app = typer.Typer(add_completion=False, help="Convert a NeMo Canary checkpoint to an MLX folder.")
 
 
@@ -199,15 +207,13 @@ def convert_command(
     upload_repo: Annotated[Optional[str], typer.Option(metavar="ORG/NAME", help="After a successful conversion, publish OUT to this Hub repo.")] = None,
     private: Annotated[bool, typer.Option("--private", help="With --upload-repo: create the repo private.")] = False,
     upload_revision: Annotated[Optional[str], typer.Option(help="With --upload-repo: commit to this branch.")] = None,
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and the BLAS MLX uses, and exit.")] = False,
 ) -> None:
     """Convert SOURCE into the MLX folder OUT, then validate it (strict load and exact round trip)."""
     from .convert import ConvertOptions, convert, plan_only
     from .quantize import quantize_options
 
-    if version:
-        typer.echo(f"canary-convert {__version__}")
-        return
     _exit_on_sigterm()
     try:
         options = ConvertOptions(dtype=dtype, revision=revision, force=force, max_shard_bytes=parse_size(max_shard_size),
