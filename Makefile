@@ -52,9 +52,11 @@ example: $(VENV)/.dev
 	command -v espeak-ng >/dev/null || (apt-get update && apt-get install -y espeak-ng)
 	$(BIN)/python examples/train_tiny_canary.py $(EXAMPLE)
 
-# Figures, not tests: conversion speed and memory, transcription speed, on a canary-180m-flash-sized model.
+# Figures, not tests: conversion, memory, load, encoder and decoder speed beside NeMo's, on checkpoints with
+# each family's real shapes (built once into build/bench/). FAMILIES=canary-180m-flash,canary-1b picks some.
+FAMILIES ?= canary-180m-flash,canary-1b-flash,canary-1b-v2,canary-1b
 bench: $(VENV)/.dev
-	$(BIN)/python benchmarks/bench_convert.py
+	$(BIN)/python benchmarks/bench.py --families $(FAMILIES)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

@@ -50,6 +50,8 @@ class TinySpec:
     seed: int = 0
     frame_tokens: int = 0  # canary2 flash models' timestamp tokens <|0|> .. <|N-1|> in spl_tokens
     prompt_defaults: list[dict[str, Any]] | None = None  # NeMo's prompt_defaults (role/slots turns), when set
+    dec_inner_factor: int = 3  # decoder feed-forward width / hidden (real Canary: 4)
+    text_vocab: int = 0  # text pieces per SentencePiece model (0: a few dozen, from TEXT alone)
 
 
 VARIANTS = {
@@ -79,6 +81,23 @@ QUANTIZABLE_VARIANTS = {
 }
 
 
+def _pseudo_words(lang: str, lines: int, seed: int) -> list[str]:
+    """Seeded lines of made-up words: enough distinct text for a SentencePiece vocabulary of real size."""
+    import random
+
+    rng = random.Random(f"{seed}-{lang}")
+    consonants, vowels = "bcdfghjklmnprstvwz", "aeiouy"
+    syllables = [c + v for c in consonants for v in vowels] + [v + c for v in vowels for c in consonants]
+    return [" ".join("".join(rng.choices(syllables, k=rng.randint(1, 4))) for _ in range(rng.randint(6, 14)))
+            for _ in range(lines)]
+
+
+def _corpus(spec: TinySpec, lang: str) -> list[str]:
+    if not spec.text_vocab:
+        return TEXT[lang] * 4
+    return TEXT[lang] * 4 + _pseudo_words(lang, 4 * spec.text_vocab, spec.seed)
+
+
 def _train_tokenizers(spec: TinySpec, folder: Path) -> dict[str, Any]:
     from nemo.collections.common.tokenizers.canary_tokenizer import CanaryTokenizer
     from nemo.collections.common.tokenizers.sentencepiece_tokenizer import create_spt_model
@@ -90,9 +109,9 @@ def _train_tokenizers(spec: TinySpec, folder: Path) -> dict[str, Any]:
 
         corpus = folder / "bpe" / "text.txt"
         corpus.parent.mkdir(parents=True)
-        corpus.write_text("\n".join(line for lang in LANGS for line in TEXT[lang] * 4))
+        corpus.write_text("\n".join(line for lang in LANGS for line in _corpus(spec, lang)))
         specials = list(dict.fromkeys(DEFAULT_TOKENS + TASK_TOKENS + lang_tokens))
-        create_spt_model(str(corpus), vocab_size=len(specials) + 60, sample_size=-1, do_lower_case=False,
+        create_spt_model(str(corpus), vocab_size=len(specials) + (spec.text_vocab or 60), sample_size=-1, do_lower_case=False,
                          output_dir=str(corpus.parent), user_defined_symbols=specials)
         return {"type": "bpe", "dir": str(corpus.parent),
                 "custom_tokenizer": {"_target_": "nemo.collections.common.tokenizers.canary_tokenizer.CanaryBPETokenizer"}}
@@ -101,8 +120,8 @@ def _train_tokenizers(spec: TinySpec, folder: Path) -> dict[str, Any]:
     for index, lang in enumerate(LANGS):
         corpus = folder / lang / "text.txt"
         corpus.parent.mkdir(parents=True)
-        corpus.write_text("\n".join(TEXT[lang] * 4))
-        create_spt_model(str(corpus), vocab_size=30 + 7 * index, sample_size=-1, do_lower_case=False,
+        corpus.write_text("\n".join(_corpus(spec, lang)))
+        create_spt_model(str(corpus), vocab_size=spec.text_vocab or 30 + 7 * index, sample_size=-1, do_lower_case=False,
                          output_dir=str(corpus.parent))
         langs[lang] = {"dir": str(corpus.parent), "type": "bpe"}
     return {"type": "agg", "dir": None, "langs": langs,
@@ -137,7 +156,7 @@ def nemo_config(spec: TinySpec, tokenizer: dict[str, Any]) -> dict[str, Any]:
                            "pre_ln_final_layer_norm": True,
                            "config_dict": {"max_sequence_length": spec.max_sequence_length, "num_token_types": 0,
                                            "embedding_dropout": 0.0, "learn_positional_encodings": False,
-                                           "hidden_size": spec.dec_hidden, "inner_size": 3 * spec.dec_hidden,
+                                           "hidden_size": spec.dec_hidden, "inner_size": spec.dec_inner_factor * spec.dec_hidden,
                                            "num_layers": spec.dec_layers, "num_attention_heads": spec.dec_heads,
                                            "ffn_dropout": 0.0, "attn_score_dropout": 0.0,
                                            "attn_layer_dropout": 0.0, "hidden_act": "relu", "pre_ln": True,
