@@ -1,10 +1,12 @@
 """NeMo's Transformer decoder (TransformerDecoderNM, pre-LN) in mlx-whisper's shape and naming.
 
-The KV cache holds projected keys/values per block: NeMo caches each layer's input hidden states
+The cache holds projected keys/values per block: NeMo caches each layer's input hidden states
 instead, but keys and values are per-position functions of those states, so the results are equal.
 """
 
 from __future__ import annotations
+
+import math
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -16,8 +18,6 @@ from .masks import valid_mask
 MASK_VALUE = -10000.0
 # NeMo builds every decoder LayerNorm with eps=1e-5.
 NORM_EPS = 1e-5
-
-KVCache = list[tuple[tuple[mx.array, mx.array], tuple[mx.array, mx.array]]]
 
 
 def additive_mask(valid: mx.array, dtype: mx.Dtype) -> mx.array:
@@ -31,55 +31,92 @@ def cross_attention_mask(lengths: mx.array, frames: int, dtype: mx.Dtype = mx.fl
     return additive_mask(valid[:, None, None, :], dtype)
 
 
-class MultiHeadAttention(nn.Module):
-    """NeMo's transformer MultiHeadAttention: q and k are each divided by d_head**0.25 before q.k^T."""
+def split_heads(x: mx.array, heads: int) -> mx.array:
+    """(B, L, H) -> (B, heads, L, H / heads)."""
+    b, length, _ = x.shape
+    return x.reshape(b, length, heads, -1).transpose(0, 2, 1, 3)
 
-    def __init__(self, hidden_size: int, n_heads: int, cross: bool = False):
+
+class KVCache:
+    """Every block's keys/values for incremental decoding, in place of a concatenation per step.
+
+    Self-attention keys/values live in (B, heads, capacity, d_head) buffers that grow `GROWTH` positions
+    at a time and are written in place; cross-attention keys/values are projected once per utterance.
+    `offset` is the number of positions already run.
+    """
+
+    GROWTH = 64
+
+    def __init__(self, cross: list[tuple[mx.array, mx.array]]):
+        self.cross = cross  # per block: (B, heads, T, d_head) keys and values of the encoder states
+        self.keys: list[mx.array] = []
+        self.values: list[mx.array] = []
+        self.offset = 0
+
+    @property
+    def frames(self) -> int:
+        return self.cross[0][0].shape[2]
+
+    def extend(self, block: int, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Store one block's keys/values (B, heads, L, d_head) for positions offset..offset+L-1; return all
+        positions so far. `advance` moves the offset once every block has been extended."""
+        end = self.offset + keys.shape[2]
+        if block == len(self.keys):
+            self.keys.append(mx.zeros((*keys.shape[:2], 0, keys.shape[3]), dtype=keys.dtype))
+            self.values.append(mx.zeros((*values.shape[:2], 0, values.shape[3]), dtype=values.dtype))
+        if self.keys[block].shape[2] < end:
+            self.keys[block] = self._grown(self.keys[block], end)
+            self.values[block] = self._grown(self.values[block], end)
+        self.keys[block][:, :, self.offset : end] = keys
+        self.values[block][:, :, self.offset : end] = values
+        return self.keys[block][:, :, :end], self.values[block][:, :, :end]
+
+    def _grown(self, buffer: mx.array, needed: int) -> mx.array:
+        b, h, _, d = buffer.shape
+        capacity = math.ceil(needed / self.GROWTH) * self.GROWTH
+        extra = mx.zeros((b, h, capacity - buffer.shape[2], d), dtype=buffer.dtype)
+        return mx.concatenate([buffer[:, :, : self.offset], extra], axis=2)
+
+    def advance(self, length: int) -> None:
+        self.offset += length
+
+    def take_rows(self, self_rows: mx.array, cross_rows: mx.array | None = None) -> None:
+        """Reorder (or repeat) the batch rows: self-attention by `self_rows`, cross-attention by `cross_rows`
+        (unchanged when None). Beam search moves each hypothesis's history to its new slot this way."""
+        self.keys = [mx.take(k, self_rows, axis=0) for k in self.keys]
+        self.values = [mx.take(v, self_rows, axis=0) for v in self.values]
+        if cross_rows is not None:
+            self.cross = [(mx.take(k, cross_rows, axis=0), mx.take(v, cross_rows, axis=0)) for k, v in self.cross]
+
+
+class MultiHeadAttention(nn.Module):
+    """NeMo's transformer MultiHeadAttention: q and k are each divided by d_head**0.25 before q.k^T.
+
+    That is the same as scaling q.k^T by 1/sqrt(d_head) once, which is what the fused attention does.
+    """
+
+    def __init__(self, hidden_size: int, n_heads: int):
         super().__init__()
-        self.cross = cross
         if hidden_size % n_heads:
             raise ValueError(f"hidden_size {hidden_size} is not a multiple of num_attention_heads {n_heads}")
         self.n_heads = n_heads
-        self.scale = (hidden_size // n_heads) ** 0.25
+        self.scale = (hidden_size // n_heads) ** -0.5
         self.query = nn.Linear(hidden_size, hidden_size)
         self.key = nn.Linear(hidden_size, hidden_size)
         self.value = nn.Linear(hidden_size, hidden_size)
         self.out = nn.Linear(hidden_size, hidden_size)
 
-    def __call__(
-        self,
-        x: mx.array,
-        xa: mx.array | None = None,
-        mask: mx.array | None = None,
-        kv_cache: tuple[mx.array, mx.array] | None = None,
-    ) -> tuple[mx.array, tuple[mx.array, mx.array]]:
-        """Self-attention: the cache holds earlier positions and is extended. Cross-attention over `xa`:
-        the cache holds its keys/values, computed once per utterance and reused (xa then unused)."""
-        q = self.query(x)
-        if not self.cross:
-            k, v = self.key(x), self.value(x)
-            if kv_cache is not None:
-                k = mx.concatenate([kv_cache[0], k], axis=1)
-                v = mx.concatenate([kv_cache[1], v], axis=1)
-        elif kv_cache is not None:
-            k, v = kv_cache
-        elif xa is not None:
-            k, v = self.key(xa), self.value(xa)
-        else:
-            raise ValueError("cross-attention needs the encoder states or their cached keys/values")
-        return self.out(self._attend(q, k, v, mask)), (k, v)
+    def project_kv(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        """Keys and values of `x` (B, L, H), split into heads: (B, heads, L, d_head) each."""
+        return split_heads(self.key(x), self.n_heads), split_heads(self.value(x), self.n_heads)
 
-    def _attend(self, q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None) -> mx.array:
-        b, lq, d = q.shape
-        h = self.n_heads
-        q = q.reshape(b, lq, h, -1).transpose(0, 2, 1, 3) / self.scale
-        k = k.reshape(b, k.shape[1], h, -1).transpose(0, 2, 3, 1) / self.scale
-        v = v.reshape(b, v.shape[1], h, -1).transpose(0, 2, 1, 3)
-        scores = q @ k
-        if mask is not None:
-            scores = scores + mask
-        weights = mx.softmax(scores.astype(mx.float32), axis=-1).astype(v.dtype)
-        return (weights @ v).transpose(0, 2, 1, 3).reshape(b, lq, d)
+    def __call__(self, x: mx.array, keys: mx.array, values: mx.array, mask: mx.array | None) -> mx.array:
+        """Queries from `x` (B, L, H) against keys/values (B, heads, S, d_head); mask additive, broadcast
+        to (B, heads, L, S)."""
+        b, length, hidden = x.shape
+        q = split_heads(self.query(x), self.n_heads)
+        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale, mask=mask)
+        return self.out(out.transpose(0, 2, 1, 3).reshape(b, length, hidden))
 
 
 class DecoderBlock(nn.Module):
@@ -91,7 +128,7 @@ class DecoderBlock(nn.Module):
         self.attn_ln = nn.LayerNorm(hidden, eps=NORM_EPS)
         self.attn = MultiHeadAttention(hidden, heads)
         self.cross_attn_ln = nn.LayerNorm(hidden, eps=NORM_EPS)
-        self.cross_attn = MultiHeadAttention(hidden, heads, cross=True)
+        self.cross_attn = MultiHeadAttention(hidden, heads)
         self.mlp_ln = nn.LayerNorm(hidden, eps=NORM_EPS)
         self.mlp1 = nn.Linear(hidden, config.inner_size)
         self.mlp2 = nn.Linear(config.inner_size, hidden)
@@ -104,20 +141,14 @@ class DecoderBlock(nn.Module):
             raise ValueError(f"unsupported decoder hidden_act={config.hidden_act!r}")
 
     def __call__(
-        self,
-        x: mx.array,
-        xa: mx.array | None,
-        mask: mx.array | None,
-        xa_mask: mx.array | None,
-        kv_cache: tuple | None = None,
-    ) -> tuple[mx.array, tuple]:
-        self_kv, cross_kv = kv_cache if kv_cache is not None else (None, None)
-        y, self_kv = self.attn(self.attn_ln(x), mask=mask, kv_cache=self_kv)
-        x = x + y
-        y, cross_kv = self.cross_attn(self.cross_attn_ln(x), xa, mask=xa_mask, kv_cache=cross_kv)
-        x = x + y
-        x = x + self.mlp2(self.act(self.mlp1(self.mlp_ln(x))))
-        return x, (self_kv, cross_kv)
+        self, x: mx.array, mask: mx.array | None, xa_mask: mx.array | None, cache: KVCache, index: int
+    ) -> mx.array:
+        """x (B, L, H) at the cache's offset; this block's keys/values go into `cache` at `index`."""
+        h = self.attn_ln(x)
+        keys, values = cache.extend(index, *self.attn.project_kv(h))
+        x = x + self.attn(h, keys, values, mask)
+        x = x + self.cross_attn(self.cross_attn_ln(x), *cache.cross[index], xa_mask)
+        return x + self.mlp2(self.act(self.mlp1(self.mlp_ln(x))))
 
 
 class TextDecoder(nn.Module):
@@ -151,17 +182,19 @@ class TextDecoder(nn.Module):
         kv_cache: KVCache | None = None,
         token_mask: mx.array | None = None,
     ) -> tuple[mx.array, KVCache]:
-        """Run `tokens` (B, L) at positions offset..offset+L-1, offset = cached length.
+        """Run `tokens` (B, L) at positions offset..offset+L-1, offset = the cache's.
 
-        xa: encoder states (B, T, H); may be None once the cache holds the cross keys/values;
+        xa: encoder states (B, T, H), needed when there is no cache yet (it then projects them once);
         xa_lengths: (B,) valid encoder frames, None = all valid;
         token_mask: optional (B, offset+L) boolean, False for pad keys (NeMo's decoder_mask), combined
         with the causal mask.
-        Returns hidden states (B, L, H) after the final LayerNorm, and the updated cache.
+        Returns hidden states (B, L, H) after the final LayerNorm, and the cache, extended by L positions.
         """
-        if xa is None and not kv_cache:
-            raise ValueError("the first decoder call needs the encoder states")
-        offset = kv_cache[0][0][0].shape[1] if kv_cache else 0
+        if kv_cache is None:
+            if xa is None:
+                raise ValueError("the first decoder call needs the encoder states")
+            kv_cache = KVCache([block.cross_attn.project_kv(xa) for block in self.blocks])
+        offset = kv_cache.offset
         length = tokens.shape[1]
         if offset + length > self.max_sequence_length:
             raise ValueError(
@@ -180,18 +213,14 @@ class TextDecoder(nn.Module):
             if token_mask is not None:
                 visible = visible & token_mask[:, None, None, :]
             mask = additive_mask(visible, x.dtype)
-        xa_mask = None
-        if xa_lengths is not None:
-            frames = xa.shape[1] if xa is not None else kv_cache[0][1][0].shape[1]
-            xa_mask = cross_attention_mask(xa_lengths, frames, x.dtype)
+        xa_mask = None if xa_lengths is None else cross_attention_mask(xa_lengths, kv_cache.frames, x.dtype)
 
-        new_cache: KVCache = []
-        for i, block in enumerate(self.blocks):
-            x, block_cache = block(x, xa, mask, xa_mask, kv_cache[i] if kv_cache else None)
-            new_cache.append(block_cache)
+        for index, block in enumerate(self.blocks):
+            x = block(x, mask, xa_mask, kv_cache, index)
+        kv_cache.advance(length)
         if "ln" in self:
             x = self.ln(x)
-        return x, new_cache
+        return x, kv_cache
 
     def logprobs(self, hidden: mx.array) -> mx.array:
         """NeMo's TokenClassifier head: tied-weight linear plus bias, then log_softmax (in float32)."""

@@ -161,13 +161,11 @@ def _logits(model: CanaryModel, hidden: mx.array) -> mx.array:
     return (decoder.token_embedding.as_linear(hidden) + decoder.output_bias).astype(mx.float32)
 
 
-def _step_mask(tokens: mx.array, offset: int, pad_id: int) -> mx.array | None:
+def _step_mask(tokens: mx.array, offset: int, pad_id: int) -> mx.array:
     """The key mask of a one-token step: NeMo masks *all* keys (-10000) of a row whose new token is pad."""
     # NeMo builds the step's decoder mask from that one token (mask_padded_tokens) and broadcasts it over
-    # every cached key; adding 0 to the rest changes nothing, so no mask is needed when no row has a pad.
+    # every cached key; the other rows get an all-visible mask, which adds exactly 0 to their scores.
     keep = tokens[:, 0] != pad_id
-    if bool(mx.all(keep).item()):
-        return None
     return mx.broadcast_to(keep[:, None], (tokens.shape[0], offset + 1))
 
 
@@ -225,10 +223,12 @@ def decode_greedy(
         best = mx.argmax(_logits(model, hidden), axis=-1).astype(mx.int32)
         # After EOS a row only emits pad (NeMo's pad_profile); only EOS ends a row, a generated pad does not.
         best = mx.where(finished, pad_id, best)
-        finished = finished | (best == eos_id)
+        previous, finished = finished, finished | (best == eos_id)
         generated.append(best)
-        mx.eval(best, finished, cache)
-        if bool(mx.all(finished).item()):
+        # Start this step, then read the previous step's flags while it runs: the one host round trip per
+        # token. Once every row had finished, this step only appended pads, which NeMo's result drops too.
+        mx.async_eval(best, finished)
+        if step and bool(mx.all(previous).item()):
             break
     rows = mx.stack(generated, axis=1).tolist()
     # A row ended on EOS exactly when it holds one (greedy stops a row only there).
@@ -274,11 +274,10 @@ def decode_beam(
     # Hypotheses are laid out utterance by utterance: row = utterance * k + rank.
     prefixes = mx.concatenate([mx.repeat(prompt, k, axis=0), first.reshape(rows, 1).astype(mx.int32)], axis=1)
     enc_lengths = mx.repeat(enc_lengths, k, axis=0)
-    spread = (lambda x: mx.tile(x, (k, 1, 1))) if tile_prompt_cache else (lambda x: mx.repeat(x, k, axis=0))
     # NeMo: decoder_mems_list[j].repeat(beam_size, 1, 1) tiles the self-attention cache, while the encoder
     # states are repeated per utterance (repeat(1, beam, 1).view(...)), so cross-attention is never tiled.
-    cache = [((spread(sk), spread(sv)), (mx.repeat(ck, k, axis=0), mx.repeat(cv, k, axis=0)))
-             for (sk, sv), (ck, cv) in cache]
+    per_utterance = mx.repeat(mx.arange(batch), k)
+    cache.take_rows(mx.tile(mx.arange(batch), k) if tile_prompt_cache else per_utterance, per_utterance)
     # NeMo starts with no hypothesis finished, even one whose first token is EOS or pad, and with length
     # prefix length + 1 for all.
     finished = mx.zeros((rows,), dtype=mx.bool_)
@@ -305,13 +304,11 @@ def decode_beam(
         new_tokens = mx.take_along_axis(step_tokens.reshape(batch, k * k), chosen.reshape(batch, k), axis=1)
         prefixes = mx.concatenate([mx.take(prefixes, parents, axis=0), new_tokens.reshape(rows, 1)], axis=1)
         # Cross-attention keys/values are the same for every row of an utterance: only self-attention moves.
-        cache = [((mx.take(sk, parents, axis=0), mx.take(sv, parents, axis=0)), cross)
-                 for (sk, sv), cross in cache]
+        cache.take_rows(parents)
         # Length = 1 + tokens that are neither EOS nor pad over the whole row, prompt included.
         real = (prefixes != eos_id) & (prefixes != pad_id)
         lengths = (1 + real.sum(axis=1, keepdims=True)).astype(mx.float32)
         finished = ~real[:, -1]
-        mx.eval(prefixes, scores, lengths, finished, cache)
         if bool(mx.all(finished).item()):
             break
 
