@@ -1,8 +1,10 @@
 """Read a `.nemo` checkpoint (plain tar, tar.gz, or a folder extracted from one) without trusting it.
 
 Members are read by name, never extracted wholesale; members that could escape (absolute paths, `..`,
-links, devices) are refused. The config goes through a safe YAML loader, the weights through
-`torch.load(weights_only=True, mmap=True)` so tensors are paged in one at a time.
+links, devices) are refused. The config goes through a safe YAML loader, the weights through torch's
+weights-only unpickler: in a plain tar they are mapped in place from the `.nemo` itself (checkpoint_zip.py),
+in a folder through `torch.load(weights_only=True, mmap=True)`, and a compressed tar is decompressed once
+into a temporary file that is then mapped the same way. Tensors are paged in as they are used.
 """
 
 from __future__ import annotations
@@ -24,7 +26,11 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .checkpoint_zip import map_checkpoint
 from .errors import ArchiveError, UnsafeArchiveError
+
+# gzip, bzip2 and xz magic numbers: tarfile opens all three (NeMo's old checkpoints are tar.gz).
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
 
 CONFIG_MEMBER = "model_config.yaml"
 WEIGHTS_MEMBER = "model_weights.ckpt"
@@ -56,6 +62,7 @@ class NemoArchive:
 
     path: Path
     members: dict[str, int]  # name -> size in bytes, regular files only
+    compressed: bool = False  # a tar.gz (or bz2, xz): members can only be streamed, not mapped
     _tar: tarfile.TarFile | None = field(default=None, repr=False)
     _tar_members: dict[str, tarfile.TarInfo] = field(default_factory=dict, repr=False)
 
@@ -134,16 +141,24 @@ class NemoArchive:
 
     @contextmanager
     def state_dict(self, on_bytes: Callable[[int], None] | None = None) -> Iterator[dict[str, torch.Tensor]]:
-        """The weights, memory-mapped from a temporary copy of the member (tar members cannot be mmapped)."""
-        with tempfile.TemporaryDirectory(prefix="canary-convert-") as scratch:
-            if self._tar is None:
-                weights_path = self.path / WEIGHTS_MEMBER
-                if WEIGHTS_MEMBER not in self.members:
-                    raise ArchiveError(f"{self.path}: member {WEIGHTS_MEMBER!r} is missing from the archive")
-            else:
+        """The weights, memory-mapped: in place from a folder or a plain tar, from a temporary copy of the
+        member when the tar is compressed (one streaming pass: a compressed member cannot be mapped)."""
+        label = f"{self.path}:{WEIGHTS_MEMBER}"
+        if WEIGHTS_MEMBER not in self.members:
+            raise ArchiveError(f"{self.path}: member {WEIGHTS_MEMBER!r} is missing from the archive")
+        info = self._tar_members.get(WEIGHTS_MEMBER)
+        if self._tar is None:
+            yield load_weights(self.path / WEIGHTS_MEMBER, label)
+        elif not self.compressed and info is not None and not info.issparse():
+            state = _require_state_dict(map_checkpoint(self.path, info.offset_data, info.size, label), label)
+            if on_bytes is not None:
+                on_bytes(info.size)
+            yield state
+        else:
+            with tempfile.TemporaryDirectory(prefix="canary-convert-") as scratch:
                 weights_path = Path(scratch) / WEIGHTS_MEMBER
                 self.copy_member(WEIGHTS_MEMBER, weights_path, on_bytes)
-            yield load_weights(weights_path, label=f"{self.path}:{WEIGHTS_MEMBER}")
+                yield load_weights(weights_path, label)
 
     def close(self) -> None:
         if self._tar is not None:
@@ -165,6 +180,10 @@ def load_weights(path: Path, label: str) -> dict[str, torch.Tensor]:
         raise UnsafeArchiveError(f"{label}: refused by torch's weights-only loader: {first_line}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
         raise ArchiveError(f"{label}: not a readable torch checkpoint: {exc}") from None
+    return _require_state_dict(loaded, label)
+
+
+def _require_state_dict(loaded: Any, label: str) -> dict[str, torch.Tensor]:
     if not isinstance(loaded, dict) or not all(
         isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in loaded.items()
     ):
@@ -179,11 +198,13 @@ def open_archive(path: Path) -> NemoArchive:
     if not path.is_file():
         raise ArchiveError(f"{path}: no such file")
     try:
+        with path.open("rb") as handle:
+            compressed = handle.read(6).startswith(_COMPRESSED_MAGIC)
         tar = tarfile.open(path, mode="r:*")
         infos = tar.getmembers()
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         raise ArchiveError(f"{path}: not a readable .nemo archive (tar or tar.gz): {exc}") from None
-    archive = NemoArchive(path=path, members={}, _tar=tar)
+    archive = NemoArchive(path=path, members={}, compressed=compressed, _tar=tar)
     try:
         for info in infos:
             name = _member_name(info.name)

@@ -28,7 +28,7 @@ from .model.config import LayoutConfig
 from .presets import OWN_LAYOUT, Derived, detect_preset, derive_config
 from .quantize import QuantizationPlan, check_quantized_tree, module_path, plan_quantization
 from .rules import Plan, load_rules, plan_conversion
-from .source import ResolvedSource, resolve_source, sha256_of, source_card_licence
+from .source import ResolvedSource, SourceDigest, resolve_source, source_card_licence
 from .validate import ValidationReport, validate_folder
 from .writer import (
     DEFAULT_MAX_SHARD_BYTES,
@@ -211,6 +211,8 @@ def convert(source_arg: str, out: Path, options: ConvertOptions, reporter: Repor
     if options.parity:
         require_nemo()
     with _opened(source_arg, options, reporter) as (archive, source, state_dict):
+        # A folder has no archive to hash; its weights file identifies it.
+        digest = SourceDigest(source.path / WEIGHTS_MEMBER if source.kind == "folder" else source.path)
         conversion = _plan(archive, source, state_dict, options)
         stored = conversion.stored
         with staged_output(out, options.force) as staging:
@@ -228,7 +230,7 @@ def convert(source_arg: str, out: Path, options: ConvertOptions, reporter: Repor
             clips = load_clips(options.parity_audio, model.config.preprocessor.sample_rate)
             with reporter.task("goldens", 0, 1):
                 write_goldens(staging / GOLDENS_FILE, record_goldens(model, clips, conversion.parity))
-            record = _provenance(conversion, options)
+            record = _provenance(conversion, options, digest.result())
             (staging / CARD_FILE).write_text(_card(conversion, options, record, staging, source_arg, out.name))
             conversion.manifest = build_manifest(staging, hashed)
             record["manifest"] = {name: entry.to_dict() for name, entry in conversion.manifest.items()}
@@ -248,12 +250,10 @@ def _card(conversion: Conversion, options: ConvertOptions, record: dict[str, Any
                                  repo_id=options.upload_repo, parity=conversion.parity))
 
 
-def _provenance(conversion: Conversion, options: ConvertOptions) -> dict[str, Any]:
+def _provenance(conversion: Conversion, options: ConvertOptions, sha256: str) -> dict[str, Any]:
     source = conversion.source
     record = source.provenance()
-    # A folder has no archive to hash; its weights file identifies it.
-    hashed = source.path / WEIGHTS_MEMBER if source.kind == "folder" else source.path
-    record["sha256"] = sha256_of(hashed)
+    record["sha256"] = sha256
     plan = conversion.plan
     return {
         "converter": {"name": "canary-convert", "version": __version__},

@@ -10,6 +10,7 @@ import hashlib
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -182,3 +183,43 @@ def resolve_folder(target: str, revision: str | None = None, tqdm_class: Any = N
     request = _HubRequest(target, revision, "the repo", "download the repo elsewhere and pass its folder")
     with _hub_errors(request):
         return Path(snapshot_download(target, revision=revision, tqdm_class=tqdm_class))
+
+
+_SHA256_NAME = re.compile(r"^[0-9a-f]{64}$")
+
+
+def hub_cache_sha256(path: Path) -> str | None:
+    """The sha256 the Hub cache already knows: it stores an LFS file as blobs/<its sha256> (a regular git
+    file's blob is named by its 40-hex git hash instead, which is no sha256)."""
+    blob = path.resolve()
+    if blob.parent.name == "blobs" and _SHA256_NAME.match(blob.name):
+        return "sha256:" + blob.name
+    return None
+
+
+class SourceDigest:
+    """The source's sha256 for conversion.json, off the conversion's critical path: the Hub cache's own when
+    it has one, else computed on a thread while the conversion runs (hashlib releases the GIL)."""
+
+    def __init__(self, path: Path):
+        self._value = hub_cache_sha256(path)
+        self._error: OSError | None = None
+        self._thread: threading.Thread | None = None
+        if self._value is None:
+            # A daemon: a failed conversion exits without waiting for the hash it no longer needs.
+            self._thread = threading.Thread(target=self._compute, args=(path,), name="source-sha256", daemon=True)
+            self._thread.start()
+
+    def _compute(self, path: Path) -> None:
+        try:
+            self._value = sha256_of(path)
+        except OSError as exc:
+            self._error = exc
+
+    def result(self) -> str:
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None:
+            raise SourceError(f"{self._error.filename}: cannot read it to hash it: {self._error.strerror}")
+        assert self._value is not None
+        return self._value

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import struct
 import tarfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -63,6 +65,65 @@ def test_tar_gz_and_extracted_folder_read_the_same(checkpoint: Path, tmp_path: P
         with plain.state_dict() as a, packed.state_dict() as b, extracted.state_dict() as c:
             assert sorted(a) == sorted(b) == sorted(c)
             assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
+
+
+def _mapped_files(address: int) -> set[str]:
+    """The files mapped at `address` in this process, from /proc/self/maps."""
+    found = set()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        low, high = (int(part, 16) for part in fields[0].split("-"))
+        if low <= address < high and len(fields) == 6:
+            found.add(fields[5])
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc to see the mappings")
+def test_plain_tar_weights_are_mapped_in_place(checkpoint: Path) -> None:
+    reference = torch.load(io.BytesIO(_members(checkpoint)[WEIGHTS_MEMBER]), weights_only=True)
+    with open_archive(checkpoint) as archive, archive.state_dict() as state:
+        assert sorted(state) == sorted(reference)
+        for key, tensor in reference.items():
+            assert torch.equal(state[key], tensor) and state[key].stride() == tensor.stride(), key
+            # the tensor's bytes are pages of the .nemo itself: no copy, no temporary file
+            assert _mapped_files(state[key].data_ptr()) == {str(checkpoint.resolve())}, key
+
+
+def _central_entry(ckpt: bytes, suffix: str) -> int:
+    """Where the central-directory entry of the record whose name ends with `suffix` starts."""
+    name = next(n for n in zipfile.ZipFile(io.BytesIO(ckpt)).namelist() if n.endswith(suffix)).encode()
+    start = ckpt.index(b"PK\x01\x02")
+    while ckpt[start + 46 : start + 46 + len(name)] != name:
+        start = ckpt.index(b"PK\x01\x02", start + 1)
+    return start
+
+
+def _with_field(ckpt: bytes, suffix: str, offsets: tuple[int, ...], value: int) -> bytes:
+    """The checkpoint with 32-bit fields of one record's central-directory entry set to `value`."""
+    patched = bytearray(ckpt)
+    entry = _central_entry(ckpt, suffix)
+    for offset in offsets:
+        struct.pack_into("<I", patched, entry + offset, value)
+    return bytes(patched)
+
+
+# Central-directory fields (zip spec): compressed size at 20, uncompressed size at 24, local header offset at 42.
+@pytest.mark.parametrize(
+    ("offsets", "value", "message"),
+    [
+        ((42,), 1 << 30, r"record \S+/data/0 starts at 1073741824, outside the member"),
+        ((42,), 7, r"record \S+/data/0 has no local header at offset 7"),
+        ((20, 24), 12, r"record \S+/data/0 holds 12 bytes, but its \d+ torch\.\w+ elements need \d+"),
+    ],
+)
+def test_corrupt_storage_record_is_refused(checkpoint: Path, tmp_path: Path, offsets: tuple[int, ...],
+                                           value: int, message: str) -> None:
+    members = _members(checkpoint)
+    members[WEIGHTS_MEMBER] = _with_field(members[WEIGHTS_MEMBER], "/data/0", offsets, value)
+    with open_archive(_write_tar(tmp_path / "m.nemo", members)) as archive:
+        with pytest.raises(ArchiveError, match=r"m\.nemo:model_weights\.ckpt: " + message):
+            with archive.state_dict():
+                pass
 
 
 def test_config_interpolations_are_resolved(checkpoint: Path, tmp_path: Path) -> None:

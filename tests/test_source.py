@@ -8,6 +8,7 @@ huggingface_hub reads HF_ENDPOINT, HF_HUB_OFFLINE and HF_HOME when it is importe
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from typing import Any
 import pytest
 
 from canary_convert.errors import HubUnreachableError, SourceError
-from canary_convert.source import hub_filename, resolve_source
+from canary_convert.source import SourceDigest, hub_cache_sha256, hub_filename, resolve_source
 from conftest import run_cli
 from hub_cache import repo_cache, seed_cache
 from hub_server import HubServer, commit_id, loopback_env
@@ -225,6 +226,16 @@ def test_download_then_offline_cache_hit(hf_home: Path, hub: HubServer, lfs: boo
     assert offline["provenance"] == first["provenance"]
     assert pinned["provenance"] == {**first["provenance"], "revision": repo.commit}
     assert hub.requests == []  # offline makes no request; a cached pinned commit needs none
+
+
+@pytest.mark.parametrize("lfs", [False, True], ids=["regular", "lfs"])
+def test_source_sha256_comes_from_the_cache_for_lfs_files(hf_home: Path, hub: HubServer, lfs: bool) -> None:
+    """An LFS download's cache blob is named by its sha256: conversion.json takes it without reading the file."""
+    hub.add_repo(REPO_ID, {FILENAME: CONTENT}, lfs=lfs)
+    path = Path(resolve_in_subprocess(REPO_ID, hf_home=hf_home, endpoint=hub.url)["provenance"]["path"])
+    expected = "sha256:" + hashlib.sha256(CONTENT).hexdigest()
+    assert hub_cache_sha256(path) == (expected if lfs else None)
+    assert SourceDigest(path).result() == expected
 
 
 def test_cached_main_is_checked_but_not_downloaded_again(hf_home: Path, hub: HubServer) -> None:

@@ -12,21 +12,15 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import DecoderConfig
-from .masks import valid_mask
+from .masks import additive_mask, valid_mask
 
-# NeMo's form_attention_mask adds (1 - mask) * -10000 to the scores (NEG_INF in transformer_utils).
-MASK_VALUE = -10000.0
 # NeMo builds every decoder LayerNorm with eps=1e-5.
 NORM_EPS = 1e-5
 
 
-def additive_mask(valid: mx.array, dtype: mx.Dtype) -> mx.array:
-    """Boolean "may attend" -> NeMo's additive form: 0 where allowed, -10000 where not."""
-    return mx.where(valid, mx.array(0.0, dtype=dtype), mx.array(MASK_VALUE, dtype=dtype))
-
-
 def cross_attention_mask(lengths: mx.array, frames: int, dtype: mx.Dtype = mx.float32) -> mx.array:
-    """(B, 1, 1, frames) additive mask hiding encoder frames past each utterance's length."""
+    """(B, 1, 1, frames) additive mask hiding encoder frames past each utterance's length (NeMo's
+    form_attention_mask adds (1 - mask) * -10000 to the scores)."""
     valid = valid_mask(lengths, frames)
     return additive_mask(valid[:, None, None, :], dtype)
 

@@ -14,13 +14,18 @@ import mlx.nn as nn
 import numpy as np
 
 from .config import EncoderConfig
-from .masks import valid_mask
+from .masks import additive_mask, valid_mask
 
-# NeMo's INF_VAL in multi_head_attention.py: masked scores are filled with -10000, not -inf.
-MASK_VALUE = -10000.0
 # torch.nn.LayerNorm and BatchNorm1d defaults, which NeMo's conformer uses unchanged.
 NORM_EPS = 1e-5
 
+
+
+def _frame_mask(lengths: mx.array, x: mx.array) -> mx.array:
+    """1 on the real frames of x (B, T, ...), 0 on padding, shaped to multiply x: a product, rather than
+    mx.where, keeps the masking vectorised on MLX's CPU backend."""
+    valid = valid_mask(lengths, x.shape[1]).astype(x.dtype)
+    return valid.reshape(*valid.shape, *([1] * (x.ndim - 2)))
 
 
 def _conv_length(lengths: mx.array) -> mx.array:
@@ -56,19 +61,20 @@ class ConvSubsampling(nn.Module):
         # NeMo flattens (channel, frequency) channel-major into the linear's input.
         self.out = nn.Linear(channels * freq, config.d_model)
 
-    def __call__(self, x: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
-        """x (B, T, F) -> (B, T', d_model); lengths follow each stride-2 conv."""
+    def __call__(self, x: mx.array, lengths: mx.array, padded: bool) -> tuple[mx.array, mx.array]:
+        """x (B, T, F) -> (B, T', d_model); lengths follow each stride-2 conv. Without `padded` frames
+        every mask is all ones and is skipped."""
         x = x[..., None]  # (B, T, F, 1): time is the conv's height, frequency its width
-        valid = valid_mask(lengths, x.shape[1])[:, :, None, None]
         for layer in self.conv:
             # MaskedConvSequential zeroes padded frames before every layer ...
-            x = mx.where(valid, x, mx.zeros((), dtype=x.dtype))
+            if padded:
+                x = x * _frame_mask(lengths, x)
             x = layer(x)
-            # ... and recomputes the mask after each strided conv.
+            # ... and recomputes the lengths after each strided conv.
             if isinstance(layer, nn.Conv2d) and layer.stride != (1, 1):
                 lengths = _conv_length(lengths)
-                valid = valid_mask(lengths, x.shape[1])[:, :, None, None]
-        x = mx.where(valid, x, mx.zeros((), dtype=x.dtype))
+        if padded:
+            x = x * _frame_mask(lengths, x)
         b, t, f, c = x.shape
         x = x.transpose(0, 1, 3, 2).reshape(b, t, c * f)
         return self.out(x), lengths
@@ -119,25 +125,29 @@ class RelPositionMultiHeadAttention(nn.Module):
         x = mx.pad(x, [(0, 0), (0, 0), (0, 0), (1, 0)]).reshape(b, h, p + 1, t)
         return x[:, :, 1:].reshape(b, h, t, p)
 
-    def __call__(self, x: mx.array, pos_emb: mx.array, mask: mx.array) -> mx.array:
-        """x (B, T, d); pos_emb (2T-1, d); mask (B, 1, T, T) True where query and key are both valid."""
+    def __call__(self, x: mx.array, pos_emb: mx.array, mask: mx.array | None, valid: mx.array | None) -> mx.array:
+        """x (B, T, d); pos_emb (2T-1, d); mask (B, 1, T, T) additive, -10000 unless query and key are both
+        real frames, and valid (B, T, 1) 1 on real frames (both None when no frame is padding)."""
         b, t, _ = x.shape
         h, dk = self.n_heads, self.d_head
+        scale = 1 / math.sqrt(dk)
         q = self.linear_q(x).reshape(b, t, h, dk)
         k = self.linear_k(x).reshape(b, t, h, dk).transpose(0, 2, 1, 3)
         v = self.linear_v(x).reshape(b, t, h, dk).transpose(0, 2, 1, 3)
         p = self.linear_pos(pos_emb).reshape(1, -1, h, dk).transpose(0, 2, 1, 3)
         q_u = (q + self.pos_bias_u).transpose(0, 2, 1, 3)
         q_v = (q + self.pos_bias_v).transpose(0, 2, 1, 3)
-        matrix_ac = q_u @ k.transpose(0, 1, 3, 2)
-        # NeMo shifts the full (T, 2T-1) product, then keeps the first T columns.
-        matrix_bd = self.rel_shift(q_v @ p.transpose(0, 1, 3, 2))[..., :t]
-        scores = (matrix_ac + matrix_bd) / math.sqrt(dk)
-        scores = mx.where(mask, scores, mx.array(MASK_VALUE, dtype=scores.dtype))
-        weights = mx.softmax(scores.astype(mx.float32), axis=-1).astype(scores.dtype)
-        # NeMo zeroes the weights of masked pairs after the softmax: padded query rows become all zero.
-        weights = mx.where(mask, weights, mx.zeros((), dtype=weights.dtype))
-        out = (weights @ v).transpose(0, 2, 1, 3).reshape(b, t, h * dk)
+        # NeMo shifts the full (T, 2T-1) product, then keeps the first T columns; the fused attention adds
+        # it, scaled, to (q+u)k^T/sqrt(d_head).
+        bias = self.rel_shift(q_v @ p.transpose(0, 1, 3, 2))[..., :t] * scale
+        if mask is not None:
+            # NeMo fills masked scores with -10000; adding -10000 gives those keys the same zero weight.
+            bias = bias + mask
+        out = mx.fast.scaled_dot_product_attention(q_u, k, v, scale=scale, mask=bias)
+        out = out.transpose(0, 2, 1, 3).reshape(b, t, h * dk)
+        if valid is not None:
+            # NeMo zeroes the weights of masked pairs after the softmax: padded query rows become all zero.
+            out = out * valid
         return self.linear_out(out)
 
 
@@ -188,13 +198,14 @@ class ConvModule(nn.Module):
         self.batch_norm = BatchNorm(d_model)
         self.pointwise_conv2 = nn.Conv1d(d_model, d_model, 1, bias=use_bias)
 
-    def __call__(self, x: mx.array, valid: mx.array) -> mx.array:
-        """x (B, T, d); valid (B, T, 1) True on real frames."""
+    def __call__(self, x: mx.array, valid: mx.array | None) -> mx.array:
+        """x (B, T, d); valid (B, T, 1) 1 on real frames (None when no frame is padding)."""
         x = self.pointwise_conv1(x)
         a, gate = mx.split(x, 2, axis=-1)  # torch GLU: first half times sigmoid(second half)
         x = a * mx.sigmoid(gate)
         # NeMo zeroes padded frames before the depthwise conv so they cannot leak into real ones.
-        x = mx.where(valid, x, mx.zeros((), dtype=x.dtype))
+        if valid is not None:
+            x = x * valid
         x = self.depthwise_conv(x)
         x = nn.silu(self.batch_norm(x))
         return self.pointwise_conv2(x)
@@ -217,9 +228,9 @@ class ConformerLayer(nn.Module):
         self.feed_forward2 = FeedForward(d, d_ff, bias)
         self.norm_out = nn.LayerNorm(d, eps=NORM_EPS)
 
-    def __call__(self, x: mx.array, pos_emb: mx.array, att_mask: mx.array, valid: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, pos_emb: mx.array, att_mask: mx.array | None, valid: mx.array | None) -> mx.array:
         x = x + 0.5 * self.feed_forward1(self.norm_feed_forward1(x))
-        x = x + self.self_attn(self.norm_self_att(x), pos_emb, att_mask)
+        x = x + self.self_attn(self.norm_self_att(x), pos_emb, att_mask, valid)
         x = x + self.conv(self.norm_conv(x), valid)
         x = x + 0.5 * self.feed_forward2(self.norm_feed_forward2(x))
         return self.norm_out(x)
@@ -244,15 +255,21 @@ class ConformerEncoder(nn.Module):
 
     def __call__(self, features: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
         x = features.transpose(0, 2, 1)  # NeMo transposes (B, F, T) to (B, T, F) before subsampling
-        x, lengths = self.pre_encode(x, lengths.astype(mx.int32))
+        lengths = lengths.astype(mx.int32)
+        # NeMo masks padded frames at every stage; when no utterance is shorter than the batch, every mask
+        # is all ones and costs time for nothing (one look at the lengths decides it).
+        padded = bool(mx.any(lengths < x.shape[1]).item())
+        x, lengths = self.pre_encode(x, lengths, padded)
         if self.xscale is not None:
             x = x * self.xscale
         t = x.shape[1]
         pos_emb = mx.array(relative_positions(t, self.d_model)).astype(x.dtype)
-        valid = valid_mask(lengths, t)
-        # NeMo's att_mask: a pair is visible only when both its query and its key are real frames.
-        att_mask = (valid[:, :, None] & valid[:, None, :])[:, None]
-        valid = valid[:, :, None]
+        att_mask = valid = None
+        if padded:
+            real = valid_mask(lengths, t)
+            # NeMo's att_mask: a pair is visible only when both its query and its key are real frames.
+            att_mask = additive_mask((real[:, :, None] & real[:, None, :])[:, None], x.dtype)
+            valid = real[:, :, None].astype(x.dtype)
         for layer in self.layers:
             x = layer(x, pos_emb, att_mask, valid)
         return x, lengths
