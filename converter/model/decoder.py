@@ -11,6 +11,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from .activations import attention
 from .config import DecoderConfig
 from .masks import additive_mask, valid_mask
 
@@ -86,7 +87,7 @@ class KVCache:
 class MultiHeadAttention(nn.Module):
     """NeMo's transformer MultiHeadAttention: q and k are each divided by d_head**0.25 before q.k^T.
 
-    That is the same as scaling q.k^T by 1/sqrt(d_head) once, which is what the fused attention does.
+    That is the same as scaling q.k^T by 1/sqrt(d_head) once, which is what `attention` does.
     """
 
     def __init__(self, hidden_size: int, n_heads: int):
@@ -109,7 +110,7 @@ class MultiHeadAttention(nn.Module):
         to (B, heads, L, S)."""
         b, length, hidden = x.shape
         q = split_heads(self.query(x), self.n_heads)
-        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale, mask=mask)
+        out = attention(q, keys, values, self.scale, mask)
         return self.out(out.transpose(0, 2, 1, 3).reshape(b, length, hidden))
 
 

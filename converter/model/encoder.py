@@ -13,6 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .activations import attention, sigmoid, silu
 from .config import EncoderConfig
 from .masks import additive_mask, valid_mask
 
@@ -143,7 +144,7 @@ class RelPositionMultiHeadAttention(nn.Module):
         if mask is not None:
             # NeMo fills masked scores with -10000; adding -10000 gives those keys the same zero weight.
             bias = bias + mask
-        out = mx.fast.scaled_dot_product_attention(q_u, k, v, scale=scale, mask=bias)
+        out = attention(q_u, k, v, scale, bias)
         out = out.transpose(0, 2, 1, 3).reshape(b, t, h * dk)
         if valid is not None:
             # NeMo zeroes the weights of masked pairs after the softmax: padded query rows become all zero.
@@ -160,7 +161,7 @@ class FeedForward(nn.Module):
         self.linear2 = nn.Linear(d_ff, d_model, bias=use_bias)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.linear2(nn.silu(self.linear1(x)))
+        return self.linear2(silu(self.linear1(x)))
 
 
 class BatchNorm(nn.Module):
@@ -202,12 +203,12 @@ class ConvModule(nn.Module):
         """x (B, T, d); valid (B, T, 1) 1 on real frames (None when no frame is padding)."""
         x = self.pointwise_conv1(x)
         a, gate = mx.split(x, 2, axis=-1)  # torch GLU: first half times sigmoid(second half)
-        x = a * mx.sigmoid(gate)
+        x = a * sigmoid(gate)
         # NeMo zeroes padded frames before the depthwise conv so they cannot leak into real ones.
         if valid is not None:
             x = x * valid
         x = self.depthwise_conv(x)
-        x = nn.silu(self.batch_norm(x))
+        x = silu(self.batch_norm(x))
         return self.pointwise_conv2(x)
 
 
