@@ -62,7 +62,12 @@ def _status_bytes(pid: int) -> tuple[int, int] | None:
 
 
 def run_sampled(command: list[str]) -> Sampled:
-    """Run `command`, sampling /proc/PID/status every 10 ms; fail loudly with its output if it fails."""
+    """Run `command`, sampling /proc/PID/status every 10 ms; fail loudly with its output if it fails.
+
+    Writes count until they are on disk: the dirty pages of earlier commands are flushed before the clock
+    starts, and the command's own before it stops (otherwise one command's writes slow the next one down).
+    """
+    os.sync()
     with tempfile.TemporaryFile("w+") as output:
         started = time.perf_counter()
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=CHILD_ENV)
@@ -76,6 +81,7 @@ def run_sampled(command: list[str]) -> Sampled:
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         _, status, usage = os.wait4(process.pid, 0)
+        os.sync()
         seconds = time.perf_counter() - started
         process.returncode = os.waitstatus_to_exitcode(status)
         sampler.join()
@@ -124,7 +130,7 @@ def build_checkpoint(family: str) -> Path:
 
 
 def copy_seconds(source: Path) -> float:
-    """Wall time of `cp` of the same file to the same disk the conversion writes to."""
+    """Wall time of `cp` of the same file to the same disk the conversion writes to, until on disk."""
     target = WORK / "cp-target.nemo"
     sampled = run_sampled(["cp", str(source), str(target)])
     target.unlink()

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
