@@ -53,12 +53,14 @@ example: $(VENV)/.dev
 	$(BIN)/python examples/train_tiny_canary.py $(EXAMPLE)
 
 # Figures, not tests: conversion, memory, load, encoder and decoder speed beside NeMo's, on checkpoints with
-# each family's real shapes (built once into build/bench/). FAMILIES=canary-180m-flash,canary-1b picks some.
+# each family's real shapes (built once into build/bench/). FAMILIES=canary-180m-flash,canary-1b and
+# OUTPUTS=float32 pick some.
 # OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE, which some machines set for old OpenBLAS builds, pin a slower kernel:
 # the benchmark runs without them, as on a user's machine, and prints the kernel OpenBLAS chose.
 FAMILIES ?= canary-180m-flash,canary-1b-flash,canary-1b-v2,canary-1b
+OUTPUTS ?= float32,float16,8-bit
 bench: $(VENV)/.dev
-	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(BIN)/python benchmarks/bench.py --families $(FAMILIES)
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(BIN)/python benchmarks/bench.py --families $(FAMILIES) --outputs $(OUTPUTS)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache
