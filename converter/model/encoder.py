@@ -138,8 +138,8 @@ class RelPositionMultiHeadAttention(nn.Module):
         p = self.linear_pos(pos_emb).reshape(1, -1, h, dk).transpose(0, 2, 1, 3)
         q_u = (q + self.pos_bias_u).transpose(0, 2, 1, 3)
         q_v = (q + self.pos_bias_v).transpose(0, 2, 1, 3)
-        # NeMo shifts the full (T, 2T-1) product, then keeps the first T columns; the fused attention adds
-        # it, scaled, to (q+u)k^T/sqrt(d_head).
+        # NeMo shifts the full (T, 2T-1) product, then keeps the first T columns; `attention` adds it,
+        # scaled, to (q+u)k^T/sqrt(d_head) as an additive mask.
         bias = self.rel_shift(q_v @ p.transpose(0, 1, 3, 2))[..., :t] * scale
         if mask is not None:
             # NeMo fills masked scores with -10000; adding -10000 gives those keys the same zero weight.
