@@ -111,8 +111,8 @@ def _train_tokenizers(spec: TinySpec, folder: Path) -> dict[str, Any]:
         corpus.parent.mkdir(parents=True)
         corpus.write_text("\n".join(line for lang in LANGS for line in _corpus(spec, lang)))
         specials = list(dict.fromkeys(DEFAULT_TOKENS + TASK_TOKENS + lang_tokens))
-        create_spt_model(str(corpus), vocab_size=len(specials) + (spec.text_vocab or 60), sample_size=-1, do_lower_case=False,
-                         output_dir=str(corpus.parent), user_defined_symbols=specials)
+        create_spt_model(str(corpus), vocab_size=len(specials) + (spec.text_vocab or 60), sample_size=-1,
+                         do_lower_case=False, output_dir=str(corpus.parent), user_defined_symbols=specials)
         return {"type": "bpe", "dir": str(corpus.parent),
                 "custom_tokenizer": {"_target_": "nemo.collections.common.tokenizers.canary_tokenizer.CanaryBPETokenizer"}}
     CanaryTokenizer.build_special_tokenizer(TASK_TOKENS + lang_tokens, folder / "spl_tokens", force_rebuild=True)
