@@ -1,11 +1,12 @@
 """Golden outputs: what a converted folder's model gives on fixed test signals, recorded inside OUT at
 conversion time (`goldens.json`), so `canary-convert verify` can check the folder anywhere, from itself.
 
-Per group of signals (the synthetic test signals; the `--parity-audio` clips, referenced by sha256):
+Per group of signals (the synthetic test signals; the `--parity-audio` clips, referenced by sha256), run as
+one padded batch that every stage and search starts from:
 - each stage's fingerprint: per utterance, statistics of its valid region and the values at fixed
   pseudo-random positions (features; encoder states; teacher-forced log-probs on fixed tokens);
 - per prompt (transcribe; translate when the tokenizer has a second language) and decoding mode (greedy,
-  beam 4, the checkpoint's default), the token ids, capped at `MAX_NEW_TOKENS` new tokens, and at each
+  beam 4), the token ids, capped at `MAX_NEW_TOKENS` new tokens, and at each
   decoded position the gap between the two best log-probabilities (a near-tie below `Tolerances.near_tie`
   is where another backend may legitimately choose differently);
 - when `--parity` ran, NeMo's own stage fingerprints (same positions) and token ids, as the reference.
@@ -27,10 +28,10 @@ import numpy as np
 from . import __version__
 from .errors import CanaryConvertError
 from .model.canary import CanaryModel
-from .model.decoding import DecodingOptions, strip_hypothesis
+from .model.clips import pad_batch
+from .model.decoding import DecodingOptions, decode, strip_hypothesis
 from .model.prompts import PromptOptions, build_prompt
-from .model.transcribe import pad_short, transcribe
-from .parity import TOKEN_MODES, ParityReport, StageOutputs, mlx_stages, reference_signals
+from .parity import TOKEN_MODES, ParityReport, StageOutputs, reference_signals, teacher_forced_tokens
 
 GOLDENS_FILE = "goldens.json"
 SCHEMA = "canary-convert/goldens"
@@ -131,46 +132,73 @@ def golden_prompts(model: CanaryModel) -> list[PromptOptions]:
 
 
 def golden_modes(model: CanaryModel) -> dict[str, DecodingOptions]:
-    """Greedy, beam 4 and the checkpoint's own default search, each capped at MAX_NEW_TOKENS."""
+    """Greedy and beam 4 with the checkpoint's length penalty and budgets, each capped at MAX_NEW_TOKENS."""
     default = replace(DecodingOptions.from_config(model.config.decoding), max_new_tokens=MAX_NEW_TOKENS)
-    modes = {name: replace(default, strategy=strategy, beam_size=beam) for name, (strategy, beam) in TOKEN_MODES.items()}
-    modes["default"] = default
-    return modes
+    return {name: replace(default, strategy=strategy, beam_size=beam) for name, (strategy, beam) in TOKEN_MODES.items()}
 
 
-def _gaps(model: CanaryModel, signal: np.ndarray, prompt: list[int], tokens: list[int]) -> list[float]:
+@dataclass(frozen=True)
+class GroupRun:
+    """One pass of the model over a group of signals as one padded batch: each stage's output, and the
+    encoder states (as MLX arrays) that every golden prompt and mode decodes from."""
+
+    stages: StageOutputs
+    encoded: mx.array
+    enc_lengths: mx.array
+
+
+def run_group(model: CanaryModel, signals: Sequence[np.ndarray]) -> GroupRun:
+    """Features, encoder states and teacher-forced log-probs (BOS then fixed tokens) of a padded batch."""
+    assert model.tokenizer is not None
+    batch, lengths = pad_batch(list(signals))
+    features, frames = model.preprocess(mx.array(batch), mx.array(lengths))
+    encoded, enc_lengths = model.encode(features, frames)
+    tokens = teacher_forced_tokens(model.tokenizer.vocab_size, len(signals), [model.tokenizer.bos_id])
+    logprobs = model.decoder_logprobs(mx.array(tokens), encoded, enc_lengths)
+    as_numpy = lambda array: np.array(array.astype(mx.float32) if array.dtype != mx.int32 else array)  # noqa: E731
+    stages = StageOutputs(as_numpy(features), as_numpy(frames), as_numpy(encoded), as_numpy(enc_lengths),
+                          as_numpy(logprobs))
+    return GroupRun(stages, encoded, enc_lengths)
+
+
+def decode_group(model: CanaryModel, run: GroupRun, prompt: PromptOptions, options: DecodingOptions) -> list[list[int]]:
+    """Every utterance of the group decoded with one prompt and mode, from the group's encoder states."""
+    assert model.tokenizer is not None
+    ids = build_prompt(model.config.prompt_format, model.tokenizer, prompt)
+    decoded = decode(model, run.encoded, run.enc_lengths, [ids] * run.encoded.shape[0], options,
+                     model.tokenizer.eos_id, model.tokenizer.pad_id)
+    return [result.tokens for result in decoded]
+
+
+def gaps(model: CanaryModel, run: GroupRun, row: int, prompt: PromptOptions, tokens: list[int]) -> list[float]:
     """At each decoded position (and the one after, where the search chose to stop), the gap between the
-    two best log-probabilities, teacher-forced on the utterance alone."""
-    clip = pad_short(signal, model.config.preprocessor.sample_rate)
-    features, frames = model.preprocess(mx.array(clip[None]), mx.array([clip.size]))
-    encoded, lengths = model.encode(features, frames)
-    ids = (prompt + tokens)[: model.decoder.max_sequence_length]
-    logprobs = model.decoder_logprobs(mx.array([ids]), encoded, lengths)[0, len(prompt) - 1:]
-    top = mx.topk(logprobs, 2, axis=-1)  # unsorted: the gap is the difference of the two, either way
+    two best log-probabilities, teacher-forced on one utterance of the group."""
+    assert model.tokenizer is not None
+    prompt_ids = build_prompt(model.config.prompt_format, model.tokenizer, prompt)
+    ids = (prompt_ids + tokens)[: model.decoder.max_sequence_length]
+    logprobs = model.decoder_logprobs(mx.array([ids]), run.encoded[row: row + 1], run.enc_lengths[row: row + 1])
+    top = mx.topk(logprobs[0, len(prompt_ids) - 1:], 2, axis=-1)  # unsorted: the gap is |a - b| either way
     return [round(float(gap), 6) for gap in np.abs(np.diff(np.array(top), axis=-1))[:, 0]]
 
 
-def decode_goldens(model: CanaryModel, signals: Sequence[np.ndarray]) -> list[dict[str, Any]]:
-    """Token ids and near-tie gaps of every golden prompt and mode on `signals`."""
-    assert model.tokenizer is not None
+def decode_goldens(model: CanaryModel, run: GroupRun) -> list[dict[str, Any]]:
+    """Token ids and near-tie gaps of every golden prompt and mode."""
     records = []
     for prompt in golden_prompts(model):
-        prompt_ids = build_prompt(model.config.prompt_format, model.tokenizer, prompt)
         for mode, options in golden_modes(model).items():
-            results = transcribe(model, model.tokenizer, list(signals), prompt, options)
-            tokens = [result.tokens for result in results]
+            tokens = decode_group(model, run, prompt, options)
             records.append({"prompt": asdict(prompt), "mode": mode, "strategy": options.strategy,
                             "beam_size": options.beam_size, "length_penalty": options.length_penalty,
                             "tokens": tokens,
-                            "gaps": [_gaps(model, s, prompt_ids, t) for s, t in zip(signals, tokens)]})
+                            "gaps": [gaps(model, run, row, prompt, ids) for row, ids in enumerate(tokens)]})
     return records
 
 
 def _group(model: CanaryModel, signals: list[np.ndarray], reference: StageOutputs | None,
            reference_tokens: Mapping[str, list[list[int]]] | None) -> dict[str, Any]:
-    stages = mlx_stages(model, signals)
-    group: dict[str, Any] = {"stages": {stage: fingerprint(stages, stage) for stage in STAGES},
-                             "decoding": decode_goldens(model, signals)}
+    run = run_group(model, signals)
+    group: dict[str, Any] = {"stages": {stage: fingerprint(run.stages, stage) for stage in STAGES},
+                             "decoding": decode_goldens(model, run)}
     if reference is not None:
         group["reference"] = {
             "source": "NeMo (canary-convert --parity)",

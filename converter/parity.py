@@ -254,19 +254,6 @@ def compare_stages(nemo: Any, model: CanaryModel, signals: list[np.ndarray]) -> 
     return report
 
 
-def mlx_stages(model: CanaryModel, signals: list[np.ndarray]) -> StageOutputs:
-    """The converted model's own outputs at each stage (what the golden outputs fingerprint)."""
-    assert model.tokenizer is not None
-    batch, lengths = pad_batch(signals)
-    features, frames = model.preprocess(mx.array(batch), mx.array(lengths))
-    encoded, enc_lengths = model.encode(features, frames)
-    tokens = teacher_forced_tokens(model.tokenizer.vocab_size, len(signals), [model.tokenizer.bos_id])
-    logprobs = model.decoder_logprobs(mx.array(tokens), encoded, enc_lengths)
-    as_numpy = lambda array: np.array(array.astype(mx.float32) if array.dtype != mx.int32 else array)  # noqa: E731
-    return StageOutputs(as_numpy(features), as_numpy(frames), as_numpy(encoded), as_numpy(enc_lengths),
-                        as_numpy(logprobs))
-
-
 # Decoding modes the token check runs: NeMo's default search and a real beam.
 TOKEN_MODES = {"greedy": ("greedy", 1), "beam4": ("beam", 4)}
 

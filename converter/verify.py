@@ -27,14 +27,17 @@ from .goldens import (
     STAGES,
     GoldensError,
     Tolerances,
-    _gaps,
     fingerprint,
     first_difference,
+    GroupRun,
+    decode_group,
+    gaps,
     golden_modes,
     goldens_digest,
     load_clips,
     read_goldens,
     record_goldens,
+    run_group,
     write_goldens,
     same_up_to_cap,
     signals_digest,
@@ -42,13 +45,11 @@ from .goldens import (
 )
 from .manifest import CONVERSION_FILE, hash_file, manifest_problems, read_record, recorded_manifest
 from .model.canary import CanaryModel
-from .model.decoding import DecodingOptions
 from .model.config import ModelConfig
 from .model.load import CONFIG_FILE, load_model, read_tensors, weight_files
-from .model.prompts import PromptOptions, build_prompt
+from .model.prompts import PromptOptions
 from .model.quantized import read_quantization
-from .model.transcribe import transcribe
-from .parity import mlx_stages, reference_signals
+from .parity import reference_signals
 
 REPORT_SCHEMA = "canary-convert/verify-report"
 REPORT_VERSION = 1
@@ -202,40 +203,36 @@ def _describe(prompt: Mapping[str, Any], mode: str) -> str:
     return f"{prompt['task']} {prompt['source_lang']}->{target} {mode}"
 
 
-def check_decoding(group_name: str, golden: Mapping[str, Any], model: CanaryModel, signals: list[np.ndarray],
-                   tolerances: Tolerances) -> Check:
-    """Run one golden prompt and mode again; a first difference at a recorded near-tie is advisory."""
-    assert model.tokenizer is not None
+def check_decoding(group_name: str, golden: Mapping[str, Any], model: CanaryModel, run: GroupRun,
+                   tolerances: Tolerances) -> tuple[Check, list[list[int]]]:
+    """Decode one golden prompt and mode again (and return the tokens); a first difference at a recorded
+    near-tie is advisory."""
     prompt = PromptOptions(**golden["prompt"])
-    if golden["mode"] == "default":  # what users get: the folder's current defaults
-        options = golden_modes(model)["default"]
-    else:
-        options = replace(DecodingOptions.from_config(model.config.decoding), strategy=golden["strategy"],
-                          beam_size=golden["beam_size"], length_penalty=golden["length_penalty"],
-                          max_new_tokens=MAX_NEW_TOKENS)
+    options = replace(golden_modes(model)["greedy"], strategy=golden["strategy"], beam_size=golden["beam_size"],
+                      length_penalty=golden["length_penalty"])
     name = f"{group_name}: {_describe(golden['prompt'], golden['mode'])} tokens"
-    now = [result.tokens for result in transcribe(model, model.tokenizer, signals, prompt, options)]
-    prompt_ids = build_prompt(model.config.prompt_format, model.tokenizer, prompt)
+    now = decode_group(model, run, prompt, options)
     advisories = []
-    for index, (old, new) in enumerate(zip(golden["tokens"], now)):
+    for row, (old, new) in enumerate(zip(golden["tokens"], now)):
         at = first_difference(old, new)
         if at is None:
             continue
-        gaps = golden["gaps"][index] + [float("inf")]
-        new_gaps = _gaps(model, signals[index], prompt_ids, new) + [float("inf")]
-        gap = min(gaps[min(at, len(gaps) - 1)], new_gaps[min(at, len(new_gaps) - 1)])
-        where = f"utterance {index}, token {at}: {old[at:at + 3]} -> {new[at:at + 3]}"
+        recorded = golden["gaps"][row] + [float("inf")]
+        current = gaps(model, run, row, prompt, new) + [float("inf")]
+        gap = min(recorded[min(at, len(recorded) - 1)], current[min(at, len(current) - 1)])
+        where = f"utterance {row}, token {at}: {old[at:at + 3]} -> {new[at:at + 3]}"
         if gap >= tolerances.near_tie:
-            return Check(name, "fail", f"{where} (top-2 gap {gap:.2e}, not a near-tie)", stage="decoding")
+            return Check(name, "fail", f"{where} (top-2 gap {gap:.2e}, not a near-tie)", stage="decoding"), now
         advisories.append(f"{where} at a near-tie (gap {gap:.2e} < {tolerances.near_tie:g})")
     if advisories:
-        return Check(name, "advisory", "; ".join(advisories), stage="decoding")
-    return Check(name, "pass", f"{len(now)} utterances identical")
+        return Check(name, "advisory", "; ".join(advisories), stage="decoding"), now
+    return Check(name, "pass", f"{len(now)} utterances identical"), now
 
 
 def check_reference(group_name: str, group: Mapping[str, Any], now: Mapping[str, Any], model: CanaryModel,
-                    signals: list[np.ndarray]) -> list[Check]:
-    """Against NeMo's own outputs recorded at conversion, within the parity limits of the precision."""
+                    greedy_now: list[list[int]] | None) -> list[Check]:
+    """Against NeMo's own outputs recorded at conversion, within the parity limits of the precision;
+    `greedy_now` is this run's greedy transcription in the first language (NeMo's reference prompt)."""
     from .parity import precision_of
 
     assert model.tokenizer is not None
@@ -253,12 +250,9 @@ def check_reference(group_name: str, group: Mapping[str, Any], now: Mapping[str,
         checks.append(Check(name, "pass" if distance <= limit else "fail", f"{distance:.2e} (parity limit {limit:g})",
                             stage=stage))
     nemo_greedy = reference["tokens"].get("greedy")
-    if nemo_greedy:
-        language = model.tokenizer.languages[0]
-        options = golden_modes(model)["greedy"]
-        ours = [r.tokens for r in transcribe(model, model.tokenizer, signals, PromptOptions(language), options)]
+    if nemo_greedy and greedy_now is not None:
         same = all(same_up_to_cap(MAX_NEW_TOKENS, ref, mine, model.tokenizer.eos_id, model.tokenizer.pad_id)
-                   for ref, mine in zip(nemo_greedy, ours))
+                   for ref, mine in zip(nemo_greedy, greedy_now))
         checks.append(Check(f"{group_name}: NeMo reference, greedy tokens", "pass" if same else "fail",
                             f"first {MAX_NEW_TOKENS} tokens {'identical to' if same else 'differ from'} NeMo's",
                             stage="decoding"))
@@ -267,19 +261,27 @@ def check_reference(group_name: str, group: Mapping[str, Any], now: Mapping[str,
 
 def verify_goldens(goldens: Mapping[str, Any], model: CanaryModel, tolerances: Tolerances,
                    clips: Sequence[tuple[str, np.ndarray, str]] = ()) -> list[Check]:
+    assert model.tokenizer is not None
     checks = [check_config(goldens, model)]
+    # NeMo's reference transcribed in the first language with punctuation: the golden prompt of that name.
+    reference_prompt = asdict(PromptOptions(model.tokenizer.languages[0]))
     for group_name, group in goldens["groups"].items():
         signals = _group_signals(group_name, group, model, clips)
         if isinstance(signals, str):
             checks.append(Check(f"{group_name}: stages and tokens", "skipped", signals))
             continue
-        stages = mlx_stages(model, signals)
-        now = {stage: fingerprint(stages, stage, [row["positions"] for row in group["stages"][stage]])
+        run = run_group(model, signals)
+        now = {stage: fingerprint(run.stages, stage, [row["positions"] for row in group["stages"][stage]])
                for stage in STAGES}
         checks += check_stages(group_name, group["stages"], now, tolerances)
-        checks += [check_decoding(group_name, golden, model, signals, tolerances) for golden in group["decoding"]]
+        greedy_now = None
+        for golden in group["decoding"]:
+            check, tokens = check_decoding(group_name, golden, model, run, tolerances)
+            checks.append(check)
+            if golden["mode"] == "greedy" and golden["prompt"] == reference_prompt:
+                greedy_now = tokens
         if "reference" in group:
-            checks += check_reference(group_name, group, now, model, signals)
+            checks += check_reference(group_name, group, now, model, greedy_now)
     return checks
 
 

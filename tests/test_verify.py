@@ -89,7 +89,7 @@ def test_fresh_conversions_verify(checkpoints: dict[str, Path], quantizable_chec
         assert names[:3] == ["manifest", "strict load", "config"]
         assert {"test-signals: features", "test-signals: encoder", "test-signals: logprobs",
                 "test-signals: transcribe en->en greedy tokens", "test-signals: transcribe en->en beam4 tokens",
-                "test-signals: translate en->de default tokens"} <= set(names)
+                "test-signals: translate en->de beam4 tokens"} <= set(names)
 
 
 def test_the_cli_report_and_junit(converted: Path, tmp_path: Path) -> None:
