@@ -14,22 +14,28 @@ $(BIN)/python:
 # MLX's Linux wheel multiplies with the reference BLAS it bundles; canary_convert loads the system's
 # OpenBLAS in its place (converter/blas.py), about 20x faster. PyPI has no OpenBLAS that loads without the
 # system's libgfortran and runs on every x86_64 CPU, so it comes from Debian/Ubuntu's libopenblas0-pthread.
+# The install also compiles converter/native/gemv_forward.c, which sends MLX's matrix-vector products to
+# OpenBLAS's sgemv (3x the decoder's speed with OpenBLAS 0.3.21), so Linux needs a C compiler too.
 blas:
-	@if [ "$$(uname -s)" = Linux ] && ! /sbin/ldconfig -p | grep -q 'libopenblas\.so\.0 '; then \
-	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends libopenblas0-pthread; \
+	@if [ "$$(uname -s)" = Linux ]; then \
+	  missing=""; \
+	  /sbin/ldconfig -p | grep -q 'libopenblas\.so\.0 ' || missing="libopenblas0-pthread"; \
+	  command -v cc >/dev/null || missing="$$missing gcc libc6-dev"; \
+	  if [ -z "$$missing" ]; then :; \
+	  elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; \
 	  else \
-	    echo "note: no libopenblas.so.0; install OpenBLAS (Debian/Ubuntu: libopenblas0-pthread) for a fast MLX CPU backend"; \
+	    echo "note: install $$missing (Debian/Ubuntu) for a fast MLX CPU backend"; \
 	  fi; \
 	fi
 
 # The runtime alone (no NeMo); torch comes from the pinned CPU wheel.
-$(VENV)/.runtime: pyproject.toml constraints.txt | $(BIN)/python blas
+$(VENV)/.runtime: pyproject.toml setup.py converter/native/gemv_forward.c constraints.txt | $(BIN)/python blas
 	$(PIP) -e .
 	touch $@
 
 # Runtime plus pytest, hypothesis and NeMo (the reference the tests compare against).
-$(VENV)/.dev: pyproject.toml constraints.txt | $(BIN)/python blas
+$(VENV)/.dev: pyproject.toml setup.py converter/native/gemv_forward.c constraints.txt | $(BIN)/python blas
 	$(PIP) -e '.[dev]'
 	touch $@ $(VENV)/.runtime
 

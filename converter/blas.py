@@ -7,6 +7,12 @@ symbol scope, so loading OpenBLAS there (RTLD_GLOBAL) before `mlx.core` is impor
 Python imports extension modules with RTLD_NOW: once `mlx.core` is loaded its BLAS is fixed for the
 life of the process, which is why this runs when `canary_convert` is imported, before any MLX import.
 
+MLX calls `cblas_sgemm` for every float32 product, the (1, K) x (K, N) ones of a decoder step included, and
+OpenBLAS before 0.3.27 runs those at a third of the bandwidth its `cblas_sgemv` reaches. So the package's
+one compiled piece, `_gemv_forward` (native/gemv_forward.c), is loaded into the global scope first: its
+`cblas_sgemm` is the one MLX binds to, and it sends matrix-vector products to OpenBLAS's sgemv and the
+rest to OpenBLAS's sgemm.
+
 `CANARY_CONVERT_BLAS=reference` keeps MLX's bundled BLAS; `CANARY_CONVERT_BLAS=/path/to/libopenblas.so`
 picks a library. By default the system's `libopenblas.so.0` is used (Debian and Ubuntu:
 `libopenblas0-pthread`, which `make install` installs).
@@ -15,9 +21,11 @@ picks a library. By default the system's `libopenblas.so.0` is used (Debian and 
 from __future__ import annotations
 
 import ctypes
+import importlib.machinery
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 ENV_VAR = "CANARY_CONVERT_BLAS"
 OPT_OUT = "reference"
@@ -34,18 +42,69 @@ class BlasInfo:
     library: str | None = None  # the file loaded, when one was
     threads: int | None = None
     reason: str = ""  # why the reference BLAS is in use
+    gemv_forward: str = ""  # "" when matrix-vector products go to sgemv, else why they do not
 
     def describe(self) -> str:
         if self.library is None:
             return f"{self.name} ({self.reason})" if self.reason else self.name
-        return f"{self.name}, {self.threads} thread(s), {self.library}"
+        products = "vector products by sgemv" if not self.gemv_forward else f"no sgemv forwarding: {self.gemv_forward}"
+        return f"{self.name}, {self.threads} thread(s), {products}, {self.library}"
 
 
-def _openblas_info(library: ctypes.CDLL, path: str) -> BlasInfo:
+def gemv_forwarded() -> int:
+    """How many products this process's MLX has sent to sgemv so far (0 where the forwarding is not loaded)."""
+    forward = _forward_library()
+    if forward is None:
+        return 0
+    forward.canary_gemv_forwarded.restype = ctypes.c_long
+    return int(forward.canary_gemv_forwarded())
+
+
+def _forward_path() -> Path | None:
+    """The built `_gemv_forward` extension beside this file, if the install compiled it."""
+    here = Path(__file__).parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        if (here / f"_gemv_forward{suffix}").is_file():
+            return here / f"_gemv_forward{suffix}"
+    return None
+
+
+def _forward_library() -> ctypes.CDLL | None:
+    path = _forward_path()
+    if path is None:
+        return None
+    try:
+        # RTLD_NOLOAD: a handle only if preload() already put the library in this process.
+        return ctypes.CDLL(str(path), mode=os.RTLD_NOLOAD | ctypes.RTLD_GLOBAL)
+    except OSError:
+        return None
+
+
+def _forward_ahead_of(library: ctypes.CDLL) -> str:
+    """Put the sgemv-forwarding cblas_sgemm into the global scope, bound to `library`; "" or why not.
+
+    It is loaded only once both targets are known, since an unbound forwarder would be called by MLX.
+    """
+    path = _forward_path()
+    if path is None:
+        return "the _gemv_forward extension was not built (no C compiler at install time)"
+    try:
+        sgemm, sgemv = library.cblas_sgemm, library.cblas_sgemv
+    except AttributeError:
+        return "the BLAS has no cblas_sgemv"
+    try:
+        forward = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+    except OSError as error:
+        return f"{path.name} cannot be loaded: {error}"
+    forward.canary_gemv_bind(ctypes.cast(sgemm, ctypes.c_void_p), ctypes.cast(sgemv, ctypes.c_void_p))
+    return ""
+
+
+def _openblas_info(library: ctypes.CDLL, path: str, gemv_forward: str) -> BlasInfo:
     library.openblas_get_config.restype = ctypes.c_char_p
     library.openblas_get_num_threads.restype = ctypes.c_int
     config = library.openblas_get_config().decode(errors="replace").strip()
-    return BlasInfo(name=config, library=path, threads=library.openblas_get_num_threads())
+    return BlasInfo(name=config, library=path, threads=library.openblas_get_num_threads(), gemv_forward=gemv_forward)
 
 
 def _loaded_path(library: ctypes.CDLL) -> str:
@@ -70,13 +129,16 @@ def preload() -> BlasInfo:
         return BlasInfo(name=REFERENCE, reason="mlx was imported before canary_convert; import canary_convert first")
     wanted = choice or DEFAULT_LIBRARY
     try:
-        library = ctypes.CDLL(wanted, mode=ctypes.RTLD_GLOBAL)
+        library = ctypes.CDLL(wanted, mode=ctypes.RTLD_LOCAL)
     except OSError:
         hint = "install libopenblas0-pthread (Debian/Ubuntu)" if not choice else f"{ENV_VAR}={choice} cannot be loaded"
         return BlasInfo(name=REFERENCE, reason=f"{wanted} not found: {hint}")
+    # The global scope is searched in load order: the forwarding cblas_sgemm goes in before the BLAS's own.
+    gemv_forward = _forward_ahead_of(library)
+    library = ctypes.CDLL(wanted, mode=ctypes.RTLD_GLOBAL)
     try:
-        return _openblas_info(library, _loaded_path(library))
+        return _openblas_info(library, _loaded_path(library), gemv_forward)
     except AttributeError:
         # Another BLAS given by path: it is loaded and MLX will bind to it, but it cannot describe itself.
-        return BlasInfo(name=os.path.basename(wanted), library=wanted)
+        return BlasInfo(name=os.path.basename(wanted), library=wanted, gemv_forward=gemv_forward)
 

@@ -1,6 +1,7 @@
 """MLX's CPU backend multiplies with OpenBLAS once canary_convert is imported, and the opt-outs hold.
 
-The dynamic linker itself says which library `libmlx.so`'s `cblas_sgemm` was bound to (LD_DEBUG=bindings).
+The dynamic linker itself says which library `libmlx.so`'s `cblas_sgemm` was bound to (LD_DEBUG=bindings):
+the package's sgemv forwarder, which passes every product on to OpenBLAS.
 """
 
 from __future__ import annotations
@@ -29,10 +30,46 @@ def _bound_blas(code: str, **env: str) -> tuple[Path, str]:
     return Path(bindings[0][1]).resolve(), result.stdout.strip()
 
 
-def test_mlx_binds_openblas_when_canary_convert_comes_first() -> None:
+def test_mlx_binds_the_forwarder_to_openblas_when_canary_convert_comes_first() -> None:
+    import canary_convert
+    from canary_convert import blas
+
     bound, library = _bound_blas("import canary_convert, mlx.core; print(canary_convert.BLAS.library)")
-    assert "openblas" in bound.name
-    assert bound == Path(library).resolve()
+    assert bound == blas._forward_path().resolve()
+    assert "openblas" in Path(library).name
+    assert canary_convert.BLAS.gemv_forward == ""
+
+
+# Every way MLX can hand cblas_sgemm a matrix-vector product: a (1, K) row against a plain or transposed
+# matrix, a transposed (K, 1) column as the row, and (M, K) or transposed matrices against a column; and
+# one product of two rows, which stays with sgemm. The flag says whether sgemv should take it.
+PRODUCTS = {
+    "row @ matrix.T": (lambda row, rows, column, matrix: row @ matrix.T, True),
+    "row @ matrix": (lambda row, rows, column, matrix: row @ matrix.T.reshape(67, 45), True),
+    "column.T @ matrix.T": (lambda row, rows, column, matrix: column.T @ matrix.T, True),
+    "matrix @ column": (lambda row, rows, column, matrix: matrix @ column, True),
+    "transposed matrix @ column": (lambda row, rows, column, matrix: matrix.T.reshape(67, 45).T @ column, True),
+    "matrix @ row.T": (lambda row, rows, column, matrix: matrix @ row.T, True),
+    "rows @ matrix.T": (lambda row, rows, column, matrix: rows @ matrix.T, False),
+}
+
+
+@pytest.mark.parametrize("name", PRODUCTS)
+def test_vector_products_go_to_sgemv_with_the_same_values(name: str) -> None:
+    import mlx.core as mx
+    import numpy as np
+
+    from canary_convert.blas import gemv_forwarded
+
+    product, forwarded = PRODUCTS[name]
+    rng = np.random.default_rng(0)
+    row, rows = rng.standard_normal((1, 67)), rng.standard_normal((2, 67))
+    column, matrix = rng.standard_normal((67, 1)), rng.standard_normal((45, 67))
+    before = gemv_forwarded()
+    got = product(*(mx.array(value.astype(np.float32)) for value in (row, rows, column, matrix)))
+    mx.eval(got)
+    assert gemv_forwarded() - before == (1 if forwarded else 0)
+    np.testing.assert_allclose(np.array(got), product(row, rows, column, matrix), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -51,4 +88,4 @@ def test_reference_blas_when_asked_or_too_late(code: str, env: dict[str, str], r
 def test_version_names_the_blas() -> None:
     result = run_cli("--version")
     assert result.returncode == 0, result.stderr
-    assert re.search(r"^blas: OpenBLAS \d+\.\d+\.\d+ .*, \d+ thread\(s\), /", result.stdout, re.MULTILINE), result.stdout
+    assert re.search(r"^blas: OpenBLAS \d+\.\d+\.\d+ .*, \d+ thread\(s\), vector products by sgemv, /", result.stdout, re.MULTILINE), result.stdout

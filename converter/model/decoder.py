@@ -43,7 +43,10 @@ class KVCache:
     GROWTH = 64
 
     def __init__(self, cross: list[tuple[mx.array, mx.array]]):
-        self.cross = cross  # per block: (B, heads, T, d_head) keys and values of the encoder states
+        # Per block: (B, heads, T, d_head) keys and values of the encoder states. Split into heads they are
+        # a strided view, which MLX's matmul would copy on every step; one contiguous copy made here makes a
+        # step's cross-attention about 8x cheaper (a third of a canary-1b step).
+        self.cross = [(mx.contiguous(keys), mx.contiguous(values)) for keys, values in cross]
         self.keys: list[mx.array] = []
         self.values: list[mx.array] = []
         self.offset = 0
