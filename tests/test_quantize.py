@@ -8,6 +8,7 @@ import tarfile
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
@@ -66,7 +67,8 @@ def test_every_variant_quantizes_loads_strictly_and_transcribes(sources: dict[st
         assert all(mx.array_equal(stored[f"{path}.{part}"], value).item()
                    for part, value in zip(("weight", "scales", "biases"), expected))
     model = load_model(tmp_path / "q")
-    assert any(type(module).__name__.startswith("Quantized") for _, module in model.named_modules()) == bool(quantized)
+    quantized_layers = (nn.QuantizedLinear, nn.QuantizedEmbedding)
+    assert any(isinstance(module, quantized_layers) for _, module in model.named_modules()) == bool(quantized)
     result = model.transcribe(reference_signals(16000)[:2], strategy="greedy")
     assert len(result) == 2 and all(r.tokens for r in result)
     record = json.loads((tmp_path / "q" / "conversion.json").read_text())

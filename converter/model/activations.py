@@ -1,4 +1,4 @@
-"""exp-based functions (sigmoid, SiLU, softmax, attention) that stay fast on MLX's x86 CPU backend.
+"""exp-based functions (sigmoid, SiLU, softmax, attention) and products that stay fast on MLX's x86 CPU backend.
 
 MLX vectorises its CPU kernels only on ARM; on x86 it evaluates exp one element at a time (about 20 ns
 each), which made sigmoid, SiLU and softmax a third of a canary-1b encoder layer. There, exp is built
@@ -6,6 +6,10 @@ here from operations the backend does vectorise (multiply-add, floor, an integer
 mx.compile: e**x = 2**n * 2**f with n = round(x / ln 2) and |f| <= 1/2, 2**f from its Taylor series to
 degree 7 (truncation error below 1e-8, so float32 rounding dominates). Everywhere else MLX's own
 functions are used.
+
+Products of half-precision activations (attention scores, the encoder's positional term) are widened to
+float32 on such a CPU for the same reason as `widened.py`'s layers: MLX's x86 half-precision matmul is a
+scalar loop, 15-40 times slower than OpenBLAS in float32, and it accumulates in float32 too.
 """
 
 from __future__ import annotations
@@ -55,29 +59,37 @@ def _composed_softmax(x: mx.array) -> mx.array:
     return weights / weights.sum(axis=-1, keepdims=True)
 
 
-def _compose_here() -> bool:
+def slow_cpu() -> bool:
     """Whether MLX runs on a CPU whose kernels it does not vectorise (anything but ARM)."""
     return mx.default_device() == mx.cpu and platform.machine().lower() not in ("arm64", "aarch64")
 
 
 def sigmoid(x: mx.array) -> mx.array:
-    return _composed_sigmoid(x) if _compose_here() else mx.sigmoid(x)
+    return _composed_sigmoid(x) if slow_cpu() else mx.sigmoid(x)
 
 
 def silu(x: mx.array) -> mx.array:
     """x * sigmoid(x) (torch's SiLU, NeMo's Swish)."""
-    return _composed_silu(x) if _compose_here() else nn.silu(x)
+    return _composed_silu(x) if slow_cpu() else nn.silu(x)
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None) -> mx.array:
     """softmax(q k^T * scale + mask) v over (B, heads, L, d_head) arrays; mask additive, broadcastable.
 
     MLX's fused attention where MLX vectorises exp; elsewhere the same product with the composed softmax
-    (the fused attention would fall back to MLX's per-element softmax there). The softmax is in float32.
+    (the fused attention would fall back to MLX's per-element softmax there). The softmax is in float32,
+    and there the products too.
     """
-    if not _compose_here():
+    if not slow_cpu():
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
-    scores = (q * scale) @ k.swapaxes(-1, -2)
+    scores = product(q * scale, k.swapaxes(-1, -2))
     if mask is not None:
         scores = scores + mask
-    return _composed_softmax(scores).astype(v.dtype) @ v
+    return product(_composed_softmax(scores), v).astype(v.dtype)
+
+
+def product(a: mx.array, b: mx.array) -> mx.array:
+    """a @ b; in float32 on a slow CPU when either operand is half precision (the result is then float32)."""
+    if slow_cpu() and (a.dtype in (mx.float16, mx.bfloat16) or b.dtype in (mx.float16, mx.bfloat16)):
+        return a.astype(mx.float32) @ b.astype(mx.float32)
+    return a @ b

@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .activations import attention, sigmoid, silu
+from .activations import attention, product, sigmoid, silu
 from .config import EncoderConfig
 from .masks import additive_mask, valid_mask
 
@@ -140,7 +140,7 @@ class RelPositionMultiHeadAttention(nn.Module):
         q_v = (q + self.pos_bias_v).transpose(0, 2, 1, 3)
         # NeMo shifts the full (T, 2T-1) product, then keeps the first T columns; `attention` adds it,
         # scaled, to (q+u)k^T/sqrt(d_head) as an additive mask.
-        bias = self.rel_shift(q_v @ p.transpose(0, 1, 3, 2))[..., :t] * scale
+        bias = self.rel_shift(product(q_v, p.transpose(0, 1, 3, 2)).astype(x.dtype))[..., :t] * scale
         if mask is not None:
             # NeMo fills masked scores with -10000; adding -10000 gives those keys the same zero weight.
             bias = bias + mask

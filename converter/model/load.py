@@ -13,6 +13,7 @@ from .canary import CanaryModel
 from ..errors import ModelFolderError
 from .config import ModelConfig
 from .quantized import quantize_modules
+from .widened import widen_products
 from .tokenizer import load_tokenizer
 
 CONFIG_FILE = "config.json"
@@ -70,6 +71,7 @@ def load_model(path: str | Path) -> CanaryModel:
         if config.quantization is not None:
             quantize_modules(model, config.quantization, weights.keys())
         model.load_weights(list(weights.items()), strict=True)
+        widen_products(model)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise ModelFolderError(f"{folder}: not a loadable canary-convert MLX folder: {exc}") from None
     model.eval()
