@@ -24,6 +24,7 @@ import mlx.nn as nn
 _EXP2_TAYLOR = [math.log(2) ** k / math.factorial(k) for k in range(7, -1, -1)]
 # Beyond these, float32 e**x is 0 or overflows; 2**n must stay a normal float32 (n >= -126).
 _EXP_LOW, _EXP_HIGH = -87.0, 88.0
+HALF = (mx.float16, mx.bfloat16)
 
 
 def _composed_exp(x: mx.array) -> mx.array:
@@ -90,6 +91,6 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.arra
 
 def product(a: mx.array, b: mx.array) -> mx.array:
     """a @ b; in float32 on a slow CPU when either operand is half precision (the result is then float32)."""
-    if slow_cpu() and (a.dtype in (mx.float16, mx.bfloat16) or b.dtype in (mx.float16, mx.bfloat16)):
+    if slow_cpu() and (a.dtype in HALF or b.dtype in HALF):
         return a.astype(mx.float32) @ b.astype(mx.float32)
     return a @ b

@@ -211,7 +211,6 @@ class ConvModule(nn.Module):
         x = silu(self.batch_norm(x))
         return self.pointwise_conv2(x)
 
-
     def _depthwise(self, x: mx.array) -> mx.array:
         """`depthwise_conv` as k shifted multiply-adds over time: the same sums, about 9x faster than MLX's
         grouped convolution on a CPU (14 against 1.5 ms per canary-1b layer on 30 s of audio)."""

@@ -17,9 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
-from .activations import slow_cpu
-
-HALF = (mx.float16, mx.bfloat16)
+from .activations import HALF, slow_cpu
 
 
 def _widened_product(x: mx.array, weight: mx.array) -> mx.array:
