@@ -229,7 +229,7 @@ def convert(source_arg: str, out: Path, options: ConvertOptions, reporter: Repor
                 conversion.parity = run_parity(source.path, model, options.parity_audio)
             clips = load_clips(options.parity_audio, model.config.preprocessor.sample_rate)
             with reporter.task("goldens", 0, 1):
-                write_goldens(staging / GOLDENS_FILE, record_goldens(model, clips, conversion.parity))
+                write_goldens(staging / GOLDENS_FILE, record_goldens(model, clips, conversion.parity, folder=staging))
             record = _provenance(conversion, options, digest.result())
             (staging / CARD_FILE).write_text(_card(conversion, options, record, staging, source_arg, out.name))
             conversion.manifest = build_manifest(staging, hashed)

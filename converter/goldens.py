@@ -18,6 +18,7 @@ import hashlib
 import json
 import platform
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from .model.canary import CanaryModel
 from .model.clips import pad_batch
 from .model.decoding import DecodingOptions, decode, strip_hypothesis
 from .model.prompts import PromptOptions, build_prompt
+from .model.streaming import encoder_layers_streamed
 from .parity import TOKEN_MODES, ParityReport, StageOutputs, reference_signals, teacher_forced_tokens
 
 GOLDENS_FILE = "goldens.json"
@@ -147,12 +149,18 @@ class GroupRun:
     enc_lengths: mx.array
 
 
-def run_group(model: CanaryModel, signals: Sequence[np.ndarray]) -> GroupRun:
-    """Features, encoder states and teacher-forced log-probs (BOS then fixed tokens) of a padded batch."""
+def run_group(model: CanaryModel, signals: Sequence[np.ndarray], folder: Path | None = None) -> GroupRun:
+    """Features, encoder states and teacher-forced log-probs (BOS then fixed tokens) of a padded batch.
+
+    With the model's `folder`, the encoder layers read their weights from it one layer at a time, so the
+    encoder's weights are never all in memory together.
+    """
     assert model.tokenizer is not None
     batch, lengths = pad_batch(list(signals))
     features, frames = model.preprocess(mx.array(batch), mx.array(lengths))
-    encoded, enc_lengths = model.encode(features, frames)
+    with encoder_layers_streamed(model, folder) if folder is not None else nullcontext():
+        encoded, enc_lengths = model.encode(features, frames)
+        mx.eval(encoded, enc_lengths)
     tokens = teacher_forced_tokens(model.tokenizer.vocab_size, len(signals), [model.tokenizer.bos_id])
     logprobs = model.decoder_logprobs(mx.array(tokens), encoded, enc_lengths)
     as_numpy = lambda array: np.array(array.astype(mx.float32) if array.dtype != mx.int32 else array)  # noqa: E731
@@ -195,8 +203,8 @@ def decode_goldens(model: CanaryModel, run: GroupRun) -> list[dict[str, Any]]:
 
 
 def _group(model: CanaryModel, signals: list[np.ndarray], reference: StageOutputs | None,
-           reference_tokens: Mapping[str, list[list[int]]] | None) -> dict[str, Any]:
-    run = run_group(model, signals)
+           reference_tokens: Mapping[str, list[list[int]]] | None, folder: Path | None) -> dict[str, Any]:
+    run = run_group(model, signals, folder)
     group: dict[str, Any] = {"stages": {stage: fingerprint(run.stages, stage) for stage in STAGES},
                              "decoding": decode_goldens(model, run)}
     if reference is not None:
@@ -216,22 +224,23 @@ def _rows(stages: StageOutputs, rows: slice) -> StageOutputs:
 
 
 def record_goldens(model: CanaryModel, clips: Sequence[tuple[str, np.ndarray, str]] = (),
-                   parity: ParityReport | None = None, device: str = "cpu") -> dict[str, Any]:
+                   parity: ParityReport | None = None, device: str = "cpu", folder: Path | None = None) -> dict[str, Any]:
     """The goldens of a loaded model. `clips` are (name, samples, sha256) of the `--parity-audio` files;
-    `parity`, when it ran on the test signals followed by those clips, supplies NeMo's reference."""
+    `parity`, when it ran on the test signals followed by those clips, supplies NeMo's reference; `folder`,
+    the model's own, lets the encoder run one layer's weights at a time (see `run_group`)."""
     sample_rate = model.config.preprocessor.sample_rate
     signals = reference_signals(sample_rate)
     split = len(signals)
     reference = parity.reference if parity is not None else None
     tokens = parity.reference_tokens if parity is not None else {}
     groups = {"test-signals": _group(model, signals, reference and _rows(reference, slice(None, split)),
-                                     {mode: ids[:split] for mode, ids in tokens.items()})}
+                                     {mode: ids[:split] for mode, ids in tokens.items()}, folder)}
     groups["test-signals"]["signals"] = {"generator": "canary_convert.parity.reference_signals",
                                          "sample_rate": sample_rate, "sha256": signals_digest(signals)}
     if clips:
         groups["audio"] = _group(model, [samples for _, samples, _ in clips],
                                  reference and _rows(reference, slice(split, None)),
-                                 {mode: ids[split:] for mode, ids in tokens.items()})
+                                 {mode: ids[split:] for mode, ids in tokens.items()}, folder)
         groups["audio"]["clips"] = [{"name": name, "sha256": digest} for name, _, digest in clips]
     dtype = str(model.compute_dtype).removeprefix("mlx.core.")
     goldens = {

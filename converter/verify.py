@@ -260,7 +260,7 @@ def check_reference(group_name: str, group: Mapping[str, Any], now: Mapping[str,
 
 
 def verify_goldens(goldens: Mapping[str, Any], model: CanaryModel, tolerances: Tolerances,
-                   clips: Sequence[tuple[str, np.ndarray, str]] = ()) -> list[Check]:
+                   clips: Sequence[tuple[str, np.ndarray, str]] = (), folder: Path | None = None) -> list[Check]:
     assert model.tokenizer is not None
     checks = [check_config(goldens, model)]
     # NeMo's reference transcribed in the first language with punctuation: the golden prompt of that name.
@@ -270,7 +270,7 @@ def verify_goldens(goldens: Mapping[str, Any], model: CanaryModel, tolerances: T
         if isinstance(signals, str):
             checks.append(Check(f"{group_name}: stages and tokens", "skipped", signals))
             continue
-        run = run_group(model, signals)
+        run = run_group(model, signals, folder)
         now = {stage: fingerprint(run.stages, stage, [row["positions"] for row in group["stages"][stage]])
                for stage in STAGES}
         checks += check_stages(group_name, group["stages"], now, tolerances)
@@ -310,7 +310,7 @@ def verify_folder(folder: Path, target: str, device: str, goldens_path: Path | N
         report.checks.append(Check("goldens", "skipped", "the folder does not load"))
         return report
     clips = load_clips(audio, model.config.preprocessor.sample_rate)
-    report.checks += verify_goldens(goldens, model, tolerances_of(goldens, overrides or {}), clips)
+    report.checks += verify_goldens(goldens, model, tolerances_of(goldens, overrides or {}), clips, folder)
     return report
 
 
@@ -325,7 +325,7 @@ def update_goldens(folder: Path, device: str, audio: Sequence[Path] = ()) -> lis
     model = load_model(folder)
     path = folder / GOLDENS_FILE
     old = read_goldens(path) if path.is_file() else None
-    new = record_goldens(model, load_clips(audio, model.config.preprocessor.sample_rate), device=device)
+    new = record_goldens(model, load_clips(audio, model.config.preprocessor.sample_rate), device=device, folder=folder)
     if old is not None:
         for name, group in old["groups"].items():
             if "reference" in group and name in new["groups"]:
