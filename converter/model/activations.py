@@ -22,24 +22,28 @@ import mlx.nn as nn
 
 # 2**f = sum over k of (f ln 2)**k / k!, highest power first for Horner's rule.
 _EXP2_TAYLOR = [math.log(2) ** k / math.factorial(k) for k in range(7, -1, -1)]
-# Beyond these, float32 e**x is 0 or overflows; 2**n must stay a normal float32 (n >= -126).
-_EXP_LOW, _EXP_HIGH = -87.0, 88.0
+# Beyond these, float32 e**x is 0 or overflows.
+_EXP_LOW, _EXP_HIGH = -88.0, 88.0
+_ROUNDER = 1.5 * 2**23
 HALF = (mx.float16, mx.bfloat16)
 
 
 def _composed_exp(x: mx.array) -> mx.array:
-    """e**x in float32 from vectorised operations; exactly 0 below e**-87 (masked scores stay 0)."""
+    """e**x in float32 from vectorised operations; exactly 0 below about e**-87.3 (masked scores stay 0)."""
     x = x.astype(mx.float32)
     clipped = mx.clip(x, _EXP_LOW, _EXP_HIGH)
     scaled = clipped * (1 / math.log(2))
-    whole = mx.floor(scaled + 0.5)
+    # Round to the nearest integer by adding and subtracting 1.5 * 2**23: x86's baseline vector set has no
+    # floor, which made mx.floor a per-element call (a third of this function's time).
+    whole = (scaled + _ROUNDER) - _ROUNDER
     fraction = scaled - whole
     power = _EXP2_TAYLOR[0]
     for coefficient in _EXP2_TAYLOR[1:]:
         power = power * fraction + coefficient
-    # 2**whole assembled as a float32 bit pattern: biased exponent (whole + 127) in bits 23-30.
-    scale = mx.left_shift(whole.astype(mx.int32) + 127, 23).view(mx.float32)
-    return scale * power * (x > _EXP_LOW)
+    # 2**whole assembled as a float32 bit pattern: biased exponent (whole + 127) in bits 23-30; at or below
+    # 0 (whole <= -127) the pattern is kept at 0, which is the float 0.
+    biased = mx.maximum(whole.astype(mx.int32) + 127, 0)
+    return mx.left_shift(biased, 23).view(mx.float32) * power
 
 
 @mx.compile
