@@ -20,9 +20,12 @@ from mlx.utils import tree_map_with_path
 from .activations import HALF, slow_cpu
 
 
-def _widened_product(x: mx.array, weight: mx.array) -> mx.array:
-    """x @ weight.T in float32 (weight (out, in), already float)."""
-    return x.astype(mx.float32) @ weight.astype(mx.float32).T
+def _widened_product(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
+    """x @ weight.T (+ bias) computed in float32 (weight (out, in), already float), in x's dtype."""
+    out = x.astype(mx.float32) @ weight.astype(mx.float32).T
+    if bias is not None:
+        out = out + bias.astype(mx.float32)
+    return out.astype(x.dtype)
 
 
 def _dequantized(layer: nn.QuantizedLinear | nn.QuantizedEmbedding) -> mx.array:
@@ -38,34 +41,28 @@ class WidenedLinear(nn.Linear):
     def __call__(self, x: mx.array) -> mx.array:
         if not (slow_cpu() and self["weight"].dtype in HALF):
             return super().__call__(x)
-        out = _widened_product(x, self["weight"])
-        if "bias" in self:
-            out = out + self["bias"].astype(mx.float32)
-        return out.astype(x.dtype)
+        return _widened_product(x, self["weight"], self.get("bias"))
 
 
 class WidenedEmbedding(nn.Embedding):
     def as_linear(self, x: mx.array) -> mx.array:
         if not (slow_cpu() and self["weight"].dtype in HALF):
             return super().as_linear(x)
-        return _widened_product(x, self["weight"]).astype(x.dtype)
+        return _widened_product(x, self["weight"])
 
 
 class WidenedQuantizedLinear(nn.QuantizedLinear):
     def __call__(self, x: mx.array) -> mx.array:
         if not slow_cpu() or _rows(x) == 1:
             return super().__call__(x)
-        out = _widened_product(x, _dequantized(self))
-        if "bias" in self:
-            out = out + self["bias"].astype(mx.float32)
-        return out.astype(x.dtype)
+        return _widened_product(x, _dequantized(self), self.get("bias"))
 
 
 class WidenedQuantizedEmbedding(nn.QuantizedEmbedding):
     def as_linear(self, x: mx.array) -> mx.array:
         if not slow_cpu() or _rows(x) == 1:
             return super().as_linear(x)
-        return _widened_product(x, _dequantized(self)).astype(x.dtype)
+        return _widened_product(x, _dequantized(self))
 
 
 def _widened(layer: nn.Module) -> nn.Module:
