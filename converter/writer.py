@@ -103,12 +103,13 @@ class TensorBytes:
         self.quantization = quantization
         self._parts: tuple[TensorPlan | None, dict[str, mx.array]] = (None, {})
 
-    def __call__(self, tensor: OutputTensor) -> bytes:
+    def __call__(self, tensor: OutputTensor) -> bytes | memoryview:
         plan = tensor.plan
         if tensor.part is None:
             data = plan.convert(self.source[plan.source_key], tensor.dtype)
             shape, kind = tuple(data.shape), _SAFETENSORS_DTYPES.get(data.dtype)
-            raw = data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b""
+            # A view, not a copy: a tensor stored as the source holds it is written from the mapped .nemo.
+            raw = memoryview(data.reshape(-1).view(torch.uint8).numpy()) if data.numel() else b""
         else:
             assert self.quantization is not None
             if self._parts[0] is not plan:
@@ -157,7 +158,7 @@ def _header(tensors: Sequence[OutputTensor], metadata: Mapping[str, str]) -> byt
 def write_safetensors(
     path: Path,
     tensors: Sequence[OutputTensor],
-    tensor_bytes: Callable[[OutputTensor], bytes],
+    tensor_bytes: Callable[[OutputTensor], bytes | memoryview],
     metadata: Mapping[str, str],
     on_tensor: TensorCallback | None = None,
 ) -> FileRecord:
@@ -165,8 +166,7 @@ def write_safetensors(
 
     Returns the file's manifest record, hashed on the way out."""
     header = _header(tensors, metadata)
-    with path.open("wb") as raw:
-        handle = HashingWriter(raw)
+    with path.open("wb") as raw, HashingWriter(raw) as handle:
         handle.write(struct.pack("<Q", len(header)))
         handle.write(header)
         for tensor in tensors:
@@ -179,7 +179,7 @@ def write_safetensors(
 def write_weights(
     folder: Path,
     tensors: Sequence[OutputTensor],
-    tensor_bytes: Callable[[OutputTensor], bytes],
+    tensor_bytes: Callable[[OutputTensor], bytes | memoryview],
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     on_tensor: TensorCallback | None = None,
 ) -> dict[str, FileRecord]:
