@@ -32,7 +32,7 @@ from .model.canary import CanaryModel
 from .model.clips import pad_batch
 from .model.decoding import DecodingOptions, decode, strip_hypothesis
 from .model.prompts import PromptOptions, build_prompt
-from .model.streaming import encoder_layers_streamed
+from .model.streaming import layers_streamed
 from .parity import TOKEN_MODES, ParityReport, StageOutputs, reference_signals, teacher_forced_tokens
 
 GOLDENS_FILE = "goldens.json"
@@ -149,18 +149,13 @@ class GroupRun:
     enc_lengths: mx.array
 
 
-def run_group(model: CanaryModel, signals: Sequence[np.ndarray], folder: Path | None = None) -> GroupRun:
-    """Features, encoder states and teacher-forced log-probs (BOS then fixed tokens) of a padded batch.
-
-    With the model's `folder`, the encoder layers read their weights from it one layer at a time, so the
-    encoder's weights are never all in memory together.
-    """
+def run_group(model: CanaryModel, signals: Sequence[np.ndarray]) -> GroupRun:
+    """Features, encoder states and teacher-forced log-probs (BOS then fixed tokens) of a padded batch."""
     assert model.tokenizer is not None
     batch, lengths = pad_batch(list(signals))
     features, frames = model.preprocess(mx.array(batch), mx.array(lengths))
-    with encoder_layers_streamed(model, folder) if folder is not None else nullcontext():
-        encoded, enc_lengths = model.encode(features, frames)
-        mx.eval(encoded, enc_lengths)
+    encoded, enc_lengths = model.encode(features, frames)
+    mx.eval(encoded, enc_lengths)
     tokens = teacher_forced_tokens(model.tokenizer.vocab_size, len(signals), [model.tokenizer.bos_id])
     logprobs = model.decoder_logprobs(mx.array(tokens), encoded, enc_lengths)
     as_numpy = lambda array: np.array(array.astype(mx.float32) if array.dtype != mx.int32 else array)  # noqa: E731
@@ -178,15 +173,20 @@ def decode_group(model: CanaryModel, run: GroupRun, prompt: PromptOptions, optio
     return [result.tokens for result in decoded]
 
 
-def gaps(model: CanaryModel, run: GroupRun, row: int, prompt: PromptOptions, tokens: list[int]) -> list[float]:
-    """At each decoded position (and the one after, where the search chose to stop), the gap between the
-    two best log-probabilities, teacher-forced on one utterance of the group."""
+def gaps(model: CanaryModel, run: GroupRun, prompt: PromptOptions, tokens: list[list[int]]) -> list[list[float]]:
+    """Per utterance of the group, at each decoded position (and the one after, where the search chose to
+    stop), the gap between the two best log-probabilities, all utterances teacher-forced as one batch."""
     assert model.tokenizer is not None
     prompt_ids = build_prompt(model.config.prompt_format, model.tokenizer, prompt)
-    ids = (prompt_ids + tokens)[: model.decoder.max_sequence_length]
-    logprobs = model.decoder_logprobs(mx.array([ids]), run.encoded[row: row + 1], run.enc_lengths[row: row + 1])
-    top = mx.topk(logprobs[0, len(prompt_ids) - 1:], 2, axis=-1)  # unsorted: the gap is |a - b| either way
-    return [round(float(gap), 6) for gap in np.abs(np.diff(np.array(top), axis=-1))[:, 0]]
+    rows = [(prompt_ids + ids)[: model.decoder.max_sequence_length] for ids in tokens]
+    # Right-padded: causal attention keeps the padding out of every position a row reads.
+    width = max(len(row) for row in rows)
+    batch = mx.array([row + [model.tokenizer.pad_id] * (width - len(row)) for row in rows])
+    logprobs = model.decoder_logprobs(batch, run.encoded, run.enc_lengths)
+    top = np.array(mx.topk(logprobs[:, len(prompt_ids) - 1:], 2, axis=-1))  # unsorted: the gap is |a - b|
+    spread = np.abs(top[..., 0] - top[..., 1])
+    return [[round(float(gap), 6) for gap in spread[index, : len(row) - len(prompt_ids) + 1]]
+            for index, row in enumerate(rows)]
 
 
 def decode_goldens(model: CanaryModel, run: GroupRun) -> list[dict[str, Any]]:
@@ -197,14 +197,13 @@ def decode_goldens(model: CanaryModel, run: GroupRun) -> list[dict[str, Any]]:
             tokens = decode_group(model, run, prompt, options)
             records.append({"prompt": asdict(prompt), "mode": mode, "strategy": options.strategy,
                             "beam_size": options.beam_size, "length_penalty": options.length_penalty,
-                            "tokens": tokens,
-                            "gaps": [gaps(model, run, row, prompt, ids) for row, ids in enumerate(tokens)]})
+                            "tokens": tokens, "gaps": gaps(model, run, prompt, tokens)})
     return records
 
 
 def _group(model: CanaryModel, signals: list[np.ndarray], reference: StageOutputs | None,
-           reference_tokens: Mapping[str, list[list[int]]] | None, folder: Path | None) -> dict[str, Any]:
-    run = run_group(model, signals, folder)
+           reference_tokens: Mapping[str, list[list[int]]] | None) -> dict[str, Any]:
+    run = run_group(model, signals)
     group: dict[str, Any] = {"stages": {stage: fingerprint(run.stages, stage) for stage in STAGES},
                              "decoding": decode_goldens(model, run)}
     if reference is not None:
@@ -227,21 +226,22 @@ def record_goldens(model: CanaryModel, clips: Sequence[tuple[str, np.ndarray, st
                    parity: ParityReport | None = None, device: str = "cpu", folder: Path | None = None) -> dict[str, Any]:
     """The goldens of a loaded model. `clips` are (name, samples, sha256) of the `--parity-audio` files;
     `parity`, when it ran on the test signals followed by those clips, supplies NeMo's reference; `folder`,
-    the model's own, lets the encoder run one layer's weights at a time (see `run_group`)."""
+    the model's own, lets each layer hold its weights only while it runs (`streaming.py`)."""
     sample_rate = model.config.preprocessor.sample_rate
     signals = reference_signals(sample_rate)
     split = len(signals)
     reference = parity.reference if parity is not None else None
     tokens = parity.reference_tokens if parity is not None else {}
-    groups = {"test-signals": _group(model, signals, reference and _rows(reference, slice(None, split)),
-                                     {mode: ids[:split] for mode, ids in tokens.items()}, folder)}
+    with layers_streamed(model, folder) if folder is not None else nullcontext():
+        groups = {"test-signals": _group(model, signals, reference and _rows(reference, slice(None, split)),
+                                         {mode: ids[:split] for mode, ids in tokens.items()})}
+        if clips:
+            groups["audio"] = _group(model, [samples for _, samples, _ in clips],
+                                     reference and _rows(reference, slice(split, None)),
+                                     {mode: ids[split:] for mode, ids in tokens.items()})
+            groups["audio"]["clips"] = [{"name": name, "sha256": digest} for name, _, digest in clips]
     groups["test-signals"]["signals"] = {"generator": "canary_convert.parity.reference_signals",
                                          "sample_rate": sample_rate, "sha256": signals_digest(signals)}
-    if clips:
-        groups["audio"] = _group(model, [samples for _, samples, _ in clips],
-                                 reference and _rows(reference, slice(split, None)),
-                                 {mode: ids[split:] for mode, ids in tokens.items()}, folder)
-        groups["audio"]["clips"] = [{"name": name, "sha256": digest} for name, _, digest in clips]
     dtype = str(model.compute_dtype).removeprefix("mlx.core.")
     goldens = {
         "schema": SCHEMA, "version": SCHEMA_VERSION,

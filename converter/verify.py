@@ -11,6 +11,7 @@ import json
 import os
 import platform
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -49,6 +50,7 @@ from .model.config import ModelConfig
 from .model.load import CONFIG_FILE, load_model, read_tensors, weight_files
 from .model.prompts import PromptOptions
 from .model.quantized import read_quantization
+from .model.streaming import layers_streamed
 from .parity import reference_signals
 
 REPORT_SCHEMA = "canary-convert/verify-report"
@@ -213,12 +215,14 @@ def check_decoding(group_name: str, golden: Mapping[str, Any], model: CanaryMode
     name = f"{group_name}: {_describe(golden['prompt'], golden['mode'])} tokens"
     now = decode_group(model, run, prompt, options)
     advisories = []
+    current_gaps: list[list[float]] = []
     for row, (old, new) in enumerate(zip(golden["tokens"], now)):
         at = first_difference(old, new)
         if at is None:
             continue
+        current_gaps = current_gaps or gaps(model, run, prompt, now)
         recorded = golden["gaps"][row] + [float("inf")]
-        current = gaps(model, run, row, prompt, new) + [float("inf")]
+        current = current_gaps[row] + [float("inf")]
         gap = min(recorded[min(at, len(recorded) - 1)], current[min(at, len(current) - 1)])
         where = f"utterance {row}, token {at}: {old[at:at + 3]} -> {new[at:at + 3]}"
         if gap >= tolerances.near_tie:
@@ -265,23 +269,25 @@ def verify_goldens(goldens: Mapping[str, Any], model: CanaryModel, tolerances: T
     checks = [check_config(goldens, model)]
     # NeMo's reference transcribed in the first language with punctuation: the golden prompt of that name.
     reference_prompt = asdict(PromptOptions(model.tokenizer.languages[0]))
-    for group_name, group in goldens["groups"].items():
-        signals = _group_signals(group_name, group, model, clips)
-        if isinstance(signals, str):
-            checks.append(Check(f"{group_name}: stages and tokens", "skipped", signals))
-            continue
-        run = run_group(model, signals, folder)
-        now = {stage: fingerprint(run.stages, stage, [row["positions"] for row in group["stages"][stage]])
-               for stage in STAGES}
-        checks += check_stages(group_name, group["stages"], now, tolerances)
-        greedy_now = None
-        for golden in group["decoding"]:
-            check, tokens = check_decoding(group_name, golden, model, run, tolerances)
-            checks.append(check)
-            if golden["mode"] == "greedy" and golden["prompt"] == reference_prompt:
-                greedy_now = tokens
-        if "reference" in group:
-            checks += check_reference(group_name, group, now, model, greedy_now)
+    # With the folder, each layer holds its weights only while it runs (streaming.py).
+    with layers_streamed(model, folder) if folder is not None else nullcontext():
+        for group_name, group in goldens["groups"].items():
+            signals = _group_signals(group_name, group, model, clips)
+            if isinstance(signals, str):
+                checks.append(Check(f"{group_name}: stages and tokens", "skipped", signals))
+                continue
+            run = run_group(model, signals)
+            now = {stage: fingerprint(run.stages, stage, [row["positions"] for row in group["stages"][stage]])
+                   for stage in STAGES}
+            checks += check_stages(group_name, group["stages"], now, tolerances)
+            greedy_now = None
+            for golden in group["decoding"]:
+                check, tokens = check_decoding(group_name, golden, model, run, tolerances)
+                checks.append(check)
+                if golden["mode"] == "greedy" and golden["prompt"] == reference_prompt:
+                    greedy_now = tokens
+            if "reference" in group:
+                checks += check_reference(group_name, group, now, model, greedy_now)
     return checks
 
 

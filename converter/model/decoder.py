@@ -138,6 +138,10 @@ class DecoderBlock(nn.Module):
         else:
             raise ValueError(f"unsupported decoder hidden_act={config.hidden_act!r}")
 
+    def cross_kv(self, xa: mx.array) -> tuple[mx.array, mx.array]:
+        """This block's cross-attention keys and values of the encoder states, projected once per utterance."""
+        return self.cross_attn.project_kv(xa)
+
     def __call__(
         self, x: mx.array, mask: mx.array | None, xa_mask: mx.array | None, cache: KVCache, index: int
     ) -> mx.array:
@@ -191,7 +195,7 @@ class TextDecoder(nn.Module):
         if kv_cache is None:
             if xa is None:
                 raise ValueError("the first decoder call needs the encoder states")
-            kv_cache = KVCache([block.cross_attn.project_kv(xa) for block in self.blocks])
+            kv_cache = KVCache([block.cross_kv(xa) for block in self.blocks])
         offset = kv_cache.offset
         length = tokens.shape[1]
         if offset + length > self.max_sequence_length:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Collection
 from pathlib import Path
+from typing import TypeVar
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -12,6 +13,7 @@ from mlx.utils import tree_flatten
 from .canary import CanaryModel
 from ..errors import ModelFolderError
 from .config import ModelConfig
+from .mapped import MappedTensor, map_safetensors
 from .quantized import quantize_modules
 from .widened import widen_products
 from .tokenizer import load_tokenizer
@@ -19,6 +21,8 @@ from .tokenizer import load_tokenizer
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+
+Stored = TypeVar("Stored", mx.array, MappedTensor)
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -36,17 +40,30 @@ def tensor_files(folder: Path, config: ModelConfig) -> list[Path]:
     return weight_files(folder) + [folder / name for name in side]
 
 
-def read_tensors(folder: Path, config: ModelConfig) -> dict[str, mx.array]:
-    """The folder's tensors under the bundled model's names (another layout's names renamed, as recorded)."""
-    tensors: dict[str, mx.array] = {}
-    for file in tensor_files(folder, config):
-        tensors.update(mx.load(str(file), format="safetensors"))
+def _under_model_names(config: ModelConfig, tensors: dict[str, Stored]) -> dict[str, Stored]:
+    """Stored tensors under the bundled model's names (another layout's names renamed, as recorded)."""
     if config.layout is None:
         return tensors
     rename = config.layout.rename
     if unknown := sorted(set(tensors) - set(rename)):
         raise ValueError(f"{len(unknown)} stored tensor(s) the {config.layout.name} layout does not list: {unknown[0]}")
     return {rename[key]: value for key, value in tensors.items() if rename[key] is not None}
+
+
+def read_tensors(folder: Path, config: ModelConfig) -> dict[str, mx.array]:
+    """The folder's tensors under the bundled model's names, as lazy arrays: each is read when evaluated."""
+    tensors: dict[str, mx.array] = {}
+    for file in tensor_files(folder, config):
+        tensors.update(mx.load(str(file), format="safetensors"))
+    return _under_model_names(config, tensors)
+
+
+def mapped_tensors(folder: Path, config: ModelConfig) -> dict[str, MappedTensor]:
+    """The folder's tensors under the bundled model's names, as views of the mapped files."""
+    tensors: dict[str, MappedTensor] = {}
+    for file in tensor_files(folder, config):
+        tensors.update(map_safetensors(file))
+    return _under_model_names(config, tensors)
 
 
 def parameter_shapes(config: ModelConfig, quantized: Collection[str] = ()) -> dict[str, tuple[int, ...]]:

@@ -1,16 +1,18 @@
-"""Encoder layers run one at a time, each holding its weights in memory only for its own turn.
+"""Encoder layers and decoder blocks run one at a time, each holding its weights only for its own turn.
 
-The golden outputs run a converted model once, at conversion time; holding every encoder weight for that
-one pass would put most of the model in memory (2.5 GB for canary-1b in float16). Weights loaded with
-`mx.load` are lazy: read from the file when first evaluated, then kept while referenced. So each layer is
-evaluated as soon as it has run and then given fresh, unread arrays for its weights, which frees the
-ones it read. The decoder, which every search step needs whole, stays as it is.
+The golden outputs run a converted model at conversion time (and again in `verify`); holding its weights
+for that would put the whole model in anonymous memory (canary-1b: 4 GB in float32, and the decoder alone,
+which every search step runs, 1.6 GB). Instead, while `layers_streamed` is open, each layer copies its
+weights in from the folder's memory-mapped files (`mapped.py`, at memory speed) when it is called,
+evaluates its output, and is then handed lazy arrays that have never been read (`mx.load`'s: read only when
+evaluated, which they never are here), so the copies are freed. Only the embeddings, norms and head stay.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,37 +21,69 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from .canary import CanaryModel
-from .load import read_tensors
+from .load import mapped_tensors, read_tensors
+from .mapped import MappedTensor
+
+
+def _under(prefix: str, tensors: dict[str, Any]) -> dict[str, Any]:
+    """The tensors named `prefix...`, as a parameter tree of the module at `prefix`."""
+    return tree_unflatten([(name.removeprefix(prefix), value) for name, value in tensors.items()
+                           if name.startswith(prefix)])
+
+
+@dataclass(frozen=True)
+class _LayerWeights:
+    """Where one layer's weights come from (mapped views, relative names) and what it holds between calls
+    (a parameter tree of unread lazy arrays). Not a dict, so the wrapper does not take it for parameters."""
+
+    mapped: dict[str, MappedTensor]
+    unread: dict[str, Any]
 
 
 class _OneAtATime(nn.Module):
-    """`layer`, evaluated as soon as it runs, then handed unread weights from `unread()`."""
+    """`layer`, its weights copied in for each call and let go once the call's output is evaluated."""
 
-    def __init__(self, layer: nn.Module, unread: Callable[[], dict[str, Any]]):
+    def __init__(self, layer: nn.Module, weights: _LayerWeights):
         super().__init__()
         self.layer = layer
-        self._unread = unread
+        self._weights = weights
 
-    def __call__(self, *args: Any) -> mx.array:
-        out = self.layer(*args)
+    def _run(self, method: Callable[..., Any], *args: Any) -> Any:
+        self.layer.update(tree_unflatten([(name, tensor.load()) for name, tensor in self._weights.mapped.items()]))
+        out = method(*args)
         mx.eval(out)
-        self.layer.update(self._unread())
+        self.layer.update(self._weights.unread)
         return out
+
+    def __call__(self, *args: Any) -> Any:
+        return self._run(self.layer, *args)
+
+    def cross_kv(self, xa: mx.array) -> tuple[mx.array, mx.array]:
+        """A decoder block's other entry point: its cross-attention keys and values."""
+        return self._run(self.layer.cross_kv, xa)
 
 
 @contextmanager
-def encoder_layers_streamed(model: CanaryModel, folder: Path) -> Iterator[None]:
-    """While open, the model's encoder layers read their weights from `folder` each time they run."""
-    layers = model.encoder.layers
+def layers_streamed(model: CanaryModel, folder: Path) -> Iterator[None]:
+    """While open, the model's encoder layers and decoder blocks copy their weights in from `folder` each
+    time they run; afterwards they hold unread lazy arrays of `folder`, read again when next used."""
+    mapped = mapped_tensors(folder, model.config)
+    unread = read_tensors(folder, model.config)
+    stacks = {"encoder.layers": model.encoder.layers, "decoder.blocks": model.decoder.blocks}
 
-    def unread(index: int) -> Callable[[], dict[str, Any]]:
-        prefix = f"encoder.layers.{index}."
-        return lambda: tree_unflatten([(name.removeprefix(prefix), array)
-                                       for name, array in read_tensors(folder, model.config).items()
-                                       if name.startswith(prefix)])
+    def streamed(path: str, layers: list[nn.Module]) -> list[nn.Module]:
+        wrapped = []
+        for index, layer in enumerate(layers):
+            prefix = f"{path}.{index}."
+            views = {name.removeprefix(prefix): tensor for name, tensor in mapped.items() if name.startswith(prefix)}
+            layer.update(_under(prefix, unread))  # weights already read are let go now
+            wrapped.append(_OneAtATime(layer, _LayerWeights(views, _under(prefix, unread))))
+        return wrapped
 
-    model.encoder.layers = [_OneAtATime(layer, unread(index)) for index, layer in enumerate(layers)]
+    model.encoder.layers = streamed("encoder.layers", stacks["encoder.layers"])
+    model.decoder.blocks = streamed("decoder.blocks", stacks["decoder.blocks"])
     try:
         yield
     finally:
-        model.encoder.layers = layers
+        model.encoder.layers = stacks["encoder.layers"]
+        model.decoder.blocks = stacks["decoder.blocks"]
