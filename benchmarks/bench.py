@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -48,6 +49,7 @@ class Sampled:
     anon_peak: int  # bytes: heap, stacks, anonymous maps (RssAnon)
     file_peak: int  # bytes: pages of mapped files (RssFile), reclaimable; `time -v` adds them to max RSS
     max_rss: int  # bytes: the kernel's own peak of both (ru_maxrss)
+    output: str  # what it printed (stdout and stderr)
 
 
 def _status_bytes(pid: int) -> tuple[int, int] | None:
@@ -85,10 +87,11 @@ def run_sampled(command: list[str]) -> Sampled:
         seconds = time.perf_counter() - started
         process.returncode = os.waitstatus_to_exitcode(status)
         sampler.join()
+        output.seek(0)
+        printed = output.read()
         if process.returncode:
-            output.seek(0)
-            raise SystemExit(f"{' '.join(command)} failed ({process.returncode}):\n{output.read()[-3000:]}")
-    return Sampled(seconds, peaks[0], peaks[1], usage.ru_maxrss * 1024)
+            raise SystemExit(f"{' '.join(command)} failed ({process.returncode}):\n{printed[-3000:]}")
+    return Sampled(seconds, peaks[0], peaks[1], usage.ru_maxrss * 1024, printed)
 
 
 def probe(script: str, *args: str) -> dict:
@@ -158,7 +161,10 @@ def bench_family(family: str, outputs: list[str], steps: int, repeats: int, roun
         cp = copy_seconds(source)
         converted = run_sampled([str(BIN / "canary-convert"), str(source), str(folder), "--force",
                                  *OUTPUTS[output]])
+        # The summary line names the stages' times: "(write 7.5s, validate 0.5s, goldens 21.0s)".
+        goldens = re.search(r"goldens ([0-9.]+)s", converted.output)
         rows.append({"family": family, "output": output, "convert_s": converted.seconds, "cp_s": cp,
+                     "goldens_s": float(goldens.group(1)) if goldens else float("nan"),
                      "anon_peak": converted.anon_peak, "file_peak": converted.file_peak,
                      "max_rss": converted.max_rss})
     timed: dict[str, dict] = {}
@@ -186,20 +192,21 @@ def _cpu_name() -> str:
 
 def table(rows: list[dict], bandwidth: float) -> str:
     """One Markdown table: each MLX row beside its family's NeMo row, ratios against NeMo and `cp`."""
-    header = ("| model | weights | convert s (x cp) | peak anon / file-backed GB | load s | encoder 30 s, s "
-              "(x NeMo) | decoder steps/s (x NeMo) | bound steps/s |")
-    lines = [header, "|" + "---|" * 8]
+    header = ("| model | weights | convert s (x cp) | of which goldens s | peak anon / file-backed GB | load s | "
+              "encoder 30 s, s (x NeMo) | decoder steps/s (x NeMo) | bound steps/s |")
+    lines = [header, "|" + "---|" * 9]
     nemo = {row["family"]: row for row in rows if row["output"] == "NeMo"}
     for row in rows:
         reference = nemo[row["family"]]
         nemo_rate = reference["steps"] / reference["decoder_s"]
         if row["output"] == "NeMo":
-            lines.append(f"| {row['family']} | NeMo, torch CPU ({row['source_gb']:.2f} GB .nemo) | | | "
+            lines.append(f"| {row['family']} | NeMo, torch CPU ({row['source_gb']:.2f} GB .nemo) | | | | "
                          f"{row['load_s']:.1f} | {row['encoder_s']:.2f} | {nemo_rate:.2f} | |")
             continue
         rate = row["steps"] / row["decoder_s"]
         lines.append(
             f"| {row['family']} | {row['output']} | {row['convert_s']:.1f} ({row['convert_s'] / row['cp_s']:.2f}) | "
+            f"{row['goldens_s']:.1f} | "
             f"{row['anon_peak'] / 1e9:.2f} / {row['file_peak'] / 1e9:.2f} | {row['load_s']:.2f} | "
             f"{row['encoder_s']:.2f} ({row['encoder_s'] / reference['encoder_s']:.2f}) | "
             f"{rate:.2f} ({rate / nemo_rate:.1f}) | {bandwidth / row['step_bytes']:.1f} |"

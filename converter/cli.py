@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
@@ -77,11 +77,13 @@ class RichReporter:
 
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
+        self.seconds: dict[str, float] = {}  # each finished stage's wall time, for the summary line
 
     @contextmanager
     def task(self, description: str, total_bytes: int, total_items: int) -> Iterator[Callable[[int], None]]:
         task_id = self.progress.add_task(description, total=total_bytes or None, items=0, total_items=total_items)
         counted = {"items": 0}
+        started = time.perf_counter()
 
         def advance(nbytes: int) -> None:
             counted["items"] += 1 if total_items > 1 else 0
@@ -89,6 +91,7 @@ class RichReporter:
 
         yield advance
         self.progress.update(task_id, completed=total_bytes, items=total_items)
+        self.seconds[description] = time.perf_counter() - started
 
     def download_tqdm(self) -> Any:
         progress = self.progress
@@ -142,6 +145,12 @@ def _plan_rows(conversion: Conversion) -> list[tuple[str, str, str, str]]:
         rows.append((tensor.source_key, tensor.target_key, shape, ", ".join(labels)))
     rows.extend((d.key, "(dropped)", "", d.reason) for d in conversion.plan.dropped)
     return rows
+
+
+def _stage_times(seconds: Mapping[str, float]) -> str:
+    """"write 7.5s, validate 0.5s, goldens 21.0s": the stages that take time apart from reading, which
+    spans the whole conversion (the source stays mapped until the end)."""
+    return ", ".join(f"{stage} {seconds[stage]:.1f}s" for stage in ("write", "validate", "goldens") if stage in seconds)
 
 
 def _print_plan(conversion: Conversion) -> None:
@@ -230,7 +239,8 @@ def convert_command(
             raise UsageError("missing OUT: canary-convert SOURCE OUT (or --dry-run)")
         started = time.perf_counter()
         with _progress() as progress:
-            conversion = convert(source, out, options, RichReporter(progress))
+            reporter = RichReporter(progress)
+            conversion = convert(source, out, options, reporter)
     except ParityError as exc:
         _print_parity(exc.report)
         _fail(exc)
@@ -249,7 +259,8 @@ def convert_command(
                       f"{len(q.quantized)} layers quantized, {len(q.kept_float)} kept in float")
     typer.echo(
         f"converted {source} ({conversion.derived.preset.name}) -> {out}: {len(conversion.plan.tensors)} tensors, "
-        f"{precision}, {len(conversion.files)} file(s) in {seconds:.1f}s; strict load ok, round trip exact"
+        f"{precision}, {len(conversion.files)} file(s) in {seconds:.1f}s ({_stage_times(reporter.seconds)}); "
+        "strict load ok, round trip exact"
     )
     _print_quantization_errors(validation.quantization_errors)
     for note in conversion.plan.notes():

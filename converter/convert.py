@@ -224,7 +224,8 @@ def convert(source_arg: str, out: Path, options: ConvertOptions, reporter: Repor
                 (staging / relative).parent.mkdir(parents=True, exist_ok=True)
                 archive.copy_member(member, staging / relative)
             write_json(staging / CONFIG_FILE, conversion.derived.config_json())
-            conversion.validation, model = validate_folder(staging, stored, state_dict, conversion.quantization)
+            with reporter.task("validate", 0, 1):
+                conversion.validation, model = validate_folder(staging, stored, state_dict, conversion.quantization)
             if options.parity:
                 conversion.parity = run_parity(source.path, model, options.parity_audio)
             clips = load_clips(options.parity_audio, model.config.preprocessor.sample_rate)

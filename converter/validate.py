@@ -18,6 +18,7 @@ from .errors import ModelFolderError, ValidationError
 from .model.canary import CanaryModel
 from .model.config import ModelConfig
 from .model.load import CONFIG_FILE, load_model, tensor_files
+from .model.mapped import map_safetensors
 from .quantize import QuantizationError, QuantizationPlan, quantization_error, quantize_tensor
 from .rules import TensorPlan
 from .writer import OutputTensor
@@ -91,12 +92,13 @@ def _check_quantized(where: Mapping[str, Path], layers: Mapping[TensorPlan, list
     if quantization is None:
         raise ValidationError("the folder holds quantized layers but the conversion planned none")
     options = quantization.options
-    files = {file: mx.load(str(file), format="safetensors") for file in set(where.values())}  # lazy: each tensor is read when compared
+    # Mapped: each layer's parts are copied in for their comparison only, so at most one layer is held.
+    files = {file: map_safetensors(file) for file in set(where.values())}
     errors = []
     for plan, parts in layers.items():
         weights = source[plan.source_key]
         expected = quantize_tensor(plan, weights, parts[0].dtype, options)
-        read = {tensor.part: files[where[tensor.key]][tensor.key] for tensor in parts}
+        read = {tensor.part: files[where[tensor.key]][tensor.key].load() for tensor in parts}
         for tensor in parts:
             array, want = read[tensor.part], expected[tensor.part]
             if array.dtype != want.dtype or not mx.array_equal(array, want).item():
