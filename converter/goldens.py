@@ -37,7 +37,7 @@ from .parity import TOKEN_MODES, ParityReport, StageOutputs, reference_signals, 
 
 GOLDENS_FILE = "goldens.json"
 SCHEMA = "canary-convert/goldens"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: beam search without NeMo's tiled prompt cache; prompts batched
 SAMPLES_PER_UTTERANCE = 256
 MAX_NEW_TOKENS = 16  # enough to see decoding change; the stage fingerprints catch numeric drift
 STAGES = ("features", "encoder", "logprobs")
@@ -134,8 +134,13 @@ def golden_prompts(model: CanaryModel) -> list[PromptOptions]:
 
 
 def golden_modes(model: CanaryModel) -> dict[str, DecodingOptions]:
-    """Greedy and beam 4 with the checkpoint's length penalty and budgets, each capped at MAX_NEW_TOKENS."""
-    default = replace(DecodingOptions.from_config(model.config.decoding), max_new_tokens=MAX_NEW_TOKENS)
+    """Greedy and beam 4 with the checkpoint's length penalty and budgets, each capped at MAX_NEW_TOKENS.
+
+    Beam search without NeMo's cross-utterance prompt cache (`tile_prompt_cache=False`): each utterance's
+    tokens are then what it gives alone, so the prompts can share one batch (`decode_prompts`).
+    """
+    default = replace(DecodingOptions.from_config(model.config.decoding), max_new_tokens=MAX_NEW_TOKENS,
+                      tile_prompt_cache=False)
     return {name: replace(default, strategy=strategy, beam_size=beam) for name, (strategy, beam) in TOKEN_MODES.items()}
 
 
@@ -164,41 +169,79 @@ def run_group(model: CanaryModel, signals: Sequence[np.ndarray]) -> GroupRun:
     return GroupRun(stages, encoded, enc_lengths)
 
 
-def decode_group(model: CanaryModel, run: GroupRun, prompt: PromptOptions, options: DecodingOptions) -> list[list[int]]:
-    """Every utterance of the group decoded with one prompt and mode, from the group's encoder states."""
-    assert model.tokenizer is not None
-    ids = build_prompt(model.config.prompt_format, model.tokenizer, prompt)
-    decoded = decode(model, run.encoded, run.enc_lengths, [ids] * run.encoded.shape[0], options,
-                     model.tokenizer.eos_id, model.tokenizer.pad_id)
-    return [result.tokens for result in decoded]
+def _tiled(run: GroupRun, times: int) -> tuple[mx.array, mx.array]:
+    """The group's encoder states and lengths repeated `times` over: one copy of the group per prompt."""
+    return mx.concatenate([run.encoded] * times), mx.concatenate([run.enc_lengths] * times)
 
 
-def gaps(model: CanaryModel, run: GroupRun, prompt: PromptOptions, tokens: list[list[int]]) -> list[list[float]]:
-    """Per utterance of the group, at each decoded position (and the one after, where the search chose to
-    stop), the gap between the two best log-probabilities, all utterances teacher-forced as one batch."""
+def decode_prompts(model: CanaryModel, run: GroupRun, prompts: Sequence[PromptOptions],
+                   options: DecodingOptions) -> list[list[list[int]]]:
+    """Per prompt, per utterance of the group: the tokens of one decoding mode.
+
+    Prompts of one length share one batch, one decoder call per step for all of them (each row's search
+    is its own: rows of other prompts change nothing, see tests/test_decoding.py's batched-equals-alone).
+    A shorter prompt would be padded, which moves its positions, so prompts of other lengths go apart.
+    """
     assert model.tokenizer is not None
-    prompt_ids = build_prompt(model.config.prompt_format, model.tokenizer, prompt)
-    rows = [(prompt_ids + ids)[: model.decoder.max_sequence_length] for ids in tokens]
+    ids = [build_prompt(model.config.prompt_format, model.tokenizer, prompt) for prompt in prompts]
+    by_length: dict[int, list[int]] = {}
+    for index, prompt_ids in enumerate(ids):
+        by_length.setdefault(len(prompt_ids), []).append(index)
+    utterances = run.encoded.shape[0]
+    tokens: list[list[list[int]]] = [[] for _ in prompts]
+    for members in by_length.values():
+        encoded, enc_lengths = _tiled(run, len(members))
+        rows = [ids[index] for index in members for _ in range(utterances)]
+        decoded = decode(model, encoded, enc_lengths, rows, options, model.tokenizer.eos_id, model.tokenizer.pad_id)
+        for position, index in enumerate(members):
+            tokens[index] = [result.tokens for result in decoded[position * utterances: (position + 1) * utterances]]
+    return tokens
+
+
+def gaps(model: CanaryModel, run: GroupRun, decoded: Sequence[tuple[PromptOptions, list[list[int]]]]
+         ) -> list[list[list[float]]]:
+    """For each (prompt, tokens per utterance): per utterance, at each decoded position (and the one after,
+    where the search chose to stop), the gap between the two best log-probabilities. Every row is
+    teacher-forced in one batch."""
+    assert model.tokenizer is not None
+    starts, rows = [], []
+    for prompt, tokens in decoded:
+        prompt_ids = build_prompt(model.config.prompt_format, model.tokenizer, prompt)
+        starts += [len(prompt_ids) - 1] * len(tokens)
+        rows += [(prompt_ids + ids)[: model.decoder.max_sequence_length] for ids in tokens]
     # Right-padded: causal attention keeps the padding out of every position a row reads.
     width = max(len(row) for row in rows)
     batch = mx.array([row + [model.tokenizer.pad_id] * (width - len(row)) for row in rows])
-    logprobs = model.decoder_logprobs(batch, run.encoded, run.enc_lengths)
-    top = np.array(mx.topk(logprobs[:, len(prompt_ids) - 1:], 2, axis=-1))  # unsorted: the gap is |a - b|
+    logprobs = model.decoder_logprobs(batch, *_tiled(run, len(decoded)))
+    top = np.array(mx.topk(logprobs, 2, axis=-1))  # unsorted: the gap is |a - b| either way
     spread = np.abs(top[..., 0] - top[..., 1])
-    return [[round(float(gap), 6) for gap in spread[index, : len(row) - len(prompt_ids) + 1]]
-            for index, row in enumerate(rows)]
+    flat = [[round(float(gap), 6) for gap in spread[index, start: len(row)]]
+            for index, (start, row) in enumerate(zip(starts, rows))]
+    utterances = run.encoded.shape[0]
+    return [flat[position * utterances: (position + 1) * utterances] for position in range(len(decoded))]
+
+
+def decode_all(model: CanaryModel, run: GroupRun, wanted: Sequence[tuple[PromptOptions, DecodingOptions]]
+               ) -> list[list[list[int]]]:
+    """The tokens of each (prompt, mode) wanted, per utterance; the prompts of a mode decoded together."""
+    by_options: dict[DecodingOptions, list[int]] = {}
+    for index, (_, options) in enumerate(wanted):
+        by_options.setdefault(options, []).append(index)
+    tokens: list[list[list[int]]] = [[] for _ in wanted]
+    for options, members in by_options.items():
+        for index, decoded in zip(members, decode_prompts(model, run, [wanted[i][0] for i in members], options)):
+            tokens[index] = decoded
+    return tokens
 
 
 def decode_goldens(model: CanaryModel, run: GroupRun) -> list[dict[str, Any]]:
     """Token ids and near-tie gaps of every golden prompt and mode."""
-    records = []
-    for prompt in golden_prompts(model):
-        for mode, options in golden_modes(model).items():
-            tokens = decode_group(model, run, prompt, options)
-            records.append({"prompt": asdict(prompt), "mode": mode, "strategy": options.strategy,
-                            "beam_size": options.beam_size, "length_penalty": options.length_penalty,
-                            "tokens": tokens, "gaps": gaps(model, run, prompt, tokens)})
-    return records
+    wanted = [(prompt, (mode, options)) for prompt in golden_prompts(model) for mode, options in golden_modes(model).items()]
+    tokens = decode_all(model, run, [(prompt, options) for prompt, (_, options) in wanted])
+    spreads = gaps(model, run, [(prompt, ids) for (prompt, _), ids in zip(wanted, tokens)])
+    return [{"prompt": asdict(prompt), "mode": mode, "strategy": options.strategy, "beam_size": options.beam_size,
+             "length_penalty": options.length_penalty, "tokens": ids, "gaps": spread}
+            for (prompt, (mode, options)), ids, spread in zip(wanted, tokens, spreads)]
 
 
 def _group(model: CanaryModel, signals: list[np.ndarray], reference: StageOutputs | None,

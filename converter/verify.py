@@ -31,7 +31,7 @@ from .goldens import (
     fingerprint,
     first_difference,
     GroupRun,
-    decode_group,
+    decode_all,
     gaps,
     golden_modes,
     goldens_digest,
@@ -47,6 +47,7 @@ from .goldens import (
 from .manifest import CONVERSION_FILE, hash_file, manifest_problems, read_record, recorded_manifest
 from .model.canary import CanaryModel
 from .model.config import ModelConfig
+from .model.decoding import DecodingOptions
 from .model.load import CONFIG_FILE, load_model, read_tensors, weight_files
 from .model.prompts import PromptOptions
 from .model.quantized import read_quantization
@@ -205,32 +206,36 @@ def _describe(prompt: Mapping[str, Any], mode: str) -> str:
     return f"{prompt['task']} {prompt['source_lang']}->{target} {mode}"
 
 
-def check_decoding(group_name: str, golden: Mapping[str, Any], model: CanaryModel, run: GroupRun,
-                   tolerances: Tolerances) -> tuple[Check, list[list[int]]]:
-    """Decode one golden prompt and mode again (and return the tokens); a first difference at a recorded
-    near-tie is advisory."""
-    prompt = PromptOptions(**golden["prompt"])
+def golden_options(golden: Mapping[str, Any], model: CanaryModel) -> tuple[PromptOptions, DecodingOptions]:
+    """The prompt and decoding options a golden record was made with."""
     options = replace(golden_modes(model)["greedy"], strategy=golden["strategy"], beam_size=golden["beam_size"],
                       length_penalty=golden["length_penalty"])
+    return PromptOptions(**golden["prompt"]), options
+
+
+def check_decoding(group_name: str, golden: Mapping[str, Any], now: list[list[int]], model: CanaryModel,
+                   run: GroupRun, tolerances: Tolerances) -> Check:
+    """One golden prompt and mode against this run's tokens `now`; a first difference at a recorded near-tie
+    is advisory."""
+    prompt, _ = golden_options(golden, model)
     name = f"{group_name}: {_describe(golden['prompt'], golden['mode'])} tokens"
-    now = decode_group(model, run, prompt, options)
     advisories = []
     current_gaps: list[list[float]] = []
     for row, (old, new) in enumerate(zip(golden["tokens"], now)):
         at = first_difference(old, new)
         if at is None:
             continue
-        current_gaps = current_gaps or gaps(model, run, prompt, now)
+        current_gaps = current_gaps or gaps(model, run, [(prompt, now)])[0]
         recorded = golden["gaps"][row] + [float("inf")]
         current = current_gaps[row] + [float("inf")]
         gap = min(recorded[min(at, len(recorded) - 1)], current[min(at, len(current) - 1)])
         where = f"utterance {row}, token {at}: {old[at:at + 3]} -> {new[at:at + 3]}"
         if gap >= tolerances.near_tie:
-            return Check(name, "fail", f"{where} (top-2 gap {gap:.2e}, not a near-tie)", stage="decoding"), now
+            return Check(name, "fail", f"{where} (top-2 gap {gap:.2e}, not a near-tie)", stage="decoding")
         advisories.append(f"{where} at a near-tie (gap {gap:.2e} < {tolerances.near_tie:g})")
     if advisories:
-        return Check(name, "advisory", "; ".join(advisories), stage="decoding"), now
-    return Check(name, "pass", f"{len(now)} utterances identical"), now
+        return Check(name, "advisory", "; ".join(advisories), stage="decoding")
+    return Check(name, "pass", f"{len(now)} utterances identical")
 
 
 def check_reference(group_name: str, group: Mapping[str, Any], now: Mapping[str, Any], model: CanaryModel,
@@ -281,9 +286,9 @@ def verify_goldens(goldens: Mapping[str, Any], model: CanaryModel, tolerances: T
                    for stage in STAGES}
             checks += check_stages(group_name, group["stages"], now, tolerances)
             greedy_now = None
-            for golden in group["decoding"]:
-                check, tokens = check_decoding(group_name, golden, model, run, tolerances)
-                checks.append(check)
+            decoded = decode_all(model, run, [golden_options(golden, model) for golden in group["decoding"]])
+            for golden, tokens in zip(group["decoding"], decoded):
+                checks.append(check_decoding(group_name, golden, tokens, model, run, tolerances))
                 if golden["mode"] == "greedy" and golden["prompt"] == reference_prompt:
                     greedy_now = tokens
             if "reference" in group:

@@ -18,9 +18,12 @@ import pytest
 import yaml
 
 from canary_convert.convert import ConvertOptions, convert
-from canary_convert.goldens import GOLDENS_FILE, goldens_digest
+from canary_convert import load_model
+from canary_convert.goldens import (GOLDENS_FILE, SCHEMA_VERSION, decode_prompts, gaps, golden_modes,
+                                     golden_prompts, goldens_digest, run_group)
 from canary_convert.manifest import hash_file
 from canary_convert.model.quantized import QuantizeOptions
+from canary_convert.parity import reference_signals
 from canary_convert.verify import REPORT_SCHEMA_FILE, verify_folder
 from conftest import REPO, run_cli
 from factory import QUANTIZABLE_VARIANTS, VARIANTS
@@ -180,7 +183,8 @@ def test_goldens_edited_by_hand(converted: Path, tmp_path: Path) -> None:
     assert "goldens.json: the content does not match its digest (edited by hand?)" in goldens_check["detail"]
 
 
-@pytest.mark.parametrize(("version", "advice"), [(2, "upgrade canary-convert"), (0, "verify FOLDER --update")])
+@pytest.mark.parametrize(("version", "advice"), [(SCHEMA_VERSION + 1, "upgrade canary-convert"),
+                                               (SCHEMA_VERSION - 1, "verify FOLDER --update")])
 def test_goldens_of_another_schema_version(converted: Path, tmp_path: Path, version: int, advice: str) -> None:
     folder = _copy(converted, tmp_path)
     goldens = json.loads((folder / GOLDENS_FILE).read_text())
@@ -260,6 +264,25 @@ def test_goldens_are_deterministic(converted: Path, checkpoint: Path, tmp_path: 
     assert first["groups"] == second["groups"] and first["digest"] == second["digest"]
     values = np.array(first["groups"]["test-signals"]["stages"]["encoder"][0]["values"])
     assert values.size == 256 and np.unique(values).size > 200  # real numbers, not a constant
+
+
+def test_golden_prompts_batched_give_what_each_gives_alone(converted: Path) -> None:
+    """The goldens decode every prompt of a mode in one batch; each prompt's tokens, and near-tie gaps, are
+    what decoding it alone gives."""
+    model = load_model(converted)
+    run = run_group(model, reference_signals(16000))
+    prompts = golden_prompts(model)
+    assert [prompt.task for prompt in prompts] == ["transcribe", "translate"]
+    for options in golden_modes(model).values():
+        together = decode_prompts(model, run, prompts, options)
+        alone = [decode_prompts(model, run, [prompt], options)[0] for prompt in prompts]
+        assert together == alone and all(len(tokens) == 3 for tokens in together)
+        assert sum(len(ids) for tokens in together for ids in tokens) > 0
+        spread_together = gaps(model, run, list(zip(prompts, together)))
+        spread_alone = [gaps(model, run, [(prompt, tokens)])[0] for prompt, tokens in zip(prompts, alone)]
+        for batched, single in zip(spread_together, spread_alone):
+            for row_batched, row_single in zip(batched, single, strict=True):
+                np.testing.assert_allclose(row_batched, row_single, atol=2e-5)
 
 
 def test_the_maintainers_workflow_runs_commands_the_cli_accepts(converted: Path, tmp_path: Path,
