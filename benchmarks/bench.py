@@ -164,7 +164,7 @@ def bench_family(family: str, outputs: list[str], steps: int, repeats: int, roun
         # The summary line names the stages' times: "(write 7.5s, validate 0.5s, goldens 21.0s)".
         goldens = re.search(r"goldens ([0-9.]+)s", converted.output)
         rows.append({"family": family, "output": output, "convert_s": converted.seconds, "cp_s": cp,
-                     "goldens_s": float(goldens.group(1)) if goldens else float("nan"),
+                     "goldens_s": float(goldens.group(1)) if goldens else None,
                      "anon_peak": converted.anon_peak, "file_peak": converted.file_peak,
                      "max_rss": converted.max_rss})
     timed: dict[str, dict] = {}
@@ -206,7 +206,7 @@ def table(rows: list[dict], bandwidth: float) -> str:
         rate = row["steps"] / row["decoder_s"]
         lines.append(
             f"| {row['family']} | {row['output']} | {row['convert_s']:.1f} ({row['convert_s'] / row['cp_s']:.2f}) | "
-            f"{row['goldens_s']:.1f} | "
+            f"{'' if row['goldens_s'] is None else format(row['goldens_s'], '.1f')} | "
             f"{row['anon_peak'] / 1e9:.2f} / {row['file_peak'] / 1e9:.2f} | {row['load_s']:.2f} | "
             f"{row['encoder_s']:.2f} ({row['encoder_s'] / reference['encoder_s']:.2f}) | "
             f"{rate:.2f} ({rate / nemo_rate:.1f}) | {bandwidth / row['step_bytes']:.1f} |"

@@ -183,6 +183,8 @@ def decode_prompts(model: CanaryModel, run: GroupRun, prompts: Sequence[PromptOp
     A shorter prompt would be padded, which moves its positions, so prompts of other lengths go apart.
     """
     assert model.tokenizer is not None
+    if not options.is_greedy and options.beam_size > 1 and options.tile_prompt_cache:
+        raise ValueError("prompts share a batch only without NeMo's tiled prompt cache (tile_prompt_cache=False)")
     ids = [build_prompt(model.config.prompt_format, model.tokenizer, prompt) for prompt in prompts]
     by_length: dict[int, list[int]] = {}
     for index, prompt_ids in enumerate(ids):

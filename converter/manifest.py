@@ -43,30 +43,39 @@ class HashingWriter:
     """A binary file that hashes what is written to it: the manifest entry comes for free.
 
     The hashing runs on a second thread (hashlib lets go of the GIL), so at about 2 GB/s it overlaps the
-    writes instead of adding to them. Use it as a context manager; `record()` after it has closed.
+    writes instead of adding to them. Use it as a context manager, and `record()` once it has closed; what
+    is written must stay unchanged until then (the hash reads it later).
     """
 
     def __init__(self, handle: IO[bytes]):
         self._handle = handle
         self._digest = hashlib.sha256()
         self._pending: queue.Queue[bytes | memoryview | None] = queue.Queue(maxsize=4)
+        self._failure: BaseException | None = None
         self._hasher = threading.Thread(target=self._hash, name="sha256", daemon=True)
+        self._hasher.start()
         self.size = 0
 
     def _hash(self) -> None:
         while (data := self._pending.get()) is not None:
-            self._digest.update(data)
+            if self._failure is None:  # after a failure, keep taking what is queued so no writer waits
+                try:
+                    self._digest.update(data)
+                except BaseException as exc:  # noqa: BLE001 - re-raised on the writer's thread
+                    self._failure = exc
 
     def __enter__(self) -> HashingWriter:
-        self._hasher.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._pending.put(None)
-        self._hasher.join()
+        if self._hasher.is_alive():
+            self._pending.put(None)
+            self._hasher.join()
+        if self._failure is not None and exc[0] is None:
+            raise self._failure
 
     def write(self, data: bytes | memoryview) -> int:
-        self._pending.put(data)  # never changed afterwards: tensor bytes are made fresh for each write
+        self._pending.put(data)
         self.size += len(data)
         return self._handle.write(data)
 

@@ -217,7 +217,7 @@ def check_decoding(group_name: str, golden: Mapping[str, Any], now: list[list[in
                    run: GroupRun, tolerances: Tolerances) -> Check:
     """One golden prompt and mode against this run's tokens `now`; a first difference at a recorded near-tie
     is advisory."""
-    prompt, _ = golden_options(golden, model)
+    prompt = PromptOptions(**golden["prompt"])
     name = f"{group_name}: {_describe(golden['prompt'], golden['mode'])} tokens"
     advisories = []
     current_gaps: list[list[float]] = []

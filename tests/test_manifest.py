@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from canary_convert.convert import ConvertOptions, convert
-from canary_convert.manifest import FileRecord, build_manifest, manifest_problems
+from canary_convert.manifest import FileRecord, HashingWriter, build_manifest, manifest_problems
 
 
 @pytest.fixture(scope="module")
@@ -55,3 +58,24 @@ def test_changes_are_named(converted: Path, tmp_path: Path) -> None:
         f"config.json: {recorded['config.json'].size + 1} bytes, the manifest says {recorded['config.json'].size}",
         "model.safetensors: sha256 differs from the manifest (same size, changed content)",
     ]
+
+
+def test_the_hashing_writer_hashes_what_it_wrote_in_order(tmp_path: Path) -> None:
+    chunks = [bytes([index]) * (3 << 20) for index in range(9)]  # more than its queue holds at once
+    with (tmp_path / "out").open("wb") as raw, HashingWriter(raw) as handle:
+        for chunk in chunks:
+            handle.write(memoryview(chunk))
+    written = (tmp_path / "out").read_bytes()
+    assert written == b"".join(chunks)
+    assert handle.record() == FileRecord(len(written), "sha256:" + hashlib.sha256(written).hexdigest())
+
+
+def test_the_hashing_writer_gives_its_thread_back_when_a_write_fails(tmp_path: Path) -> None:
+    threads = threading.active_count()
+    with pytest.raises(BufferError):
+        with (tmp_path / "out").open("wb") as raw, HashingWriter(raw) as handle:
+            handle.write(b"header")
+            handle.write(memoryview(np.arange(16)[::2]))  # not contiguous: neither the file nor the hash takes it
+    assert threading.active_count() == threads
+    with HashingWriter(io.BytesIO()) as still_open, pytest.raises(RuntimeError, match="before the writer was closed"):
+        still_open.record()

@@ -11,6 +11,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from canary_convert import load_model
+from canary_convert.errors import ModelFolderError
 from canary_convert.goldens import decode_goldens, run_group
 from canary_convert.model.load import mapped_tensors, read_tensors
 from canary_convert.model.mapped import map_safetensors
@@ -79,5 +80,5 @@ def test_a_tensor_past_the_end_of_the_file_is_named(quantizable_checkpoints: dic
     weights = folder / "model.safetensors"
     with weights.open("r+b") as handle:
         handle.truncate(weights.stat().st_size - 4)
-    with pytest.raises(ValueError, match=r"model\.safetensors: .* does not fit the file's"):
+    with pytest.raises(ModelFolderError, match=r"model\.safetensors: not a readable safetensors file: .* does not fit the file's"):
         map_safetensors(weights)

@@ -8,6 +8,7 @@ holds only file-backed pages, which the kernel may drop. The golden outputs' str
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import mmap
@@ -18,16 +19,22 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-# safetensors dtype code -> (numpy dtype of the bytes, MLX dtype); numpy has no bfloat16, so those bytes
-# are copied as uint16 and reinterpreted.
+from ..errors import ModelFolderError
+
+# safetensors dtype code -> (numpy dtype of the bytes, MLX dtype): every code the writer stores. numpy has
+# no bfloat16, so those bytes are copied as uint16 and reinterpreted.
 _DTYPES: dict[str, tuple[type[np.generic], mx.Dtype]] = {
+    "F64": (np.float64, mx.float64),
     "F32": (np.float32, mx.float32),
     "F16": (np.float16, mx.float16),
     "BF16": (np.uint16, mx.bfloat16),
+    "I64": (np.int64, mx.int64),
+    "I32": (np.int32, mx.int32),
+    "I16": (np.int16, mx.int16),
+    "I8": (np.int8, mx.int8),
     "U32": (np.uint32, mx.uint32),
     "U8": (np.uint8, mx.uint8),
-    "I32": (np.int32, mx.int32),
-    "I64": (np.int64, mx.int64),
+    "BOOL": (np.bool_, mx.bool_),
 }
 
 
@@ -46,32 +53,39 @@ class MappedTensor:
 
 def map_safetensors(path: Path) -> dict[str, MappedTensor]:
     """Every tensor of a safetensors file, each checked to lie inside the file with its shape's size."""
-    size = path.stat().st_size
+    try:
+        return _mapped(path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelFolderError(f"{path}: not a readable safetensors file: {exc}") from None
+
+
+def _mapped(path: Path) -> dict[str, MappedTensor]:
     with path.open("rb") as handle:
+        size = handle.seek(0, io.SEEK_END)
+        handle.seek(0)
         prefix = handle.read(8)
         (length,) = struct.unpack("<Q", prefix) if len(prefix) == 8 else (size,)
         if 8 + length > size:
-            raise ValueError(f"{path}: a header of {length} bytes does not fit in the file ({size} bytes)")
+            raise ValueError(f"a header of {length} bytes does not fit in the file ({size} bytes)")
         header = json.loads(handle.read(length))
-    start_of_data = 8 + length
-    with path.open("rb") as handle:
         # Mapped whole and populated at once (Linux; 0.2 s for 4 GB in the page cache): faulting the pages
         # in one by one on first use made the first pass over a canary-1b decoder 4x slower.
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
         mapping = np.frombuffer(mmap.mmap(handle.fileno(), 0, flags=flags, prot=mmap.PROT_READ), dtype=np.uint8)
+    start_of_data = 8 + length
     tensors = {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
         if entry["dtype"] not in _DTYPES:
-            raise ValueError(f"{path}: {name} has dtype {entry['dtype']}, which no canary-convert folder stores")
+            raise ValueError(f"{name} has dtype {entry['dtype']}, which canary-convert never stores")
         numpy_dtype, mlx_dtype = _DTYPES[entry["dtype"]]
         shape = tuple(entry["shape"])
         begin, end = entry["data_offsets"]
         expected = math.prod(shape) * np.dtype(numpy_dtype).itemsize
         if not 0 <= begin <= end <= size - start_of_data or end - begin != expected:
-            raise ValueError(f"{path}: {name} ({entry['dtype']} {list(shape)}) at bytes {begin}-{end} does not fit "
-                             f"the file's {size - start_of_data} bytes of data")
+            raise ValueError(f"{name} ({entry['dtype']} {list(shape)}) at bytes {begin}-{end} does not fit the "
+                             f"file's {size - start_of_data} bytes of data")
         view = mapping[start_of_data + begin: start_of_data + end].view(numpy_dtype).reshape(shape)
         tensors[name] = MappedTensor(view, mlx_dtype)
     return tensors

@@ -5,7 +5,8 @@ for that would put the whole model in anonymous memory (canary-1b: 4 GB in float
 which every search step runs, 1.6 GB). Instead, while `layers_streamed` is open, each layer copies its
 weights in from the folder's memory-mapped files (`mapped.py`, at memory speed) when it is called,
 evaluates its output, and is then handed lazy arrays that have never been read (`mx.load`'s: read only when
-evaluated, which they never are here), so the copies are freed. Only the embeddings, norms and head stay.
+evaluated, which they never are here), so the copies are freed. The rest (embeddings, the pre-encode
+convolutions, the final norms and the head) stays loaded.
 """
 
 from __future__ import annotations
@@ -50,9 +51,11 @@ class _OneAtATime(nn.Module):
 
     def _run(self, method: Callable[..., Any], *args: Any) -> Any:
         self.layer.update(tree_unflatten([(name, tensor.load()) for name, tensor in self._weights.mapped.items()]))
-        out = method(*args)
-        mx.eval(out)
-        self.layer.update(self._weights.unread)
+        try:
+            out = method(*args)
+            mx.eval(out)
+        finally:
+            self.layer.update(self._weights.unread)
         return out
 
     def __call__(self, *args: Any) -> Any:
@@ -80,9 +83,9 @@ def layers_streamed(model: CanaryModel, folder: Path) -> Iterator[None]:
             wrapped.append(_OneAtATime(layer, _LayerWeights(views, _under(prefix, unread))))
         return wrapped
 
-    model.encoder.layers = streamed("encoder.layers", stacks["encoder.layers"])
-    model.decoder.blocks = streamed("decoder.blocks", stacks["decoder.blocks"])
     try:
+        model.encoder.layers = streamed("encoder.layers", stacks["encoder.layers"])
+        model.decoder.blocks = streamed("decoder.blocks", stacks["decoder.blocks"])
         yield
     finally:
         model.encoder.layers = stacks["encoder.layers"]
