@@ -1,7 +1,8 @@
-"""The one compiled piece: on Linux, a cblas_sgemm that forwards matrix-vector products to sgemv (blas.py).
+"""The compiled pieces, on Linux: a cblas_sgemm that forwards matrix-vector products to sgemv (blas.py),
+and float16 weights widened with F16C (model/mapped.py). Both are plain shared libraries read with ctypes.
 
-Everything else is declared in pyproject.toml. The extension is optional: without a C compiler the package
-still installs, and `canary-convert --version` says the forwarding is missing.
+Everything else is declared in pyproject.toml. The extensions are optional: without a C compiler the package
+still installs, `canary-convert --version` says the forwarding is missing, and widening falls back to numpy.
 """
 
 import sys
@@ -11,6 +12,8 @@ from setuptools import Extension, setup
 extensions = []
 if sys.platform == "linux":
     extensions.append(Extension("canary_convert._gemv_forward", ["converter/native/gemv_forward.c"],
+                                extra_compile_args=["-O2"], optional=True))
+    extensions.append(Extension("canary_convert._widen", ["converter/native/widen.c"],
                                 extra_compile_args=["-O2"], optional=True))
 
 setup(ext_modules=extensions)

@@ -21,11 +21,11 @@ picks a library. By default the system's `libopenblas.so.0` is used (Debian and 
 from __future__ import annotations
 
 import ctypes
-import importlib.machinery
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
+
+from .extensions import extension_path
 
 ENV_VAR = "CANARY_CONVERT_BLAS"
 OPT_OUT = "reference"
@@ -60,17 +60,8 @@ def gemv_forwarded() -> int:
     return int(forward.canary_gemv_forwarded())
 
 
-def _forward_path() -> Path | None:
-    """The built `_gemv_forward` extension beside this file, if the install compiled it."""
-    here = Path(__file__).parent
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        if (here / f"_gemv_forward{suffix}").is_file():
-            return here / f"_gemv_forward{suffix}"
-    return None
-
-
 def _forward_library() -> ctypes.CDLL | None:
-    path = _forward_path()
+    path = extension_path("_gemv_forward")
     if path is None:
         return None
     try:
@@ -85,7 +76,7 @@ def _forward_ahead_of(library: ctypes.CDLL) -> str:
 
     It is loaded only once both targets are known, since an unbound forwarder would be called by MLX.
     """
-    path = _forward_path()
+    path = extension_path("_gemv_forward")
     if path is None:
         return "the _gemv_forward extension was not built (no C compiler at install time)"
     try:

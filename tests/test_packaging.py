@@ -22,7 +22,8 @@ def test_wheel_installs_and_converts_in_a_fresh_venv(checkpoint: Path, tmp_path:
             "canary_convert/configs/canary-1b-v2.yaml", "canary_convert/model/encoder.py"} <= names
     assert not any(name.startswith("tests/") for name in names)
     if sys.platform == "linux":
-        assert any(name.startswith("canary_convert/_gemv_forward.") and name.endswith(".so") for name in names)
+        for extension in ("_gemv_forward", "_widen"):
+            assert any(name.startswith(f"canary_convert/{extension}.") and name.endswith(".so") for name in names)
 
     # A fresh venv that borrows the heavy dependencies (torch, mlx, ...) from this one by a path entry,
     # which does not run this venv's editable-install hook: canary_convert can only come from the wheel.
@@ -40,6 +41,9 @@ def test_wheel_installs_and_converts_in_a_fresh_venv(checkpoint: Path, tmp_path:
         version = subprocess.run([str(fresh / "bin" / "canary-convert"), "--version"], check=True, capture_output=True,
                                  text=True).stdout
         assert "vector products by sgemv" in version, version
+        widen = subprocess.run([str(python), "-c", "from canary_convert.extensions import extension_path; "
+                                "print(extension_path('_widen'))"], check=True, capture_output=True, text=True)
+        assert widen.stdout.strip().startswith(str(site)), widen.stdout
     result = subprocess.run([str(fresh / "bin" / "canary-convert"), str(checkpoint), str(tmp_path / "mlx")],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -25,7 +25,7 @@ def _layer_bytes(model) -> int:  # noqa: ANN001
     return sum(array.nbytes for layer in layers for _, array in tree_flatten(layer.parameters()))
 
 
-@pytest.mark.parametrize("options", [[], ["--quantize", "8"], ["--dtype", "bfloat16"]])
+@pytest.mark.parametrize("options", [[], ["--quantize", "8"], ["--dtype", "float16"], ["--dtype", "bfloat16"]])
 def test_streamed_passes_are_exact_and_free_the_layer_weights(
     quantizable_checkpoints: dict[str, Path], tmp_path: Path, options: list[str]
 ) -> None:

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from canary_convert import load_model
+from canary_convert.extensions import extension_path
 from canary_convert.model.activations import attention, product, slow_cpu
+from canary_convert.model.mapped import MappedTensor, Widener, widened
 from canary_convert.model.widened import (
     WidenedEmbedding,
     WidenedLinear,
@@ -109,3 +111,26 @@ def test_loaded_half_and_quantized_folders_use_the_widened_layers(
     kinds = {type(module) for _, module in model.named_modules()}
     assert kinds & {WidenedLinear, WidenedEmbedding, WidenedQuantizedLinear, WidenedQuantizedEmbedding}
     assert not kinds & set(replaced)
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_widening_on_copy_is_exact_for_every_half_value(dtype: mx.Dtype) -> None:
+    """The streamed goldens widen half-precision product weights as they copy them in (model/mapped.py):
+    every one of the 65536 bit patterns gives what MLX's own cast gives (NaNs stay NaN)."""
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    tensor = MappedTensor(bits.view(np.float16) if dtype == mx.float16 else bits, dtype)
+    ours = np.array(Widener()(tensor))
+    theirs = np.array(tensor.load().astype(mx.float32))
+    nan = np.isnan(theirs)
+    assert ours.dtype == np.float32 and np.array_equal(np.isnan(ours), nan) and nan.sum() > 0
+    assert np.array_equal(ours.view(np.uint32)[~nan], theirs.view(np.uint32)[~nan])
+
+
+def test_float16_widening_uses_the_built_extension() -> None:
+    if platform.system() == "Linux":
+        assert extension_path("_widen") is not None, "the _widen extension was not built (no C compiler?)"
+    # The extension and numpy's fallback agree on random weights, reusing the same buffer.
+    weights = np.random.default_rng(0).standard_normal((64, 96)).astype(np.float16)
+    out = np.empty(weights.shape, dtype=np.float32)
+    assert widened(weights, mx.float16, out) is out
+    assert np.array_equal(out, weights.astype(np.float32))

@@ -23,7 +23,9 @@ from mlx.utils import tree_unflatten
 
 from .canary import CanaryModel
 from .load import mapped_tensors, read_tensors
-from .mapped import MappedTensor
+from .activations import slow_cpu
+from .mapped import MappedTensor, Widener
+from .widened import WidenedLinear
 
 
 def _under(prefix: str, tensors: dict[str, Any]) -> dict[str, Any]:
@@ -34,11 +36,14 @@ def _under(prefix: str, tensors: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class _LayerWeights:
-    """Where one layer's weights come from (mapped views, relative names) and what it holds between calls
-    (a parameter tree of unread lazy arrays). Not a dict, so the wrapper does not take it for parameters."""
+    """Where one layer's weights come from (mapped views, relative names), which of them come widened to
+    float32 and through what, and what the layer holds between calls (a parameter tree of unread lazy
+    arrays). Not a dict, so the wrapper does not take it for parameters."""
 
     mapped: dict[str, MappedTensor]
     unread: dict[str, Any]
+    widen: frozenset[str]  # half-precision product weights, copied in as float32 (see `_widened_on_copy`)
+    widener: Widener
 
 
 class _OneAtATime(nn.Module):
@@ -50,7 +55,9 @@ class _OneAtATime(nn.Module):
         self._weights = weights
 
     def _run(self, method: Callable[..., Any], *args: Any) -> Any:
-        self.layer.update(tree_unflatten([(name, tensor.load()) for name, tensor in self._weights.mapped.items()]))
+        weights = self._weights
+        self.layer.update(tree_unflatten([(name, weights.widener(tensor) if name in weights.widen else tensor.load())
+                                          for name, tensor in weights.mapped.items()]))
         try:
             out = method(*args)
             mx.eval(out)
@@ -66,12 +73,23 @@ class _OneAtATime(nn.Module):
         return self._run(self.layer.cross_kv, xa)
 
 
+def _widened_on_copy(layer: nn.Module) -> frozenset[str]:
+    """The weights of the layer's half-precision products, which `widened.py` multiplies in float32 on
+    this CPU: copied in as float32 once (exact), instead of widened by MLX, one element at a time, at
+    every product."""
+    if not slow_cpu():
+        return frozenset()
+    return frozenset(f"{name}.weight".removeprefix(".") for name, module in layer.named_modules()
+                     if isinstance(module, WidenedLinear))
+
+
 @contextmanager
 def layers_streamed(model: CanaryModel, folder: Path) -> Iterator[None]:
     """While open, the model's encoder layers and decoder blocks copy their weights in from `folder` each
     time they run; afterwards they hold unread lazy arrays of `folder`, read again when next used."""
     mapped = mapped_tensors(folder, model.config)
     unread = read_tensors(folder, model.config)
+    widener = Widener()
     stacks = {"encoder.layers": model.encoder.layers, "decoder.blocks": model.decoder.blocks}
 
     def streamed(path: str, layers: list[nn.Module]) -> list[nn.Module]:
@@ -80,7 +98,8 @@ def layers_streamed(model: CanaryModel, folder: Path) -> Iterator[None]:
             prefix = f"{path}.{index}."
             views = {name.removeprefix(prefix): tensor for name, tensor in mapped.items() if name.startswith(prefix)}
             layer.update(_under(prefix, unread))  # weights already read are let go now
-            wrapped.append(_OneAtATime(layer, _LayerWeights(views, _under(prefix, unread))))
+            weights = _LayerWeights(views, _under(prefix, unread), _widened_on_copy(layer), widener)
+            wrapped.append(_OneAtATime(layer, weights))
         return wrapped
 
     try:
