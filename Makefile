@@ -15,7 +15,8 @@ $(BIN)/python:
 # OpenBLAS in its place (converter/blas.py), about 20x faster. PyPI has no OpenBLAS that loads without the
 # system's libgfortran and runs on every x86_64 CPU, so it comes from Debian/Ubuntu's libopenblas0-pthread.
 # The install also compiles converter/native/gemv_forward.c, which sends MLX's matrix-vector products to
-# OpenBLAS's sgemv (3x the decoder's speed with OpenBLAS 0.3.21), so Linux needs a C compiler too.
+# OpenBLAS's sgemv (3x the decoder's speed with OpenBLAS 0.3.21), and converter/native/widen.c (float16
+# widened by F16C for the goldens), so Linux needs a C compiler too.
 blas:
 	@if [ "$$(uname -s)" = Linux ]; then \
 	  missing=""; \

@@ -8,8 +8,8 @@ Python imports extension modules with RTLD_NOW: once `mlx.core` is loaded its BL
 life of the process, which is why this runs when `canary_convert` is imported, before any MLX import.
 
 MLX calls `cblas_sgemm` for every float32 product, the (1, K) x (K, N) ones of a decoder step included, and
-OpenBLAS before 0.3.27 runs those at a third of the bandwidth its `cblas_sgemv` reaches. So the package's
-one compiled piece, `_gemv_forward` (native/gemv_forward.c), is loaded into the global scope first: its
+OpenBLAS before 0.3.27 runs those at a third of the bandwidth its `cblas_sgemv` reaches. So a compiled
+piece of the package, `_gemv_forward` (native/gemv_forward.c), is loaded into the global scope first: its
 `cblas_sgemm` is the one MLX binds to, and it sends matrix-vector products to OpenBLAS's sgemv and the
 rest to OpenBLAS's sgemm.
 
