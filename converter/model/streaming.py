@@ -28,10 +28,9 @@ from .mapped import MappedTensor, Widener
 from .widened import WidenedLinear
 
 
-def _under(prefix: str, tensors: dict[str, Any]) -> dict[str, Any]:
-    """The tensors named `prefix...`, as a parameter tree of the module at `prefix`."""
-    return tree_unflatten([(name.removeprefix(prefix), value) for name, value in tensors.items()
-                           if name.startswith(prefix)])
+def _relative(prefix: str, tensors: dict[str, Any]) -> dict[str, Any]:
+    """The tensors named `prefix...`, by their names inside the module at `prefix`."""
+    return {name.removeprefix(prefix): value for name, value in tensors.items() if name.startswith(prefix)}
 
 
 @dataclass(frozen=True)
@@ -62,7 +61,7 @@ class _OneAtATime(nn.Module):
             out = method(*args)
             mx.eval(out)
         finally:
-            self.layer.update(self._weights.unread)
+            self.layer.update(weights.unread)
         return out
 
     def __call__(self, *args: Any) -> Any:
@@ -96,9 +95,9 @@ def layers_streamed(model: CanaryModel, folder: Path) -> Iterator[None]:
         wrapped = []
         for index, layer in enumerate(layers):
             prefix = f"{path}.{index}."
-            views = {name.removeprefix(prefix): tensor for name, tensor in mapped.items() if name.startswith(prefix)}
-            layer.update(_under(prefix, unread))  # weights already read are let go now
-            weights = _LayerWeights(views, _under(prefix, unread), _widened_on_copy(layer), widener)
+            layer_unread = tree_unflatten(list(_relative(prefix, unread).items()))
+            layer.update(layer_unread)  # weights already read are let go now
+            weights = _LayerWeights(_relative(prefix, mapped), layer_unread, _widened_on_copy(layer), widener)
             wrapped.append(_OneAtATime(layer, weights))
         return wrapped
 
