@@ -18,7 +18,6 @@ import hashlib
 import json
 import platform
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -277,7 +276,7 @@ def record_goldens(model: CanaryModel, clips: Sequence[tuple[str, np.ndarray, st
     split = len(signals)
     reference = parity.reference if parity is not None else None
     tokens = parity.reference_tokens if parity is not None else {}
-    with layers_streamed(model, folder) if folder is not None else nullcontext():
+    with layers_streamed(model, folder):
         groups = {"test-signals": _group(model, signals, reference and _rows(reference, slice(None, split)),
                                          {mode: ids[:split] for mode, ids in tokens.items()})}
         if clips:

@@ -11,7 +11,6 @@ import json
 import os
 import platform
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -275,7 +274,7 @@ def verify_goldens(goldens: Mapping[str, Any], model: CanaryModel, tolerances: T
     # NeMo's reference transcribed in the first language with punctuation: the golden prompt of that name.
     reference_prompt = asdict(PromptOptions(model.tokenizer.languages[0]))
     # With the folder, each layer holds its weights only while it runs (streaming.py).
-    with layers_streamed(model, folder) if folder is not None else nullcontext():
+    with layers_streamed(model, folder):
         for group_name, group in goldens["groups"].items():
             signals = _group_signals(group_name, group, model, clips)
             if isinstance(signals, str):

@@ -83,9 +83,13 @@ def _widened_on_copy(layer: nn.Module) -> frozenset[str]:
 
 
 @contextmanager
-def layers_streamed(model: CanaryModel, folder: Path) -> Iterator[None]:
+def layers_streamed(model: CanaryModel, folder: Path | None) -> Iterator[None]:
     """While open, the model's encoder layers and decoder blocks copy their weights in from `folder` each
-    time they run; afterwards they hold unread lazy arrays of `folder`, read again when next used."""
+    time they run; afterwards they hold unread lazy arrays of `folder`, read again when next used. Without
+    a folder, the layers keep the weights they were loaded with."""
+    if folder is None:
+        yield
+        return
     mapped = mapped_tensors(folder, model.config)
     unread = read_tensors(folder, model.config)
     widener = Widener()
