@@ -13,8 +13,8 @@ import canary_convert  # first: it gives MLX its BLAS before mlx.core is loaded
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from canary_convert.model.decoding import decode_greedy
-from canary_convert.model.prompts import PromptOptions, build_prompt
+from canary_convert.model.aed.decoding import decode_greedy
+from canary_convert.model.aed.prompts import PromptOptions, build_prompt
 from common import AUDIO_SECONDS, LANGUAGE, SAMPLE_RATE, SUPPRESSED_BIAS, best_of, test_audio
 
 

@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 BLAS: BlasInfo = preload()
 
 if TYPE_CHECKING:
-    from .model.canary import CanaryModel
+    from .model.aed.canary import CanaryModel
 
 
 def load_model(path: Any) -> CanaryModel:

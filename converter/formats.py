@@ -10,8 +10,8 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from .model.timestamps import TimedText
-from .model.transcribe import Transcript
+from .model.aed.timestamps import TimedText
+from .model.app.transcribe import Transcript
 
 FORMATS = ("txt", "json", "srt", "vtt")
 

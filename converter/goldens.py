@@ -27,11 +27,11 @@ import numpy as np
 
 from . import __version__
 from .errors import CanaryConvertError
-from .model.canary import CanaryModel
-from .model.clips import pad_batch
-from .model.decoding import DecodingOptions, decode, strip_hypothesis
-from .model.prompts import PromptOptions, build_prompt
-from .model.streaming import layers_streamed
+from .model.aed.canary import CanaryModel
+from .model.app.clips import pad_batch
+from .model.aed.decoding import DecodingOptions, decode, strip_hypothesis
+from .model.aed.prompts import PromptOptions, build_prompt
+from .model.cpu.streaming import layers_streamed
 from .parity import TOKEN_MODES, ParityReport, StageOutputs, reference_signals, teacher_forced_tokens
 
 GOLDENS_FILE = "goldens.json"
@@ -344,7 +344,7 @@ def read_goldens(path: Path) -> dict[str, Any]:
 def load_clips(paths: Sequence[Path], sample_rate: int) -> list[tuple[str, np.ndarray, str]]:
     """(name, samples, sha256 of the file) for each clip."""
     from .manifest import hash_file
-    from .model.audio_io import load_audio
+    from .model.app.audio_io import load_audio
 
     return [(path.name, load_audio(path, sample_rate), hash_file(path).sha256) for path in paths]
 

@@ -16,9 +16,9 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import CanaryConvertError, TranscriptWarning, ValidationError
-from .model.audio_io import load_audio
-from .model.canary import CanaryModel
-from .model.clips import pad_batch
+from .model.app.audio_io import load_audio
+from .model.aed.canary import CanaryModel
+from .model.app.clips import pad_batch
 
 TEST_SIGNAL_SECONDS = (2.3, 1.1, 3.4)  # a padded batch of three different lengths
 TEACHER_FORCED_TOKENS = 20

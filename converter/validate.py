@@ -15,10 +15,10 @@ from mlx.utils import tree_flatten
 from safetensors import SafetensorError, safe_open
 
 from .errors import ModelFolderError, ValidationError
-from .model.canary import CanaryModel
+from .model.aed.canary import CanaryModel
 from .model.config import ModelConfig
 from .model.load import CONFIG_FILE, load_model, tensor_files
-from .model.mapped import map_safetensors
+from .model.cpu.mapped import map_safetensors
 from .quantize import QuantizationError, QuantizationPlan, quantization_error, quantize_tensor
 from .rules import TensorPlan
 from .writer import OutputTensor

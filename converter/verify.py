@@ -44,13 +44,13 @@ from .goldens import (
     stage_distance,
 )
 from .manifest import CONVERSION_FILE, hash_file, manifest_problems, read_record, recorded_manifest
-from .model.canary import CanaryModel
+from .model.aed.canary import CanaryModel
 from .model.config import ModelConfig
-from .model.decoding import DecodingOptions
+from .model.aed.decoding import DecodingOptions
 from .model.load import CONFIG_FILE, load_model, read_tensors, weight_files
-from .model.prompts import PromptOptions
+from .model.aed.prompts import PromptOptions
 from .model.quantized import read_quantization
-from .model.streaming import layers_streamed
+from .model.cpu.streaming import layers_streamed
 from .parity import reference_signals
 
 REPORT_SCHEMA = "canary-convert/verify-report"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from canary_convert.model.activations import _composed_exp, _composed_softmax, attention, sigmoid, silu, slow_cpu
+from canary_convert.model.cpu.activations import _composed_exp, _composed_softmax, attention, sigmoid, silu, slow_cpu
 
 # Every float32 exponent from e**-88 to e**88, densely, and the half-integers of x / ln 2 where rounding ties.
 VALUES = np.concatenate([np.linspace(-88, 88, 400_001), (np.arange(-254, 254) + 0.5) * math.log(2) / 2]).astype(np.float32)

@@ -27,8 +27,8 @@ from omegaconf import OmegaConf
 
 from canary_convert import load_model
 from canary_convert.convert import ConvertOptions, convert
-from canary_convert.model.canary import CanaryModel
-from canary_convert.model.decoding import (
+from canary_convert.model.aed.canary import CanaryModel
+from canary_convert.model.aed.decoding import (
     Decoded,
     DecodingOptions,
     decode,

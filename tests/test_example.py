@@ -14,7 +14,7 @@ import soundfile
 from canary_convert import load_model
 from canary_convert.convert import ConvertOptions, convert
 from canary_convert.model.quantized import QuantizeOptions
-from canary_convert.model.audio_io import load_audio
+from canary_convert.model.app.audio_io import load_audio
 from canary_convert.parity import compare_tokens, restore_nemo
 from conftest import REPO, run_cli
 

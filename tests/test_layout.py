@@ -16,10 +16,10 @@ from mlx_audio.stt import load as mlx_audio_load
 
 from canary_convert import load_model
 from canary_convert.convert import ConvertOptions, convert
-from canary_convert.model.decoding import max_generation_length
-from canary_convert.model.prompts import PromptOptions, build_prompt
+from canary_convert.model.aed.decoding import max_generation_length
+from canary_convert.model.aed.prompts import PromptOptions, build_prompt
 from canary_convert.model.quantized import QuantizeOptions
-from canary_convert.model.transcribe import pad_batch
+from canary_convert.model.app.transcribe import pad_batch
 from canary_convert.parity import compare_stages, nemo_prompt_slots, nemo_transcribe_tokens, reference_signals, restore_nemo
 from canary_convert.verify import compare_folders, verify_folder
 from conftest import run_cli

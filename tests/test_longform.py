@@ -25,11 +25,11 @@ from omegaconf import OmegaConf
 from canary_convert import load_model
 from canary_convert.convert import ConvertOptions, convert
 from canary_convert.errors import TranscriptWarning, UsageError
-from canary_convert.model.audio_io import open_audio
-from canary_convert.model.chunking import frame_chunks
-from canary_convert.model.decoding import max_generation_length
-from canary_convert.model.longform import frame_features
-from canary_convert.model.prompts import PromptOptions, build_prompt
+from canary_convert.model.app.audio_io import open_audio
+from canary_convert.model.app.chunking import frame_chunks
+from canary_convert.model.aed.decoding import max_generation_length
+from canary_convert.model.app.longform import frame_features
+from canary_convert.model.aed.prompts import PromptOptions, build_prompt
 from canary_convert.parity import nemo_prompt_slots, reference_signals, restore_nemo
 from conftest import REPO
 from factory import VARIANTS, with_timestamps_model
@@ -192,7 +192,7 @@ def test_audio_is_resampled_block_by_block(tmp_path: Path) -> None:
     """A long 44.1 kHz stereo file is converted a block at a time, giving soxr's one-shot result exactly."""
     import soxr
 
-    from canary_convert.model.audio_io import CONVERT_BLOCK
+    from canary_convert.model.app.audio_io import CONVERT_BLOCK
 
     stereo = np.random.default_rng(0).standard_normal((int(50 * 44100), 2)).astype(np.float32) * 0.1
     assert stereo.shape[0] > 2 * CONVERT_BLOCK
@@ -208,8 +208,8 @@ def test_audio_is_resampled_block_by_block(tmp_path: Path) -> None:
 
 def test_subtitles_from_segments_or_chunks() -> None:
     from canary_convert.formats import to_srt, to_vtt
-    from canary_convert.model.timestamps import TimedText
-    from canary_convert.model.transcribe import Chunk, Transcript
+    from canary_convert.model.aed.timestamps import TimedText
+    from canary_convert.model.app.transcribe import Chunk, Transcript
 
     chunks = (Chunk(0.0, 40.0, "First part.", [1], True), Chunk(40.0, 3725.5, "", [], True),
               Chunk(3725.5, 3726.25, "Last.", [2], False))

@@ -22,7 +22,7 @@ from nemo.collections.asr.parts.utils.streaming_utils import (
     longest_common_subsequence_merge,
 )
 
-from canary_convert.model.merge import merge_chunk_tokens, overlap, splice
+from canary_convert.model.app.merge import merge_chunk_tokens, overlap, splice
 from canary_convert.parity import restore_nemo
 
 PROPERTY = settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -19,7 +19,9 @@ def test_wheel_installs_and_converts_in_a_fresh_venv(checkpoint: Path, tmp_path:
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"canary_convert/mappings/canary.yaml", "canary_convert/configs/aed-base.yaml",
             "canary_convert/configs/canary-1b.yaml", "canary_convert/configs/canary-flash.yaml",
-            "canary_convert/configs/canary-1b-v2.yaml", "canary_convert/model/encoder.py"} <= names
+            "canary_convert/configs/canary-1b-v2.yaml", "canary_convert/model/fastconformer/encoder.py",
+            "canary_convert/model/aed/decoder.py", "canary_convert/model/app/transcribe.py",
+            "canary_convert/model/cpu/widened.py"} <= names
     assert not any(name.startswith("tests/") for name in names)
     if sys.platform == "linux":
         for extension in ("_gemv_forward", "_widen"):

@@ -14,8 +14,8 @@ from canary_convert import load_model
 from canary_convert.errors import ModelFolderError
 from canary_convert.goldens import decode_goldens, run_group
 from canary_convert.model.load import mapped_tensors, read_tensors
-from canary_convert.model.mapped import map_safetensors
-from canary_convert.model.streaming import layers_streamed
+from canary_convert.model.cpu.mapped import map_safetensors
+from canary_convert.model.cpu.streaming import layers_streamed
 from canary_convert.parity import reference_signals
 from conftest import run_cli
 

@@ -27,11 +27,11 @@ from omegaconf import OmegaConf
 
 from canary_convert import load_model
 from canary_convert.convert import ConvertOptions, convert
-from canary_convert.model.chunking import Span
-from canary_convert.model.decoding import Decoded
-from canary_convert.model.longform import ChunkOutput, LongFormOutput, chunk_frame_offsets
-from canary_convert.model.timestamps import TimedText
-from canary_convert.model.transcribe import Transcript, join_chunks
+from canary_convert.model.app.chunking import Span
+from canary_convert.model.aed.decoding import Decoded
+from canary_convert.model.app.longform import ChunkOutput, LongFormOutput, chunk_frame_offsets
+from canary_convert.model.aed.timestamps import TimedText
+from canary_convert.model.app.transcribe import Transcript, join_chunks
 from canary_convert.parity import nemo_prompt_slots, restore_nemo
 from factory import VARIANTS, build
 from long_inputs import long_signal, nemo_frame_batch, write

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from canary_convert.convert import ConvertOptions, convert
 from canary_convert.errors import UsageError
 from canary_convert.model.config import ModelConfig
-from canary_convert.model.prompts import PromptOptions, build_prompt
+from canary_convert.model.aed.prompts import PromptOptions, build_prompt
 from canary_convert.model.tokenizer import Tokenizer, load_tokenizer
 from factory import LANGS, TEXT, VARIANTS
 

@@ -17,8 +17,8 @@ from canary_convert import load_model
 from canary_convert.convert import ConvertOptions, convert
 from canary_convert.errors import ValidationError
 from canary_convert.model.load import weight_files
-from canary_convert.model.prompts import PromptOptions, build_prompt
-from canary_convert.model.clips import pad_short
+from canary_convert.model.aed.prompts import PromptOptions, build_prompt
+from canary_convert.model.app.clips import pad_short
 from canary_convert.parity import (
     ParityError,
     compare_tokens,

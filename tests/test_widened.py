@@ -13,9 +13,9 @@ import pytest
 
 from canary_convert import load_model
 from canary_convert.extensions import extension_path
-from canary_convert.model.activations import attention, product, slow_cpu
-from canary_convert.model.mapped import MappedTensor, Widener, widened
-from canary_convert.model.widened import (
+from canary_convert.model.cpu.activations import attention, product, slow_cpu
+from canary_convert.model.cpu.mapped import MappedTensor, Widener, widened
+from canary_convert.model.cpu.widened import (
     WidenedEmbedding,
     WidenedLinear,
     WidenedQuantizedEmbedding,

@@ -10,12 +10,12 @@ from typing import TypeVar
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .canary import CanaryModel
+from .aed.canary import CanaryModel
 from ..errors import ModelFolderError
 from .config import ModelConfig
-from .mapped import MappedTensor, map_safetensors
+from .cpu.mapped import MappedTensor, map_safetensors
 from .quantized import quantize_modules
-from .widened import widen_products
+from .cpu.widened import widen_products
 from .tokenizer import load_tokenizer
 
 CONFIG_FILE = "config.json"

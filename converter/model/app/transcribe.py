@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Union
 import mlx.core as mx
 import numpy as np
 
-from ..errors import TranscriptWarning, UsageError
+from ...errors import TranscriptWarning, UsageError
 from .audio_io import open_audio
 from .clips import pad_batch, pad_short
-from .decoding import Decoded, DecodingOptions, decode
+from ..aed.decoding import Decoded, DecodingOptions, decode
 from .longform import (
     LongFormOptions,
     LongFormOutput,
@@ -31,12 +31,12 @@ from .longform import (
     transcribe_chunks,
     window_seconds,
 )
-from .prompts import PromptOptions, build_prompt
-from .timestamps import FrameWord, TimedText, frame_segments, has_frame_tokens, split_timed_text, to_seconds
-from .tokenizer import Tokenizer
+from ..aed.prompts import PromptOptions, build_prompt
+from ..aed.timestamps import FrameWord, TimedText, frame_segments, has_frame_tokens, split_timed_text, to_seconds
+from ..tokenizer import Tokenizer
 
 if TYPE_CHECKING:
-    from .canary import CanaryModel
+    from ..aed.canary import CanaryModel
 
 AudioItem = Union[str, Path, np.ndarray]
 AudioInput = Union[AudioItem, Sequence[AudioItem]]

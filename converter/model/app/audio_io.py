@@ -19,7 +19,7 @@ import numpy as np
 import soundfile
 import soxr
 
-from ..errors import AudioError
+from ...errors import AudioError
 
 # Samples converted per step when a file must be resampled first (about 10 MB of float32 at 44.1 kHz).
 CONVERT_BLOCK = 1 << 20

@@ -6,17 +6,17 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .audio import AudioPreprocessor
-from .config import ModelConfig
+from ..fastconformer.audio import AudioPreprocessor
+from ..config import ModelConfig
 from .decoder import KVCache, TextDecoder
-from .encoder import ConformerEncoder
-from .masks import valid_mask
+from ..fastconformer.encoder import ConformerEncoder
+from ..masks import valid_mask
 from .prompts import FLAGS, PromptOptions, default_slots
-from .tokenizer import Tokenizer
-from .audio_io import load_audio
-from .clips import pad_batch
-from .longform import LongFormOptions
-from .transcribe import AudioInput, FileProgress, Transcript, audio_items, decoding_options, transcribe, warn
+from ..tokenizer import Tokenizer
+from ..app.audio_io import load_audio
+from ..app.clips import pad_batch
+from ..app.longform import LongFormOptions
+from ..app.transcribe import AudioInput, FileProgress, Transcript, audio_items, decoding_options, transcribe, warn
 
 
 class CanaryModel(nn.Module):

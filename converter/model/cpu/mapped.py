@@ -24,8 +24,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..errors import ModelFolderError
-from ..extensions import extension_path
+from ...errors import ModelFolderError
+from ...extensions import extension_path
 
 # safetensors dtype code -> (numpy dtype of the bytes, MLX dtype): every code the writer stores. numpy has
 # no bfloat16, so those bytes are copied as uint16 and reinterpreted.

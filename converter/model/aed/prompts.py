@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 from canary_convert.errors import UsageError
 
-from .tokenizer import BOS, START_OF_CONTEXT, Tokenizer
+from ..tokenizer import BOS, START_OF_CONTEXT, Tokenizer
 
 TASKS = ("transcribe", "translate")
 # NeMo's manifest names for the two tasks (prompts/canary.py TASK_TRANSCRIBE / TASK_TRANSLATE).

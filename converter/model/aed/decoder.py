@@ -11,9 +11,9 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from .activations import attention
-from .config import DecoderConfig
-from .masks import additive_mask, valid_mask
+from ..cpu.activations import attention
+from ..config import DecoderConfig
+from ..masks import additive_mask, valid_mask
 
 # NeMo builds every decoder LayerNorm with eps=1e-5.
 NORM_EPS = 1e-5

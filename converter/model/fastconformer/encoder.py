@@ -13,9 +13,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .activations import attention, product, sigmoid, silu
-from .config import EncoderConfig
-from .masks import additive_mask, valid_mask
+from ..cpu.activations import attention, product, sigmoid, silu
+from ..config import EncoderConfig
+from ..masks import additive_mask, valid_mask
 
 # torch.nn.LayerNorm and BatchNorm1d defaults, which NeMo's conformer uses unchanged.
 NORM_EPS = 1e-5

@@ -11,8 +11,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .config import PreprocessorConfig
-from .masks import valid_mask
+from ..config import PreprocessorConfig
+from ..masks import valid_mask
 
 # NeMo's CONSTANT in features.py: added to the per-feature std so silence does not divide by zero.
 NORMALIZE_EPS = 1e-5

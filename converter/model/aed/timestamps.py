@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .tokenizer import Tokenizer
+from ..tokenizer import Tokenizer
 
 # NeMo finds words as `<|a|>content<|b|>`, leftmost first, each pair consumed whole.
 _TIMED_WORD = re.compile(r"<\|(\d+)\|>(.*?)<\|(\d+)\|>")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import mlx.core as mx
 import numpy as np
 
-from ..errors import UsageError
+from ...errors import UsageError
 from .audio_io import AudioSource
 from .clips import pad_short
 from .chunking import (
@@ -33,11 +33,11 @@ from .chunking import (
     parallel_windows,
     pause_chunks,
 )
-from .decoding import Decoded, DecodingOptions, decode
+from ..aed.decoding import Decoded, DecodingOptions, decode
 from .merge import merge_chunk_tokens
 
 if TYPE_CHECKING:
-    from .canary import CanaryModel
+    from ..aed.canary import CanaryModel
 
 Progress = Callable[[int, int], None]  # (chunks done, chunks in the file)
 

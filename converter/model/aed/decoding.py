@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
-from .config import DecodingConfig
+from ..config import DecodingConfig
 from .decoder import KVCache
 
 if TYPE_CHECKING:  # canary.py imports the transcription path, which imports this module

@@ -21,8 +21,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from .canary import CanaryModel
-from .load import mapped_tensors, read_tensors
+from ..aed.canary import CanaryModel
+from ..load import mapped_tensors, read_tensors
 from .activations import slow_cpu
 from .mapped import MappedTensor, Widener
 from .widened import WidenedLinear

@@ -1,0 +1,1 @@
+"""The attention encoder-decoder head (Canary): Transformer decoder, prompts, beam and greedy search."""

@@ -1,0 +1,1 @@
+"""The application around the networks: reading audio, batching clips, long audio, transcripts."""

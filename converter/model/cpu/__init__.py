@@ -1,0 +1,1 @@
+"""CPU speed and memory pieces: composed activations, widened half-precision products, mapped weights."""
