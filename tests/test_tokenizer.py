@@ -343,7 +343,7 @@ def test_unknown_prompt_format_is_a_usage_error(ours: dict[str, tuple[Tokenizer,
 
 
 def test_model_package_needs_neither_torch_nor_nemo() -> None:
-    code = ("import sys; import canary_convert.model.tokenizer, canary_convert.model.prompts; "
+    code = ("import sys; import canary_convert.model.tokenizer, canary_convert.model.aed.prompts; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'nemo', 'lhotse'}))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
