@@ -1,19 +1,17 @@
 """Read a `.nemo` checkpoint (plain tar, tar.gz, or a folder extracted from one) without trusting it.
 
 Members are read by name, never extracted wholesale; members that could escape (absolute paths, `..`,
-links, devices) are refused. The config goes through a safe YAML loader, the weights through torch's
-weights-only unpickler: in a plain tar they are mapped in place from the `.nemo` itself (checkpoint_zip.py),
-in a folder through `torch.load(weights_only=True, mmap=True)`, and a compressed tar is decompressed once
-into a temporary file that is then mapped the same way. Tensors are paged in as they are used.
+links, devices) are refused. The config goes through a safe YAML loader, bounded in size and in what its
+aliases expand to, the weights through torch's weights-only unpickler (checkpoint_zip.py): mapped in place
+from a plain-tar `.nemo` or a folder's `model_weights.ckpt`, and a compressed tar is decompressed once into
+a temporary file that is then mapped the same way. Tensors are paged in as they are used.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 import tarfile
 import tempfile
-import zipfile
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,7 +25,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .checkpoint_zip import map_checkpoint
-from .errors import ArchiveError, UnsafeArchiveError
+from .errors import ArchiveError, UnsafeArchiveError, one_line
 
 # gzip, bzip2 and xz magic numbers: tarfile opens all three (NeMo's old checkpoints are tar.gz).
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
@@ -35,6 +33,12 @@ _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
 CONFIG_MEMBER = "model_config.yaml"
 WEIGHTS_MEMBER = "model_weights.ckpt"
 ARTIFACT_PREFIX = "nemo:"
+
+# Bounds on model_config.yaml, checked before any YAML is parsed into objects. canary-1b-v2's config is
+# about 20 KB and 600 nodes; an alias bomb (a few lines whose aliases nest) expands to billions.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_NODES = 100_000  # scalars, lists and mappings, each alias counted as the nodes it stands for
+_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser when PyYAML has it: 10x faster
 
 
 def _member_name(raw: str) -> str:
@@ -107,17 +111,20 @@ class NemoArchive:
 
     def config(self) -> dict[str, Any]:
         """`model_config.yaml`, loaded safely (no Python tags) with its `${...}` interpolations resolved."""
-        text = self.read_bytes(CONFIG_MEMBER)
-        try:
-            raw = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ArchiveError(f"{self.path}: {CONFIG_MEMBER} is not safe, plain YAML: {exc}") from None
+        size = self.members.get(CONFIG_MEMBER, 0)
+        if size > MAX_CONFIG_BYTES:
+            raise ArchiveError(f"{self.path}: {CONFIG_MEMBER} holds {size} bytes, more than the "
+                               f"{MAX_CONFIG_BYTES >> 20} MiB a config may take")
+        raw = load_bounded_yaml(self.read_bytes(CONFIG_MEMBER), f"{self.path}: {CONFIG_MEMBER}")
         if not isinstance(raw, dict):
             raise ArchiveError(f"{self.path}: {CONFIG_MEMBER} does not hold a mapping")
         try:
             return OmegaConf.to_container(OmegaConf.create(raw), resolve=True)  # type: ignore[return-value]
         except OmegaConfBaseException as exc:
-            raise ArchiveError(f"{self.path}: {CONFIG_MEMBER}: cannot resolve {exc}") from None
+            raise ArchiveError(f"{self.path}: {CONFIG_MEMBER}: cannot resolve {one_line(exc)}") from None
+        except RecursionError:
+            raise ArchiveError(f"{self.path}: {CONFIG_MEMBER}: its interpolations refer to each other in a loop "
+                               f"or nest too deeply") from None
 
     def artifacts(self, config: dict[str, Any]) -> list[Artifact]:
         """Every `nemo:` reference in the config, each checked to exist in the archive."""
@@ -148,9 +155,9 @@ class NemoArchive:
             raise ArchiveError(f"{self.path}: member {WEIGHTS_MEMBER!r} is missing from the archive")
         info = self._tar_members.get(WEIGHTS_MEMBER)
         if self._tar is None:
-            yield load_weights(self.path / WEIGHTS_MEMBER, label)
+            yield map_checkpoint(self.path / WEIGHTS_MEMBER, 0, self.members[WEIGHTS_MEMBER], label)
         elif not self.compressed and info is not None and not info.issparse():
-            state = _require_state_dict(map_checkpoint(self.path, info.offset_data, info.size, label), label)
+            state = map_checkpoint(self.path, info.offset_data, info.size, label)
             if on_bytes is not None:
                 on_bytes(info.size)
             yield state
@@ -158,7 +165,7 @@ class NemoArchive:
             with tempfile.TemporaryDirectory(prefix="canary-convert-") as scratch:
                 weights_path = Path(scratch) / WEIGHTS_MEMBER
                 self.copy_member(WEIGHTS_MEMBER, weights_path, on_bytes)
-                yield load_weights(weights_path, label)
+                yield map_checkpoint(weights_path, 0, self.members[WEIGHTS_MEMBER], label)
 
     def close(self) -> None:
         if self._tar is not None:
@@ -171,24 +178,56 @@ class NemoArchive:
         self.close()
 
 
-def load_weights(path: Path, label: str) -> dict[str, torch.Tensor]:
-    """Load a state dict with the restricted unpickler; anything but tensors by name is refused."""
+def _expanded_nodes(root: yaml.Node, label: str) -> int:
+    """How many nodes the document stands for once every alias is replaced by what it names, refusing a
+    document that holds itself; counted once per distinct node, so an alias bomb costs no more than its text."""
+    sizes: dict[int, int] = {}
+    pending: list[tuple[yaml.Node, bool]] = [(root, False)]
+    open_nodes: set[int] = set()
+    while pending:
+        node, children_done = pending.pop()
+        if id(node) in sizes:
+            continue
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        if children_done:
+            open_nodes.discard(id(node))
+            sizes[id(node)] = min(1 + sum(sizes[id(child)] for child in children), MAX_CONFIG_NODES + 1)
+            continue
+        if id(node) in open_nodes:
+            raise ArchiveError(f"{label}: an alias refers to a node that holds it; refusing a recursive config")
+        open_nodes.add(id(node))
+        pending.append((node, True))
+        for child in children:
+            if id(child) in open_nodes:
+                raise ArchiveError(f"{label}: an alias refers to a node that holds it; refusing a recursive config")
+            pending.append((child, False))
+    return sizes[id(root)]
+
+
+def load_bounded_yaml(text: bytes, label: str) -> Any:
+    """Safe YAML (no Python tags) whose aliases expand to at most `MAX_CONFIG_NODES` nodes: the document is
+    composed into nodes (aliases stay shared, so this is as cheap as the text) and measured before any
+    object is built from it."""
+    loader = _SafeLoader(text)
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as exc:
-        first_line = str(exc).strip().splitlines()[0]
-        raise UnsafeArchiveError(f"{label}: refused by torch's weights-only loader: {first_line}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
-        raise ArchiveError(f"{label}: not a readable torch checkpoint: {exc}") from None
-    return _require_state_dict(loaded, label)
-
-
-def _require_state_dict(loaded: Any, label: str) -> dict[str, torch.Tensor]:
-    if not isinstance(loaded, dict) or not all(
-        isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in loaded.items()
-    ):
-        raise ArchiveError(f"{label}: expected a state dict of named tensors")
-    return loaded
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        expanded = _expanded_nodes(node, label)
+        if expanded > MAX_CONFIG_NODES:
+            raise ArchiveError(f"{label}: its aliases expand to more than {MAX_CONFIG_NODES} nodes; refusing a "
+                               f"YAML alias bomb")
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        raise ArchiveError(f"{label} is not safe, plain YAML: {one_line(exc)}") from None
+    except RecursionError:
+        raise ArchiveError(f"{label}: nested too deeply to read") from None
+    finally:
+        loader.dispose()
 
 
 def open_archive(path: Path) -> NemoArchive:

@@ -6,6 +6,12 @@ Mapping the file and pointing each tensor at its range reads nothing up front an
 come in as the conversion touches them. The pickle that names and shapes the tensors goes through torch's
 weights-only unpickler, as `torch.load(weights_only=True)` does, and every offset and size read from the
 zip is checked against the member before any tensor is built on it.
+
+A hostile checkpoint is held to the input's own size: the pickle record may not exceed `MAX_PICKLE_BYTES`
+(checked on the size the zip declares, which bounds what inflating it can produce), and no tensor may hold
+more elements than its storage has bytes for (a stride-0 tensor would grow without bound when copied). A
+file that shrinks while mapped would kill the process with SIGBUS when a page past its new end is touched;
+every tensor lookup first checks the file still reaches the member's end (`MappedTensors`).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import mmap
 import pickle
 import struct
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +32,10 @@ from .errors import ArchiveError, UnsafeArchiveError
 
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, then the name and extra-field lengths at 26 and 28
 _LOCAL_SIGNATURE = b"PK\x03\x04"
+
+# The largest `data.pkl` record read (its declared, inflated size). The pickle only names and shapes the
+# tensors: canary-1b's is about 100 KB; 64 MiB leaves room for models a hundred times larger.
+MAX_PICKLE_BYTES = 64 << 20
 
 
 class _Window(io.RawIOBase):
@@ -122,16 +133,57 @@ class _Unpickler(WeightsOnlyUnpickler):
         return self._storages.storage(str(key), dtype, int(numel))
 
 
+class MappedTensors(dict[str, torch.Tensor]):
+    """A state dict whose tensors are pages of a mapped file; each lookup first checks that the file still
+    holds the checkpoint's bytes, so a source truncated during a conversion is an error, not a SIGBUS.
+
+    Every read of tensor data in a conversion goes through a lookup (`state[key]`) just before it, so a file
+    cut while mapped is caught at the next tensor; only a cut during that one tensor's read is not.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], mapping: mmap.mmap, end: int, label: str):
+        super().__init__(tensors)
+        self._mapping, self._end, self._label = mapping, end, label
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        size = self._mapping.size()  # fstat of the mapped file, through the mapping's own descriptor
+        if size < self._end:
+            raise ArchiveError(f"{self._label}: the file shrank to {size} bytes while being read (the checkpoint "
+                               f"ends at byte {self._end}); was it overwritten or truncated?")
+        return super().__getitem__(key)
+
+
 def _pickle_record(archive: zipfile.ZipFile, label: str) -> str:
-    """The one `<prefix>/data.pkl` record torch.save writes."""
+    """The one `<prefix>/data.pkl` record torch.save writes, refused when it declares more than
+    `MAX_PICKLE_BYTES` (zipfile inflates no more than the declared size, so the check bounds the read)."""
     found = [name for name in archive.namelist() if name.endswith("/data.pkl") and name.count("/") == 1]
     if len(found) != 1:
         raise ArchiveError(f"{label}: not a torch.save checkpoint (expected one */data.pkl record, found {len(found)})")
+    declared = archive.getinfo(found[0]).file_size
+    if declared > MAX_PICKLE_BYTES:
+        raise ArchiveError(f"{label}: record {found[0]} declares {declared} bytes, more than the "
+                           f"{MAX_PICKLE_BYTES >> 20} MiB a checkpoint's pickle may take")
     return found[0]
 
 
-def map_checkpoint(path: Path, start: int, size: int, label: str) -> dict[str, Any]:
-    """Unpickle the `torch.save` zip at bytes [start, start + size) of `path`, tensors mapped in place.
+def _require_state_dict(loaded: Any, label: str) -> dict[str, torch.Tensor]:
+    """Tensors by name, each holding no more elements than its storage has bytes for: a tensor that repeats
+    its bytes (stride 0) would be expanded to its full size by the first copy."""
+    if not isinstance(loaded, dict) or not all(
+        isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in loaded.items()
+    ):
+        raise ArchiveError(f"{label}: expected a state dict of named tensors")
+    for key, tensor in loaded.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes > tensor.untyped_storage().nbytes():
+            raise ArchiveError(f"{label}: tensor {key} has shape {tuple(tensor.shape)} and stride {tensor.stride()}: "
+                               f"{nbytes} bytes of elements over a storage of {tensor.untyped_storage().nbytes()}; "
+                               f"a tensor may not hold more elements than its storage")
+    return loaded
+
+
+def map_checkpoint(path: Path, start: int, size: int, label: str) -> MappedTensors:
+    """The state dict of the `torch.save` zip at bytes [start, start + size) of `path`, tensors mapped in place.
 
     The mapping is private (copy on write): the file is never written, whatever is done to the tensors.
     """
@@ -139,6 +191,8 @@ def map_checkpoint(path: Path, start: int, size: int, label: str) -> dict[str, A
         file_size = handle.seek(0, io.SEEK_END)
         if start + size > file_size:
             raise ArchiveError(f"{label}: truncated: the member ends at byte {start + size}, the file at {file_size}")
+        if file_size == 0:
+            raise ArchiveError(f"{label}: not a readable torch checkpoint: the file is empty")
         mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
     try:
         with _Window(mapping, start, size) as window, zipfile.ZipFile(window) as archive:
@@ -149,13 +203,17 @@ def map_checkpoint(path: Path, start: int, size: int, label: str) -> dict[str, A
                 raise ArchiveError(f"{label}: big-endian checkpoints are not supported")
             storages = _StorageMap(mapping, start, size, records, prefix, label)
             data = archive.read(pickle_name)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError) as exc:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, NotImplementedError, zlib.error,
+            OverflowError) as exc:
         raise ArchiveError(f"{label}: not a readable torch checkpoint: {exc}") from None
     try:
-        return _Unpickler(io.BytesIO(data), storages).load()
+        loaded = _Unpickler(io.BytesIO(data), storages).load()
     except pickle.UnpicklingError as exc:
         first_line = str(exc).strip().splitlines()[0]
         raise UnsafeArchiveError(f"{label}: refused by torch's weights-only loader: {first_line}") from None
-    except (RuntimeError, EOFError, struct.error, TypeError, AttributeError) as exc:
+    except (RuntimeError, EOFError, struct.error, TypeError, AttributeError, ValueError, IndexError, KeyError,
+            OverflowError, RecursionError, MemoryError) as exc:
         # torch refuses a tensor whose shape, stride or offset reaches past its storage here.
-        raise ArchiveError(f"{label}: not a readable torch checkpoint: {str(exc).splitlines()[0]}") from None
+        first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ArchiveError(f"{label}: not a readable torch checkpoint: {first_line}") from None
+    return MappedTensors(_require_state_dict(loaded, label), mapping, start + size, label)

@@ -12,6 +12,11 @@ EXIT_USAGE = 2
 EXIT_VALIDATION = 3
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (PyYAML's and OmegaConf's span several)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 class CanaryConvertError(Exception):
     """Base class: a failure with a user-facing message and an exit code."""
 
