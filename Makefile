@@ -30,9 +30,9 @@ blas:
 	  fi; \
 	fi
 
-# The runtime alone (no NeMo); torch comes from the pinned CPU wheel.
+# The runtime alone (no NeMo), with mlx-lm for the speech-LLM families; torch comes from the pinned CPU wheel.
 $(VENV)/.runtime: pyproject.toml setup.py converter/native/gemv_forward.c constraints.txt | $(BIN)/python blas
-	$(PIP) -e .
+	$(PIP) -e '.[llm]'
 	touch $@
 
 # Runtime plus pytest, hypothesis and NeMo (the reference the tests compare against).

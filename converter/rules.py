@@ -3,13 +3,19 @@
 Every source key must be consumed by a rule or dropped with a reason; every parameter of the target MLX
 model must be produced with its exact shape. The plan is computed from shapes alone (meta tensors), so
 `--dry-run` and the coverage proof never touch the weights' bytes.
+
+A mapping file may `include` another's rules (the FastConformer encoder's, shared by every family), with a
+`prefix` its source keys carry in this checkpoint. A rule may `lora`-merge adapter factors into its weight:
+the stored tensor is W + scale * B @ A, computed in float32 (`Plan.sources` gives the merged view every
+later step reads), and the factors themselves are `folded` rules, each of which some merge must consume.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -59,6 +65,26 @@ def _parse_transform(spec: Any, where: str) -> Transform:
 
 
 @dataclass(frozen=True)
+class LoraSpec:
+    """A rule's adapter merge: the templates of the A (r, in) and B (out, r) factors' keys, and the name of
+    the scale (alpha / r) the caller supplies from the checkpoint's config."""
+
+    a: str
+    b: str
+    scale: str
+
+
+def _parse_lora(raw: Any, pattern: re.Pattern[str], where: str) -> LoraSpec:
+    if not isinstance(raw, dict) or set(raw) != {"a", "b", "scale"}:
+        raise RulesFileError(f"{where}: 'lora' needs exactly a, b (key templates) and scale (a value's name)")
+    for factor in ("a", "b"):
+        missing = set(_PLACEHOLDER.findall(str(raw[factor]))) - set(pattern.groupindex)
+        if missing:
+            raise RulesFileError(f"{where}: lora {factor} {raw[factor]!r} uses {sorted(missing)} that the pattern lacks")
+    return LoraSpec(str(raw["a"]), str(raw["b"]), str(raw["scale"]))
+
+
+@dataclass(frozen=True)
 class Rule:
     """One line of the mapping table: a key pattern and what becomes of the keys it fits."""
 
@@ -72,14 +98,24 @@ class Rule:
     same_as: str | None
     optional: bool
     file: str | None  # a side file for tensors only canary-convert's model reads (None: the weight files)
+    lora: LoraSpec | None = None
+    folded: str | None = None  # why the key is consumed by another rule's merge (a LoRA factor)
+    prefix: str = ""  # the source keys' prefix an `include` gave this rule
+    included_from: str | None = None  # the included file this rule comes from
+    number: int = 0  # its place in its own file (1-based), where that differs from index + 1
 
     def describe(self) -> str:
-        return f"rule {self.index + 1} ({self.written})"
+        where = f"{self.included_from} " if self.included_from else ""
+        return f"{where}rule {self.number or self.index + 1} ({self.written})"
+
+    def source_key(self, template: str, groups: Mapping[str, str]) -> str:
+        """Another source key this rule names (a tied twin, a LoRA factor), under the include's prefix."""
+        return self.prefix + template.format(**groups)
 
 
-def _template_regex(template: str) -> re.Pattern[str]:
+def _template_regex(template: str, prefix: str = "") -> re.Pattern[str]:
     """`a.{n}.b` -> `^a\\.(?P<n>[^.]+)\\.b$`: a placeholder stands for one dotted segment."""
-    pieces: list[str] = []
+    pieces: list[str] = [re.escape(prefix)]
     position = 0
     for found in _PLACEHOLDER.finditer(template):
         pieces.append(re.escape(template[position : found.start()]))
@@ -89,20 +125,30 @@ def _template_regex(template: str) -> re.Pattern[str]:
     return re.compile("^" + "".join(pieces) + "$")
 
 
-def _parse_rule(index: int, raw: Any, label: str) -> Rule:
+def _prefixed_regex(written: str, prefix: str) -> re.Pattern[str]:
+    """A rule's regex for keys that carry `prefix` in front (an included file's rules)."""
+    if not prefix:
+        return re.compile(written)
+    if not written.startswith("^"):
+        raise re.error("an included rule's regex must start with ^")
+    return re.compile("^" + re.escape(prefix) + written[1:])
+
+
+def _parse_rule(index: int, raw: Any, label: str, prefix: str = "") -> Rule:
     where = f"{label}: rule {index + 1}"
     if not isinstance(raw, dict):
         raise RulesFileError(f"{where}: expected a mapping, got {raw!r}")
-    allowed = {"match", "regex", "to", "drop", "transforms", "dtype", "same_as", "optional", "file"}
+    allowed = {"match", "regex", "to", "drop", "folded", "transforms", "dtype", "same_as", "optional", "file", "lora"}
     if unknown := sorted(set(raw) - allowed):
         raise RulesFileError(f"{where}: unknown field(s) {', '.join(unknown)}")
     if ("match" in raw) == ("regex" in raw):
         raise RulesFileError(f"{where}: needs exactly one of 'match' (template) or 'regex'")
-    if ("to" in raw) == ("drop" in raw):
-        raise RulesFileError(f"{where}: needs exactly one of 'to' (rename) or 'drop' (with a reason)")
+    if sum(field in raw for field in ("to", "drop", "folded")) != 1:
+        raise RulesFileError(f"{where}: needs exactly one of 'to' (rename), 'drop' (with a reason) or 'folded' "
+                             "(a factor another rule's lora merges, with a reason)")
     written = str(raw.get("match", raw.get("regex")))
     try:
-        pattern = _template_regex(written) if "match" in raw else re.compile(written)
+        pattern = _template_regex(written, prefix) if "match" in raw else _prefixed_regex(written, prefix)
     except re.error as exc:
         raise RulesFileError(f"{where}: bad regex {written!r}: {exc}") from None
     target = raw.get("to")
@@ -113,13 +159,16 @@ def _parse_rule(index: int, raw: Any, label: str) -> Rule:
     dtype_name = raw.get("dtype")
     if dtype_name is not None and dtype_name not in _DTYPES:
         raise RulesFileError(f"{where}: dtype {dtype_name!r} is not one of {', '.join(_DTYPES)}")
-    if "drop" in raw and not str(raw["drop"]).strip():
-        raise RulesFileError(f"{where}: a drop needs a reason")
+    for kind in ("drop", "folded"):
+        if kind in raw and not str(raw[kind]).strip():
+            raise RulesFileError(f"{where}: a {kind} needs a reason")
+    if "lora" in raw and "to" not in raw:
+        raise RulesFileError(f"{where}: 'lora' merges factors into a renamed tensor; a drop stores nothing")
     if "file" in raw and "to" not in raw:
         raise RulesFileError(f"{where}: 'file' names where a renamed tensor is stored; a drop stores nothing")
     return Rule(
         index=index,
-        written=written,
+        written=prefix + written if "match" in raw else written,
         pattern=pattern,
         target=target,
         drop_reason=str(raw["drop"]) if "drop" in raw else None,
@@ -128,6 +177,9 @@ def _parse_rule(index: int, raw: Any, label: str) -> Rule:
         same_as=raw.get("same_as"),
         optional=bool(raw.get("optional", False)),
         file=str(raw["file"]) if "file" in raw else None,
+        lora=_parse_lora(raw["lora"], pattern, where) if "lora" in raw else None,
+        folded=str(raw["folded"]) if "folded" in raw else None,
+        prefix=prefix,
     )
 
 
@@ -163,7 +215,14 @@ def _parse_quantizable(raw: Any, label: str) -> tuple[re.Pattern[str], ...]:
     return tuple(patterns)
 
 
-def parse_rules(text: bytes, label: str) -> MappingRules:
+def _shipped(file_name: str) -> bytes:
+    resource = resources.files("canary_convert.mappings") / file_name
+    if not resource.is_file():
+        raise RulesFileError(f"mapping file {file_name!r} is not shipped with canary-convert")
+    return resource.read_bytes()
+
+
+def _load_yaml(text: bytes, label: str) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -172,19 +231,52 @@ def parse_rules(text: bytes, label: str) -> MappingRules:
         raise RulesFileError(f"{label}: expected 'name' and a list of 'rules'")
     if unknown := sorted(set(raw) - {"name", "rules", "quantize"}):
         raise RulesFileError(f"{label}: unknown top-level field(s) {', '.join(unknown)}")
-    rules = tuple(_parse_rule(index, item, label) for index, item in enumerate(raw["rules"]))
+    return raw
+
+
+def _expand(raw: dict[str, Any], label: str, prefix: str, included_from: str | None, start: int,
+            read: Callable[[str], bytes], seen: tuple[str, ...]) -> tuple[list[Rule], list[re.Pattern[str]], list[str]]:
+    """The file's rules with every `include` spliced in where it stands; also its quantize patterns and the
+    digests of the files it includes."""
+    rules: list[Rule] = []
+    quantizable = list(_parse_quantizable(raw.get("quantize", []), label))
+    digests: list[str] = []
+    for position, item in enumerate(raw["rules"]):
+        if isinstance(item, dict) and "include" in item:
+            where = f"{label}: rule {position + 1}"
+            if unknown := sorted(set(item) - {"include", "prefix"}):
+                raise RulesFileError(f"{where}: an include takes only 'include' and 'prefix', not {', '.join(unknown)}")
+            name = str(item["include"])
+            if name in seen:
+                raise RulesFileError(f"{where}: includes {name} in a loop ({' -> '.join(seen + (name,))})")
+            text = read(name)
+            included, patterns, nested = _expand(_load_yaml(text, name), name, prefix + str(item.get("prefix", "")),
+                                                 name, start + len(rules), read, seen + (name,))
+            rules += included
+            quantizable += patterns
+            digests += [name + ":" + hashlib.sha256(text).hexdigest(), *nested]
+            continue
+        rule = _parse_rule(start + len(rules), item, label, prefix)
+        rules.append(dataclasses.replace(rule, included_from=included_from, number=position + 1))
+    return rules, quantizable, digests
+
+
+def parse_rules(text: bytes, label: str, read: Callable[[str], bytes] = _shipped) -> MappingRules:
+    """Parse a mapping file; `read` gives the files it includes (by default, those shipped in the package).
+    The digest covers the included files too."""
+    rules, quantizable, included = _expand(_load_yaml(text, label), label, "", None, 0, read, (label,))
+    digest = hashlib.sha256(text)
+    for entry in included:
+        digest.update(entry.encode())
     return MappingRules(
-        name=str(raw["name"]), file=label, digest="sha256:" + hashlib.sha256(text).hexdigest(), rules=rules,
-        quantizable=_parse_quantizable(raw.get("quantize", []), label),
+        name=str(_load_yaml(text, label)["name"]), file=label, digest="sha256:" + digest.hexdigest(),
+        rules=tuple(rules), quantizable=tuple(quantizable),
     )
 
 
 def load_rules(file_name: str) -> MappingRules:
     """Load a mapping shipped with the package (`mappings/<file_name>`)."""
-    resource = resources.files("canary_convert.mappings") / file_name
-    if not resource.is_file():
-        raise RulesFileError(f"mapping file {file_name!r} is not shipped with canary-convert")
-    return parse_rules(resource.read_bytes(), file_name)
+    return parse_rules(_shipped(file_name), file_name)
 
 
 @dataclass(frozen=True)
@@ -198,6 +290,7 @@ class TensorPlan:
     transforms: tuple[Transform, ...]
     pinned_dtype: torch.dtype | None
     rule: Rule
+    merge: LoraMerge | None = None  # the adapter factors merged into this weight
 
     def convert(self, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Apply the layout transforms, then cast to the stored dtype."""
@@ -210,6 +303,39 @@ class TensorPlan:
         for transform in reversed(self.transforms):
             tensor = transform.inverse(tensor)
         return tensor
+
+
+@dataclass(frozen=True)
+class LoraMerge:
+    """W + scale * B @ A for one weight: the factors' keys and the scale (alpha / r)."""
+
+    a_key: str
+    b_key: str
+    scale: float
+
+    def apply(self, weight: torch.Tensor, source: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The merged weight in float32 (as NeMo's serving plugin merges it), whatever the stored dtype."""
+        a, b = source[self.a_key].to(torch.float32), source[self.b_key].to(torch.float32)
+        return torch.addmm(weight.to(torch.float32), b, a, alpha=self.scale)
+
+
+class MergedSource(Mapping[str, torch.Tensor]):
+    """The source as the plan's targets see it: each LoRA-merged weight (float32) in place of its base
+    weight, computed when read; every other tensor as the source holds it."""
+
+    def __init__(self, source: Mapping[str, torch.Tensor], merges: Mapping[str, LoraMerge]):
+        self._source = source
+        self._merges = merges
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        merge = self._merges.get(key)
+        return self._source[key] if merge is None else merge.apply(self._source[key], self._source)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._source)
+
+    def __len__(self) -> int:
+        return len(self._source)
 
 
 @dataclass(frozen=True)
@@ -227,9 +353,18 @@ class Plan:
     tensors: tuple[TensorPlan, ...]
     dropped: tuple[DroppedKey, ...]
     unmatched_rules: tuple[Rule, ...]
+    folded: tuple[DroppedKey, ...] = ()  # LoRA factors, each merged into a weight of `tensors`
 
     def notes(self) -> list[str]:
         return [f"{rule.describe()} matched no key" for rule in self.unmatched_rules if not rule.optional]
+
+    def sources(self, source: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        """What the writer and the round trip read: `source` with the planned merges applied."""
+        merges = {tensor.source_key: tensor.merge for tensor in self.tensors if tensor.merge is not None}
+        return MergedSource(source, merges) if merges else source
+
+    def merges(self) -> list[TensorPlan]:
+        return [tensor for tensor in self.tensors if tensor.merge is not None]
 
 
 def _name_keys(keys: list[str]) -> str:
@@ -242,14 +377,18 @@ def plan_conversion(
     source: Mapping[str, torch.Tensor],
     expected: Mapping[str, tuple[int, ...]],
     side_expected: Mapping[str, tuple[int, ...]] | None = None,
+    values: Mapping[str, float] | None = None,
 ) -> Plan:
     """Match every source key to a rule and prove the result fills `expected` (target name -> shape).
 
     Targets a rule sends to a side `file` are checked against `side_expected` instead (the shapes of the
-    model that reads that file); `expected` must still be filled completely.
+    model that reads that file); `expected` must still be filled completely. `values` holds the numbers
+    rules name (a LoRA merge's scale), taken from the checkpoint's config by the caller.
     """
     tensors: list[TensorPlan] = []
     dropped: list[DroppedKey] = []
+    folded: list[DroppedKey] = []
+    merged_factors: set[str] = set()
     used: set[int] = set()
     unknown: list[str] = []
     produced: dict[str, str] = {}
@@ -266,9 +405,12 @@ def plan_conversion(
         groups = found.groupdict()
         # A tied copy (same_as) is checked equal to its twin, whether it is dropped or stored again.
         if rule.same_as is not None:
-            _check_tied(key, rule.same_as.format(**groups), source)
+            _check_tied(key, rule.source_key(rule.same_as, groups), source)
         if rule.drop_reason is not None:
             dropped.append(DroppedKey(key, rule.drop_reason, rule))
+            continue
+        if rule.folded is not None:
+            folded.append(DroppedKey(key, rule.folded, rule))
             continue
         assert rule.target is not None
         target = rule.target.format(**groups)
@@ -283,12 +425,23 @@ def plan_conversion(
         except (RuntimeError, IndexError) as exc:
             problems.append(f"{key} {tuple(tensor.shape)}: {rule.describe()} cannot apply its transforms: {exc}")
             continue
+        merge = None
+        if rule.lora is not None:
+            try:
+                merge = _lora_merge(key, tuple(tensor.shape), rule, groups, source, values or {})
+            except MappingError as exc:
+                problems.append(str(exc))
+                continue
+            merged_factors.update((merge.a_key, merge.b_key))
         tensors.append(
-            TensorPlan(key, target, tuple(tensor.shape), tuple(meta.shape), rule.transforms, rule.dtype, rule)
+            TensorPlan(key, target, tuple(tensor.shape), tuple(meta.shape), rule.transforms, rule.dtype, rule, merge)
         )
 
     if unknown:
         problems.insert(0, f"no rule in {mapping.file} for source key(s) {_name_keys(unknown)}")
+    if stray := sorted(entry.key for entry in folded if entry.key not in merged_factors):
+        problems.append(f"adapter factor(s) that no merge consumes (their weight is not one the mapping merges): "
+                        f"{_name_keys(stray)}")
     for plan in tensors:
         want = (side_expected or {}).get(plan.target_key) if plan.rule.file else expected.get(plan.target_key)
         if want is None:
@@ -308,7 +461,27 @@ def plan_conversion(
         tensors=tuple(tensors),
         dropped=tuple(dropped),
         unmatched_rules=tuple(rule for rule in mapping.rules if rule.index not in used),
+        folded=tuple(folded),
     )
+
+
+def _lora_merge(key: str, shape: tuple[int, ...], rule: Rule, groups: Mapping[str, str],
+                source: Mapping[str, torch.Tensor], values: Mapping[str, float]) -> LoraMerge:
+    """The merge a rule declares for `key`, checked: both factors present, shapes (out, r) @ (r, in)."""
+    assert rule.lora is not None
+    a_key, b_key = rule.source_key(rule.lora.a, groups), rule.source_key(rule.lora.b, groups)
+    if rule.lora.scale not in values:
+        raise MappingError(f"{key}: {rule.describe()} merges LoRA with scale {rule.lora.scale!r}, "
+                           "which the checkpoint's config does not give")
+    for factor in (a_key, b_key):
+        if factor not in source:
+            raise MappingError(f"{key}: {rule.describe()} merges LoRA, but the checkpoint has no {factor}")
+    a_shape, b_shape = tuple(source[a_key].shape), tuple(source[b_key].shape)
+    if len(shape) != 2 or len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1] \
+            or (b_shape[0], a_shape[1]) != shape:
+        raise MappingError(f"{key} {shape}: LoRA factors {a_key} {a_shape} and {b_key} {b_shape} do not make "
+                           "B @ A of its shape")
+    return LoraMerge(a_key, b_key, float(values[rule.lora.scale]))
 
 
 def _check_tied(key: str, twin: str, source: Mapping[str, torch.Tensor]) -> None:

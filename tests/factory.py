@@ -128,6 +128,26 @@ def _train_tokenizers(spec: TinySpec, folder: Path) -> dict[str, Any]:
             "custom_tokenizer": {"_target_": "nemo.collections.common.tokenizers.canary_tokenizer.CanaryTokenizer"}}
 
 
+def preprocessor_config(spec: TinySpec) -> dict[str, Any]:
+    """NeMo's mel front end at the spec's feature count (every FastConformer family shares it)."""
+    return {"_target_": "nemo.collections.asr.modules.AudioToMelSpectrogramPreprocessor",
+            "sample_rate": 16000, "normalize": "per_feature", "window_size": 0.025,
+            "window_stride": 0.01, "window": "hann", "features": spec.features, "n_fft": 512,
+            "log": True, "frame_splicing": 1, "dither": 1e-5, "pad_to": 0, "pad_value": 0.0}
+
+
+def encoder_config(spec: TinySpec) -> dict[str, Any]:
+    """A tiny FastConformer (ConformerEncoder, dw_striding, rel_pos) at the spec's sizes."""
+    return {"_target_": "nemo.collections.asr.modules.ConformerEncoder", "feat_in": spec.features,
+            "feat_out": -1, "n_layers": spec.enc_layers, "d_model": spec.d_model,
+            "subsampling": "dw_striding", "subsampling_factor": spec.subsampling_factor,
+            "subsampling_conv_channels": spec.conv_channels, "ff_expansion_factor": spec.ff_expansion,
+            "self_attention_model": "rel_pos", "n_heads": spec.enc_heads, "xscaling": spec.xscaling,
+            "untie_biases": spec.untie_biases, "pos_emb_max_len": 5000,
+            "conv_kernel_size": spec.conv_kernel, "conv_norm_type": "batch_norm", "dropout": 0.0,
+            "dropout_pre_encoder": 0.0, "dropout_emb": 0.0, "dropout_att": 0.0}
+
+
 def nemo_config(spec: TinySpec, tokenizer: dict[str, Any]) -> dict[str, Any]:
     """A model_config.yaml in the shape NVIDIA's Canary checkpoints use, with tiny sizes."""
     return {
@@ -139,18 +159,8 @@ def nemo_config(spec: TinySpec, tokenizer: dict[str, Any]) -> dict[str, Any]:
         "model_defaults": {"asr_enc_hidden": spec.d_model, "lm_enc_hidden": spec.dec_hidden,
                            "lm_dec_hidden": spec.dec_hidden},
         "tokenizer": tokenizer,
-        "preprocessor": {"_target_": "nemo.collections.asr.modules.AudioToMelSpectrogramPreprocessor",
-                         "sample_rate": 16000, "normalize": "per_feature", "window_size": 0.025,
-                         "window_stride": 0.01, "window": "hann", "features": spec.features, "n_fft": 512,
-                         "log": True, "frame_splicing": 1, "dither": 1e-5, "pad_to": 0, "pad_value": 0.0},
-        "encoder": {"_target_": "nemo.collections.asr.modules.ConformerEncoder", "feat_in": spec.features,
-                    "feat_out": -1, "n_layers": spec.enc_layers, "d_model": spec.d_model,
-                    "subsampling": "dw_striding", "subsampling_factor": spec.subsampling_factor,
-                    "subsampling_conv_channels": spec.conv_channels, "ff_expansion_factor": spec.ff_expansion,
-                    "self_attention_model": "rel_pos", "n_heads": spec.enc_heads, "xscaling": spec.xscaling,
-                    "untie_biases": spec.untie_biases, "pos_emb_max_len": 5000,
-                    "conv_kernel_size": spec.conv_kernel, "conv_norm_type": "batch_norm", "dropout": 0.0,
-                    "dropout_pre_encoder": 0.0, "dropout_emb": 0.0, "dropout_att": 0.0},
+        "preprocessor": preprocessor_config(spec),
+        "encoder": encoder_config(spec),
         "transf_decoder": {"_target_": "nemo.collections.asr.modules.transformer.get_nemo_transformer",
                            "model_name": None, "pretrained": False, "encoder": None,
                            "pre_ln_final_layer_norm": True,
@@ -179,7 +189,7 @@ def randomise(model: Any, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-            if name.startswith("preprocessor.") or "position_embedding" in name or not tensor.is_floating_point():
+            if "preprocessor." in name or "position_embedding" in name or not tensor.is_floating_point():
                 continue
             noise = torch.randn(tensor.shape, generator=generator)
             if name.endswith("running_var"):

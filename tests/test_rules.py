@@ -174,3 +174,86 @@ def test_transforms_round_trip_exactly(data: st.DataObject) -> None:
         for transform in reversed(rule.transforms):
             back = transform.inverse(back)
         assert torch.equal(back, tensor)
+
+
+_FILES = {
+    "enc.yaml": b"name: enc\nquantize: ['^enc[.]lin\\.weight$']\nrules:\n"
+                b"  - {match: 'enc.lin.{p}', to: 'enc.lin.{p}'}\n"
+                b"  - {regex: '^enc\\.n(?P<i>\\d)$', drop: never}\n",
+    "loop.yaml": b"name: loop\nrules: [{include: loop.yaml}]\n",
+}
+
+
+def test_include_splices_rules_under_a_prefix_and_digests_the_included_file() -> None:
+    text = b"name: top\nrules:\n  - include: enc.yaml\n    prefix: outer.\n  - {match: head.w, to: head.w}\n"
+    mapping = parse_rules(text, "top.yaml", read=_FILES.__getitem__)
+    source = {"outer.enc.lin.weight": torch.ones(2, 3), "outer.enc.lin.bias": torch.ones(2), "head.w": torch.ones(1)}
+    plan = plan_conversion(mapping, source, {"enc.lin.weight": (2, 3), "enc.lin.bias": (2,), "head.w": (1,)})
+    assert {t.source_key: t.target_key for t in plan.tensors} == {
+        "outer.enc.lin.weight": "enc.lin.weight", "outer.enc.lin.bias": "enc.lin.bias", "head.w": "head.w"}
+    assert mapping.is_quantizable("enc.lin.weight") and not mapping.is_quantizable("head.w")
+    # The included file's rules are named by their own file and place; the unprefixed key fits none of them.
+    assert plan.notes() == ["enc.yaml rule 2 (^enc\\.n(?P<i>\\d)$) matched no key"]
+    with pytest.raises(MappingError, match="no rule in top.yaml for source key.s. enc.lin.weight"):
+        plan_conversion(mapping, {"enc.lin.weight": torch.ones(2, 3)}, {})
+    changed = dict(_FILES, **{"enc.yaml": _FILES["enc.yaml"] + b"\n"})
+    assert parse_rules(text, "top.yaml", read=changed.__getitem__).digest != mapping.digest
+
+
+def test_include_loops_and_prefixed_unanchored_regexes_are_refused() -> None:
+    with pytest.raises(RulesFileError, match="loop"):
+        parse_rules(b"name: t\nrules: [{include: loop.yaml}]", "t.yaml", read=_FILES.__getitem__)
+    files = {"r.yaml": b"name: r\nrules: [{regex: 'a', to: b}]"}
+    with pytest.raises(RulesFileError, match="must start with"):
+        parse_rules(b"name: t\nrules: [{include: r.yaml, prefix: p.}]", "t.yaml", read=files.__getitem__)
+
+
+_LORA = parse_rules(
+    b"""name: lora
+rules:
+  - regex: '^m\\.(?P<n>\\d+)\\.(?P<proj>q|v)\\.base\\.weight$'
+    to: 'layers.{n}.{proj}.weight'
+    lora: {a: 'm.{n}.{proj}.A', b: 'm.{n}.{proj}.B', scale: lora_scale}
+  - regex: '^m\\.\\d+\\.(q|v|k)\\.(A|B)$'
+    folded: a LoRA factor, merged into its base weight
+  - {match: 'm.{n}.k.weight', to: 'layers.{n}.k.weight'}
+""", "lora.yaml")
+
+
+def _lora_source(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    return {"m.0.q.base.weight": torch.randn(6, 5, generator=generator),
+            "m.0.q.A": torch.randn(3, 5, generator=generator), "m.0.q.B": torch.randn(6, 3, generator=generator),
+            "m.0.k.weight": torch.randn(4, 5, generator=generator)}
+
+
+def test_lora_merge_is_the_float32_sum_of_weight_and_scaled_product() -> None:
+    source = _lora_source(torch.Generator().manual_seed(0))
+    source = {key: value.to(torch.bfloat16) for key, value in source.items()}
+    expected = {"layers.0.q.weight": (6, 5), "layers.0.k.weight": (4, 5)}
+    plan = plan_conversion(_LORA, source, expected, values={"lora_scale": 2.5})
+    assert [(t.source_key, t.merge.a_key, t.merge.b_key, t.merge.scale) for t in plan.merges()] == [
+        ("m.0.q.base.weight", "m.0.q.A", "m.0.q.B", 2.5)]
+    assert sorted(entry.key for entry in plan.folded) == ["m.0.q.A", "m.0.q.B"]
+    merged = plan.sources(source)["m.0.q.base.weight"]
+    wide = {key: value.double() for key, value in source.items()}
+    reference = wide["m.0.q.base.weight"] + 2.5 * wide["m.0.q.B"] @ wide["m.0.q.A"]
+    assert merged.dtype == torch.float32
+    assert torch.allclose(merged.double(), reference, rtol=1e-6, atol=1e-6)
+    assert plan.sources(source)["m.0.k.weight"] is source["m.0.k.weight"]  # untouched tensors pass through
+
+
+@pytest.mark.parametrize(
+    ("change", "values", "message"),
+    [
+        (lambda s: s.update({"m.0.v.A": torch.ones(3, 5), "m.0.v.B": torch.ones(4, 3)}), {"lora_scale": 1.0},
+         r"factor\(s\) that no merge consumes .*m\.0\.v\.A, m\.0\.v\.B"),
+        (lambda s: s.pop("m.0.q.B"), {"lora_scale": 1.0}, "the checkpoint has no m.0.q.B"),
+        (lambda s: s.update({"m.0.q.A": torch.ones(2, 5)}), {"lora_scale": 1.0}, "do not make B @ A"),
+        (lambda s: None, {}, "scale 'lora_scale', which the checkpoint's config does not give"),
+    ],
+)
+def test_lora_merges_that_cannot_be_made_are_refused(change, values, message) -> None:
+    source = _lora_source(torch.Generator().manual_seed(1))
+    change(source)
+    with pytest.raises(MappingError, match=message):
+        plan_conversion(_LORA, source, {"layers.0.q.weight": (6, 5), "layers.0.k.weight": (4, 5)}, values=values)
