@@ -18,7 +18,7 @@ import hashlib
 import json
 import platform
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from .model.app.clips import pad_batch
 from .model.aed.decoding import DecodingOptions, decode, strip_hypothesis
 from .model.aed.prompts import PromptOptions, build_prompt
 from .model.cpu.streaming import layers_streamed
+from .untrusted import finite_number, read_json
 from .parity import TOKEN_MODES, ParityReport, StageOutputs, reference_signals, teacher_forced_tokens
 
 GOLDENS_FILE = "goldens.json"
@@ -68,9 +69,17 @@ class Tolerances:
             return cls(features_max_abs=1e-4, encoder_rel_l2=2e-2, logprobs_max_abs=2e-1, near_tie=0.25)
         return cls(features_max_abs=1e-4, encoder_rel_l2=1e-5, logprobs_max_abs=1e-4, near_tie=1e-3)
 
+    def tightened(self, recorded: Mapping[str, float]) -> Tolerances:
+        """These tolerances, with any recorded one that is tighter: a folder may ask for more, never less."""
+        return replace(self, **{name: min(getattr(self, name), recorded[name]) for name in TOLERANCE_NAMES
+                                if name in recorded})
+
     def limit(self, stage: str) -> float:
         return {"features": self.features_max_abs, "encoder": self.encoder_rel_l2,
                 "logprobs": self.logprobs_max_abs}[stage]
+
+
+TOLERANCE_NAMES = tuple(field.name for field in fields(Tolerances))
 
 
 def _valid(stages: StageOutputs, stage: str, row: int) -> np.ndarray:
@@ -91,8 +100,8 @@ def fingerprint(stages: StageOutputs, stage: str, positions: list[list[int]] | N
         if positions is None:
             rng = np.random.default_rng(_SEED + row)
             chosen = np.sort(rng.choice(values.size, size=min(SAMPLES_PER_UTTERANCE, values.size), replace=False))
-        else:
-            chosen = np.array(positions[row], dtype=np.int64)
+        else:  # a position outside this run's values (its size changed) is left out: the sizes then differ
+            chosen = np.array([p for p in positions[row] if 0 <= p < values.size], dtype=np.int64)
         stats = {"l2": np.linalg.norm(values), "mean": values.mean(), "std": values.std(), "min": values.min(),
                  "max": values.max()}
         rows.append({"size": int(values.size), **{name: _float32(value) for name, value in stats.items()},
@@ -107,17 +116,23 @@ def _float32(value: float) -> float:
 
 def stage_distance(stage: str, golden: Sequence[Mapping[str, Any]], now: Sequence[Mapping[str, Any]]) -> float:
     """How far `now` is from `golden` in the stage's own measure: max |Δ| (features, log-probs) or relative
-    L2 (encoder), over the sampled values and the whole region's L2 norm. Infinite when the shapes differ."""
+    L2 (encoder), over the sampled values and the whole region's L2 norm. Infinite when the shapes or the
+    number of utterances differ, or any value is not finite (NaN must never read as "no difference")."""
+    if len(golden) != len(now):
+        return float("inf")
     worst = 0.0
-    for old, new in zip(golden, now, strict=True):
-        if old["size"] != new["size"]:
+    for old, new in zip(golden, now):
+        if old["size"] != new["size"] or len(old["values"]) != len(new["values"]):
             return float("inf")
-        a, b = np.array(old["values"]), np.array(new["values"])
+        a, b = np.array(old["values"], dtype=np.float64), np.array(new["values"], dtype=np.float64)
         if stage == "encoder":
-            worst = max(worst, float(np.linalg.norm(b - a) / max(np.linalg.norm(a), 1e-30)),
-                        abs(new["l2"] - old["l2"]) / max(old["l2"], 1e-30))
+            distances = [np.linalg.norm(b - a) / max(np.linalg.norm(a), 1e-30),
+                         abs(new["l2"] - old["l2"]) / max(old["l2"], 1e-30)]
         else:
-            worst = max(worst, float(np.abs(b - a).max(initial=0.0)))
+            distances = [np.abs(b - a).max(initial=0.0)]
+        if not all(np.isfinite(distance) for distance in distances):
+            return float("inf")
+        worst = max(worst, *(float(distance) for distance in distances))
     return worst
 
 
@@ -319,15 +334,14 @@ def write_goldens(path: Path, goldens: Mapping[str, Any]) -> None:
 
 
 def read_goldens(path: Path) -> dict[str, Any]:
-    """Read a golden file, refusing one from another schema version or one edited by hand."""
-    try:
-        goldens = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise GoldensError(f"{path}: not a readable golden file: {exc}") from None
+    """Read a golden file, refusing one from another schema version, one edited by hand, or one not shaped
+    as `record_goldens` writes it (`check_goldens`): the folder under test may be hostile."""
+    goldens = read_json(path, GoldensError)
     if not isinstance(goldens, dict) or goldens.get("schema") != SCHEMA:
         raise GoldensError(f"{path}: not a canary-convert golden file (no schema {SCHEMA!r})")
     version = goldens.get("version")
-    made_by = goldens.get("made_by", {}).get("canary_convert", "an unknown version")
+    made_by = goldens.get("made_by")
+    made_by = made_by.get("canary_convert", "an unknown version") if isinstance(made_by, dict) else "an unknown version"
     if version != SCHEMA_VERSION:
         newer = isinstance(version, int) and version > SCHEMA_VERSION
         raise GoldensError(
@@ -338,7 +352,132 @@ def read_goldens(path: Path) -> dict[str, Any]:
     if goldens.get("digest") != goldens_digest(goldens):
         raise GoldensError(f"{path}: the content does not match its digest (edited by hand?); record the goldens "
                            "again with `canary-convert verify FOLDER --update`")
+    check_goldens(goldens, path)
     return goldens
+
+
+class _Shape:
+    """Checks one JSON value against the shape `record_goldens` writes; the first mismatch is a
+    GoldensError naming the file and the key (`groups.test-signals.stages.encoder[0].values[3]`)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def fail(self, key: str, problem: str) -> GoldensError:
+        return GoldensError(f"{self.path}: {key}: {problem}" if key else f"{self.path}: {problem}")
+
+    def object(self, value: Any, key: str, required: Sequence[str] = (), optional: Sequence[str] = ()) -> dict:
+        if not isinstance(value, dict):
+            raise self.fail(key, "not an object")
+        if missing := [name for name in required if name not in value]:
+            raise self.fail(key, f"no {missing[0]!r}")
+        if optional is not None and (unknown := sorted(set(value) - set(required) - set(optional))):
+            raise self.fail(key, f"unknown key {unknown[0]!r}")
+        return value
+
+    def array(self, value: Any, key: str, length: int | None = None) -> list:
+        if not isinstance(value, list):
+            raise self.fail(key, "not an array")
+        if length is not None and len(value) != length:
+            raise self.fail(key, f"{len(value)} entries, expected {length}")
+        return value
+
+    def number(self, value: Any, key: str, minimum: float | None = None) -> float:
+        if not finite_number(value):
+            raise self.fail(key, f"{value!r} is not a finite number")
+        if minimum is not None and value < minimum:
+            raise self.fail(key, f"{value!r} is below {minimum}")
+        return value
+
+    def integer(self, value: Any, key: str, low: int = 0, high: int | None = None) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
+            raise self.fail(key, f"{value!r} is not an integer in [{low}, {high if high is not None else '...'}]")
+        return value
+
+    def string(self, value: Any, key: str) -> str:
+        if not isinstance(value, str):
+            raise self.fail(key, f"{value!r} is not a string")
+        return value
+
+    def rows(self, value: Any, key: str) -> None:
+        """One stage's fingerprint: per utterance, the statistics and the values at positions inside it."""
+        for index, row in enumerate(self.array(value, key)):
+            at = f"{key}[{index}]"
+            self.object(row, at, ("size", "l2", "mean", "std", "min", "max", "positions", "values"))
+            size = self.integer(row["size"], f"{at}.size")
+            for name in ("l2", "mean", "std", "min", "max"):
+                self.number(row[name], f"{at}.{name}")
+            positions = self.array(row["positions"], f"{at}.positions")
+            if len(positions) > SAMPLES_PER_UTTERANCE:
+                raise self.fail(f"{at}.positions", f"{len(positions)} positions, at most {SAMPLES_PER_UTTERANCE}")
+            for number, position in enumerate(positions):
+                self.integer(position, f"{at}.positions[{number}]", 0, size - 1)
+            for number, sample in enumerate(self.array(row["values"], f"{at}.values", len(positions))):
+                self.number(sample, f"{at}.values[{number}]")
+
+    def token_rows(self, value: Any, key: str) -> list:
+        for index, row in enumerate(self.array(value, key)):
+            for number, token in enumerate(self.array(row, f"{key}[{index}]")):
+                self.integer(token, f"{key}[{index}][{number}]")
+        return value
+
+
+_PROMPT_FIELDS = {field.name: field.type for field in fields(PromptOptions)}
+
+
+def check_goldens(goldens: Mapping[str, Any], path: Path) -> None:
+    """That a golden file has the shape `record_goldens` writes, every number finite, every position inside
+    its stage, and only the decoding modes this tool records (greedy, beam 4: no beam of a million)."""
+    shape = _Shape(path)
+    shape.object(goldens, "", ("schema", "version", "digest", "made_by", "max_new_tokens", "tolerances",
+                                    "config", "groups"))
+    shape.object(goldens["made_by"], "made_by", optional=None)
+    shape.integer(goldens["max_new_tokens"], "max_new_tokens")
+    tolerances = shape.object(goldens["tolerances"], "tolerances", TOLERANCE_NAMES)
+    for name in TOLERANCE_NAMES:
+        shape.number(tolerances[name], f"tolerances.{name}", minimum=0)
+    shape.object(goldens["config"], "config", optional=None)
+    groups = shape.object(goldens["groups"], "groups", ("test-signals",), optional=None)
+    for name, group in groups.items():
+        key = f"groups.{name}"
+        extra = {"test-signals": "signals", "audio": "clips"}.get(name)
+        if extra is None:
+            raise shape.fail(key, "unknown group (expected test-signals or audio)")
+        shape.object(group, key, ("stages", "decoding", extra), ("reference",))
+        stages = shape.object(group["stages"], f"{key}.stages", STAGES)
+        for stage in STAGES:
+            shape.rows(stages[stage], f"{key}.stages.{stage}")
+        if name == "test-signals":
+            shape.string(shape.object(group["signals"], f"{key}.signals", ("sha256",), optional=None)["sha256"],
+                         f"{key}.signals.sha256")
+        else:
+            for index, clip in enumerate(shape.array(group["clips"], f"{key}.clips")):
+                shape.object(clip, f"{key}.clips[{index}]", ("name", "sha256"))
+                shape.string(clip["name"], f"{key}.clips[{index}].name")
+                shape.string(clip["sha256"], f"{key}.clips[{index}].sha256")
+        for index, decoded in enumerate(shape.array(group["decoding"], f"{key}.decoding")):
+            at = f"{key}.decoding[{index}]"
+            shape.object(decoded, at, ("prompt", "mode", "strategy", "beam_size", "length_penalty", "tokens", "gaps"))
+            prompt = shape.object(decoded["prompt"], f"{at}.prompt", ("source_lang",), tuple(_PROMPT_FIELDS))
+            for field_name, value in prompt.items():
+                kinds = {"bool": bool, "str": str, "str | None": (str, type(None))}[_PROMPT_FIELDS[field_name]]
+                if not isinstance(value, kinds):
+                    raise shape.fail(f"{at}.prompt.{field_name}", f"{value!r} is not a {_PROMPT_FIELDS[field_name]}")
+            mode = (decoded["mode"], decoded["strategy"], decoded["beam_size"])
+            if mode not in {(name, *options) for name, options in TOKEN_MODES.items()}:
+                raise shape.fail(f"{at}.mode", f"{mode!r} is not one of the recorded modes {TOKEN_MODES}")
+            shape.number(decoded["length_penalty"], f"{at}.length_penalty")
+            tokens = shape.token_rows(decoded["tokens"], f"{at}.tokens")
+            for row, spread in enumerate(shape.array(decoded["gaps"], f"{at}.gaps", len(tokens))):
+                for number, gap in enumerate(shape.array(spread, f"{at}.gaps[{row}]")):
+                    shape.number(gap, f"{at}.gaps[{row}][{number}]", minimum=0)
+        if "reference" in group:
+            reference = shape.object(group["reference"], f"{key}.reference", ("stages", "tokens"), ("source",))
+            stages = shape.object(reference["stages"], f"{key}.reference.stages", STAGES)
+            for stage in STAGES:
+                shape.rows(stages[stage], f"{key}.reference.stages.{stage}")
+            for mode, rows in shape.object(reference["tokens"], f"{key}.reference.tokens", optional=None).items():
+                shape.token_rows(rows, f"{key}.reference.tokens.{mode}")
 
 
 def load_clips(paths: Sequence[Path], sample_rate: int) -> list[tuple[str, np.ndarray, str]]:

@@ -8,15 +8,17 @@ second read of the large files.
 from __future__ import annotations
 
 import hashlib
+import os
 import queue
+import re
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-import json
 from pathlib import Path
 from typing import IO, Any
 
 from .errors import ModelFolderError
+from .untrusted import file_problem, folder_file, read_json, safe_name
 
 CONVERSION_FILE = "conversion.json"
 # Files a folder may carry that are not part of a conversion: the Hub adds .gitattributes to every repo,
@@ -24,6 +26,7 @@ CONVERSION_FILE = "conversion.json"
 NOT_CONVERTED = (".gitattributes",)
 NOT_CONVERTED_DIRS = (".git", ".cache")
 _CHUNK = 16 << 20
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -96,14 +99,22 @@ def hash_file(path: Path) -> FileRecord:
 
 
 def folder_files(folder: Path) -> list[str]:
-    """Every file of the folder a conversion accounts for, as sorted POSIX paths relative to it."""
+    """Every entry of the folder a conversion accounts for, as sorted POSIX paths relative to it: its files,
+    and whatever else is not a directory of its own (a link to a directory, a device, a pipe), so that
+    verify and upload see it too. Links are not followed."""
     names = []
-    for path in folder.rglob("*"):
-        relative = path.relative_to(folder)
-        if relative.parts[0] in NOT_CONVERTED_DIRS or relative.as_posix() in NOT_CONVERTED:
-            continue
-        if path.is_file() and relative.as_posix() != CONVERSION_FILE:
-            names.append(relative.as_posix())
+    for root, dirs, files in os.walk(folder):
+        here = Path(root)
+        relative = here.relative_to(folder)
+        entries = list(files)
+        for name in list(dirs):
+            if (here / name).is_symlink():
+                dirs.remove(name)
+                entries.append(name)
+            elif not relative.parts and name in NOT_CONVERTED_DIRS:
+                dirs.remove(name)
+        names += [posix for name in entries
+                  if (posix := (relative / name).as_posix()) not in (*NOT_CONVERTED, CONVERSION_FILE)]
     return sorted(names)
 
 
@@ -120,16 +131,21 @@ def build_manifest(folder: Path, hashed: Mapping[str, FileRecord] | None = None)
 
 
 def manifest_problems(folder: Path, recorded: Mapping[str, FileRecord]) -> list[str]:
-    """What differs between the folder and its manifest: one line per missing, added or changed file."""
+    """What differs between the folder and its manifest: one line per missing, added, changed or unreadable
+    file (a link out of the folder, a device: untrusted.py's `folder_file`)."""
     present = set(folder_files(folder))
     problems = [f"{name}: missing (the manifest lists it)" for name in sorted(set(recorded) - present)]
     problems += [f"{name}: not in the manifest (added after the conversion)" for name in sorted(present - set(recorded))]
     for name in sorted(present & set(recorded)):
         want = recorded[name]
-        size = (folder / name).stat().st_size
+        if problem := file_problem(folder, name):
+            problems.append(f"{name}: {problem}")
+            continue
+        path = folder / name
+        size = path.stat().st_size
         if size != want.size:
             problems.append(f"{name}: {size} bytes, the manifest says {want.size}")
-        elif hash_file(folder / name).sha256 != want.sha256:
+        elif hash_file(path).sha256 != want.sha256:
             problems.append(f"{name}: sha256 differs from the manifest (same size, changed content)")
     return problems
 
@@ -138,13 +154,9 @@ def read_record(folder: Path) -> dict[str, Any]:
     """A folder's `conversion.json`, or the error that says why it is not a canary-convert folder."""
     if not folder.is_dir():
         raise ModelFolderError(f"{folder}: no such folder")
-    path = folder / CONVERSION_FILE
-    if not path.is_file():
+    if not (folder / CONVERSION_FILE).exists():
         raise ModelFolderError(f"{folder}: not a canary-convert folder ({CONVERSION_FILE} is missing)")
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ModelFolderError(f"{folder}: {CONVERSION_FILE} is unreadable ({exc})") from None
+    record = read_json(folder_file(folder, CONVERSION_FILE))
     if not isinstance(record, dict):
         raise ModelFolderError(f"{folder}: {CONVERSION_FILE} is not a JSON object")
     return record
@@ -156,7 +168,16 @@ def recorded_manifest(folder: Path, record: dict[str, Any]) -> dict[str, FileRec
     if not isinstance(entries, dict) or not entries:
         raise ModelFolderError(f"{folder}: {CONVERSION_FILE} has no manifest (written by an older canary-convert): "
                                "convert again")
-    try:
-        return {str(name): FileRecord.from_dict(entry) for name, entry in entries.items()}
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelFolderError(f"{folder}: {CONVERSION_FILE} has a malformed manifest entry ({exc})") from None
+    manifest = {}
+    for name, entry in entries.items():
+        where = f"{folder}: {CONVERSION_FILE} manifest[{name!r}]"
+        safe_name(folder, name, f"{CONVERSION_FILE} manifest")
+        if not isinstance(entry, dict) or not {"size", "sha256"} <= entry.keys():
+            raise ModelFolderError(f"{where}: not an object with size and sha256")
+        size, digest = entry["size"], entry["sha256"]
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ModelFolderError(f"{where}.size: {size!r} is not a byte count")
+        if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+            raise ModelFolderError(f"{where}.sha256: {digest!r} is not 'sha256:' and 64 hex digits")
+        manifest[name] = FileRecord(size, digest)
+    return manifest

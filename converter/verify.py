@@ -43,11 +43,12 @@ from .goldens import (
     signals_digest,
     stage_distance,
 )
+from .untrusted import finite_number, folder_file, read_json
 from .manifest import CONVERSION_FILE, hash_file, manifest_problems, read_record, recorded_manifest
 from .model.aed.canary import CanaryModel
 from .model.config import ModelConfig
 from .model.aed.decoding import DecodingOptions
-from .model.load import CONFIG_FILE, load_model, read_tensors, weight_files
+from .model.load import CONFIG_FILE, INDEX_FILE, files_read, load_model, read_tensors, weight_files
 from .model.aed.prompts import PromptOptions
 from .model.quantized import read_quantization
 from .model.cpu.streaming import layers_streamed
@@ -57,6 +58,9 @@ REPORT_SCHEMA = "canary-convert/verify-report"
 REPORT_VERSION = 1
 # The JSON Schema of `to_json`, shipped in the package (canary_convert/schemas/).
 REPORT_SCHEMA_FILE = "verify-report-v1.schema.json"
+# The command-line option of each tolerance (cli.py), for messages.
+TOLERANCE_OPTIONS = {"features_max_abs": "tol-features", "encoder_rel_l2": "tol-encoder",
+                     "logprobs_max_abs": "tol-logprobs", "near_tie": "near-tie"}
 Status = Literal["pass", "fail", "advisory", "skipped", "error"]
 
 
@@ -120,11 +124,19 @@ def use_device(device: str) -> None:
 
 
 def check_manifest(folder: Path, record: dict[str, Any]) -> Check:
+    """Every file of the folder as the manifest records it, and every file the model reads among them (a
+    name outside the manifest, such as one under .cache/, is read unchecked otherwise)."""
     try:
         manifest = recorded_manifest(folder, record)
     except ModelFolderError as exc:
         return Check("manifest", "error", str(exc), CONVERSION_FILE)
     problems = manifest_problems(folder, manifest)
+    try:
+        config = ModelConfig.from_file(folder_file(folder, CONFIG_FILE))
+        read = [path.relative_to(folder).as_posix() for path in files_read(folder, config)]
+    except (ModelFolderError, ValueError, KeyError, TypeError):
+        read = []  # the strict load says why
+    problems += [f"{name}: read by the model but not in the manifest" for name in read if name not in manifest]
     if problems:
         return Check("manifest", "fail", "; ".join(problems), problems[0].split(":", 1)[0])
     return Check("manifest", "pass", f"{len(manifest)} files, sizes and sha256 as recorded")
@@ -141,7 +153,11 @@ def check_load(folder: Path) -> tuple[Check, CanaryModel | None]:
 
 def _named_file(message: str, folder: Path) -> str | None:
     """The folder's file a load error names, so the report points at it."""
-    for name in ("config.json", *(file.name for file in weight_files(folder)), "tokenizer"):
+    try:
+        weights = [file.name for file in weight_files(folder)]
+    except ModelFolderError:
+        weights = []
+    for name in ("config.json", INDEX_FILE, *weights, "tokenizer"):
         if name in message:
             return name
     return None
@@ -220,6 +236,9 @@ def check_decoding(group_name: str, golden: Mapping[str, Any], now: list[list[in
     name = f"{group_name}: {_describe(golden['prompt'], golden['mode'])} tokens"
     advisories = []
     current_gaps: list[list[float]] = []
+    if len(golden["tokens"]) != len(now):
+        return Check(name, "fail", f"{len(now)} utterances decoded, the goldens record {len(golden['tokens'])}",
+                     stage="decoding")
     for row, (old, new) in enumerate(zip(golden["tokens"], now)):
         at = first_difference(old, new)
         if at is None:
@@ -295,10 +314,14 @@ def verify_goldens(goldens: Mapping[str, Any], model: CanaryModel, tolerances: T
     return checks
 
 
-def tolerances_of(goldens: Mapping[str, Any], overrides: Mapping[str, float | None]) -> Tolerances:
-    """The tolerances stored with the goldens, with any the command line overrides."""
-    stored = Tolerances(**goldens["tolerances"])
-    return replace(stored, **{key: value for key, value in overrides.items() if value is not None})
+def tolerances_of(goldens: Mapping[str, Any], overrides: Mapping[str, float | None], dtype: str) -> Tolerances:
+    """This tool's tolerances for the weights' dtype, tightened by any the goldens record (the folder under
+    test may ask for more, never less), then any the command line sets, which have the last word."""
+    for key, value in overrides.items():
+        if value is not None and not (finite_number(value) and value >= 0):
+            raise UsageError(f"--{TOLERANCE_OPTIONS[key]} {value}: a tolerance is a finite number >= 0")
+    tolerances = Tolerances.for_dtype(dtype).tightened(goldens["tolerances"])
+    return replace(tolerances, **{key: value for key, value in overrides.items() if value is not None})
 
 
 def verify_folder(folder: Path, target: str, device: str, goldens_path: Path | None = None,
@@ -319,8 +342,9 @@ def verify_folder(folder: Path, target: str, device: str, goldens_path: Path | N
     if model is None:
         report.checks.append(Check("goldens", "skipped", "the folder does not load"))
         return report
+    tolerances = tolerances_of(goldens, overrides or {}, str(model.compute_dtype).removeprefix("mlx.core."))
     clips = load_clips(audio, model.config.preprocessor.sample_rate)
-    report.checks += verify_goldens(goldens, model, tolerances_of(goldens, overrides or {}), clips, folder)
+    report.checks += verify_goldens(goldens, model, tolerances, clips, folder)
     return report
 
 
@@ -384,7 +408,7 @@ def _replace_file(path: Path, text: str) -> None:
 
 def _layers(folder: Path) -> dict[str, np.ndarray]:
     """Every tensor of a folder by the bundled model's parameter names, quantized layers dequantized."""
-    config = ModelConfig.from_file(folder / CONFIG_FILE)
+    config = ModelConfig.from_file(folder_file(folder, CONFIG_FILE))
     weights = read_tensors(folder, config)  # under the bundled model's names, whatever the layout
     options = read_quantization(config.quantization)[0] if config.quantization else None
     layers = {}
@@ -405,7 +429,10 @@ def compare_folders(first: Path, second: Path, target: str, device: str) -> Veri
     report = VerifyReport(target=target, device=device)
     for folder in (first, second):
         read_record(folder)
-    ours, theirs = _layers(first), _layers(second)
+    try:
+        ours, theirs = _layers(first), _layers(second)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise ModelFolderError(f"{target}: a folder does not load: {exc}") from None
     names = sorted(set(ours) | set(theirs))
     differing = []
     for key in names:
@@ -423,8 +450,8 @@ def compare_folders(first: Path, second: Path, target: str, device: str) -> Veri
     report.checks.append(Check("tensors", "fail" if differing else "pass",
                                f"{len(names) - len(differing)} of {len(names)} tensors identical", stage="weights"))
     report.checks += differing
-    config_changes = config_differences(json.loads((first / "config.json").read_text()),
-                                        json.loads((second / "config.json").read_text()))
+    config_changes = config_differences(read_json(folder_file(first, CONFIG_FILE)),
+                                        read_json(folder_file(second, CONFIG_FILE)))
     report.checks.append(Check("config", "fail" if config_changes else "pass",
                                "; ".join(config_changes) or "config.json identical", "config.json", "config"))
     paths = [folder / GOLDENS_FILE for folder in (first, second)]

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -52,3 +56,25 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
         [str(Path(sys.executable).parent / "canary-convert"), *args],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=600,
     )
+
+
+def run_cli_measured(*args: str, env: dict[str, str] | None = None, timeout: float = 300
+                     ) -> tuple[subprocess.CompletedProcess[str], float, int]:
+    """`run_cli`, with the command's wall time in seconds and its peak resident memory in MiB (the kernel's
+    own count for that one process, from wait4), to bound what a hostile input costs."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        started = time.monotonic()
+        command = [str(Path(sys.executable).parent / "canary-convert"), *args]
+        process = subprocess.Popen(command, stdout=out, stderr=err, env=env, cwd=REPO)
+        timer = threading.Timer(timeout, process.kill)
+        timer.start()
+        try:
+            _, status, usage = os.wait4(process.pid, 0)
+        finally:
+            timer.cancel()
+        seconds = time.monotonic() - started
+        process.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        result = subprocess.CompletedProcess(command, process.returncode, out.read().decode(), err.read().decode())
+    return result, seconds, usage.ru_maxrss // 1024

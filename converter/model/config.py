@@ -7,11 +7,13 @@ preset (configs/*.yaml) derives every value from the checkpoint, nothing about s
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, get_type_hints
+
+from ..errors import ModelFolderError
+from ..untrusted import read_json
 
 T = TypeVar("T")
 
@@ -186,7 +188,10 @@ class ModelConfig:
 
     @classmethod
     def from_file(cls, path: Path) -> ModelConfig:
-        return cls.from_dict(json.loads(path.read_text()))
+        data = read_json(path)  # bounded: the folder may come from anywhere
+        if not isinstance(data, dict):
+            raise ModelFolderError(f"{path}: not a JSON object")
+        return cls.from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

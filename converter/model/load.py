@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Collection
 from pathlib import Path
 from typing import TypeVar
@@ -16,7 +15,8 @@ from .config import ModelConfig
 from .cpu.mapped import MappedTensor, map_safetensors
 from .quantized import quantize_modules
 from .cpu.widened import widen_products
-from .tokenizer import load_tokenizer
+from .tokenizer import load_tokenizer, tokenizer_files
+from ..untrusted import folder_file, read_json
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -25,19 +25,34 @@ INDEX_FILE = "model.safetensors.index.json"
 Stored = TypeVar("Stored", mx.array, MappedTensor)
 
 
+def _sharded(folder: Path) -> bool:
+    return (folder / INDEX_FILE).exists() or (folder / INDEX_FILE).is_symlink()
+
+
 def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of an MLX folder, from its index when sharded (mlx-lm's layout)."""
+    """The safetensors files of an MLX folder, from its index when sharded (mlx-lm's layout); each a regular
+    file inside the folder (untrusted.py: an index may name any path)."""
     index = folder / INDEX_FILE
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [folder / name for name in names]
-    return [folder / SINGLE_FILE]
+    if not _sharded(folder):
+        return [folder_file(folder, SINGLE_FILE)]
+    data = read_json(folder_file(folder, INDEX_FILE))
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ModelFolderError(f"{index}: `weight_map` is not an object of tensor names to file names")
+    return [folder_file(folder, name, INDEX_FILE) for name in sorted(set(weight_map.values()))]
 
 
 def tensor_files(folder: Path, config: ModelConfig) -> list[Path]:
     """Every file of tensors the bundled model reads: the weight files, and another layout's side files."""
     side = config.layout.side_files if config.layout is not None else []
-    return weight_files(folder) + [folder / name for name in side]
+    return weight_files(folder) + [folder_file(folder, name, f"{CONFIG_FILE} layout.side_files") for name in side]
+
+
+def files_read(folder: Path, config: ModelConfig) -> list[Path]:
+    """Every file of the folder `load_model` reads: what verify must find in the manifest."""
+    index = [folder / INDEX_FILE] if _sharded(folder) else []
+    tokenizer = [folder_file(folder, name, f"{CONFIG_FILE} tokenizer") for name in tokenizer_files(config.tokenizer)]
+    return [folder / CONFIG_FILE, *index, *tensor_files(folder, config), *tokenizer]
 
 
 def _under_model_names(config: ModelConfig, tensors: dict[str, Stored]) -> dict[str, Stored]:
@@ -82,13 +97,16 @@ def load_model(path: str | Path) -> CanaryModel:
     """Build the model from `config.json` and load its weights with strict checking, in inference mode."""
     folder = Path(path)
     try:
-        config = ModelConfig.from_file(folder / CONFIG_FILE)
+        config = ModelConfig.from_file(folder_file(folder, CONFIG_FILE))
         model = CanaryModel(config, load_tokenizer(folder, config.tokenizer))
         weights = read_tensors(folder, config)
         if config.quantization is not None:
             quantize_modules(model, config.quantization, weights.keys())
         model.load_weights(list(weights.items()), strict=True)
         widen_products(model)
+    except ModelFolderError as exc:  # names the file at fault already, after the folder
+        raise ModelFolderError(f"{folder}: not a loadable canary-convert MLX folder: "
+                               f"{str(exc).removeprefix(f'{folder}: ')}") from None
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise ModelFolderError(f"{folder}: not a loadable canary-convert MLX folder: {exc}") from None
     model.eval()

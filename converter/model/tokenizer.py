@@ -20,6 +20,7 @@ import sentencepiece as spm
 from canary_convert.errors import UsageError
 
 from .config import TokenizerConfig
+from ..untrusted import folder_file
 
 # Token names NeMo's canary_tokenizer.py gives Canary's special roles.
 EOS = "<|endoftext|>"
@@ -238,15 +239,24 @@ class BPETokenizer(Tokenizer):
         return self._model.decode_ids(ids)
 
 
-def load_tokenizer(folder: Path, config: TokenizerConfig) -> Tokenizer:
-    """The tokenizer of a converted MLX folder, as `config.json`'s `tokenizer` section describes it."""
-    folder = Path(folder)
+def tokenizer_files(config: TokenizerConfig) -> list[str]:
+    """The folder-relative files of the tokenizer `config.json`'s `tokenizer` section names."""
     if config.type == "aggregate":
-        if not config.langs:
+        if not config.langs or not isinstance(config.langs, Mapping):
             raise ValueError("an aggregate tokenizer config lists no `langs`")
-        return AggregateTokenizer({lang: _load_piece_model(folder / path) for lang, path in config.langs.items()})
+        return list(config.langs.values())
     if config.type == "bpe":
         if not config.model:
             raise ValueError("a bpe tokenizer config names no `model`")
-        return BPETokenizer(_load_piece_model(folder / config.model))
+        return [config.model]
     raise ValueError(f"unknown tokenizer type {config.type!r} (expected aggregate or bpe)")
+
+
+def load_tokenizer(folder: Path, config: TokenizerConfig) -> Tokenizer:
+    """The tokenizer of a converted MLX folder, as `config.json`'s `tokenizer` section describes it; each
+    file a regular file inside the folder (untrusted.py)."""
+    folder = Path(folder)
+    models = [_load_piece_model(folder_file(folder, name, "config.json tokenizer")) for name in tokenizer_files(config)]
+    if config.type == "aggregate":
+        return AggregateTokenizer(dict(zip(config.langs, models)))
+    return BPETokenizer(models[0])
