@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .checkpoint_zip import map_checkpoint
-from .errors import ArchiveError, UnsafeArchiveError, one_line
+from .errors import DISK_REFUSED, ArchiveError, OutputError, UnsafeArchiveError, one_line
 
 # gzip, bzip2 and xz magic numbers: tarfile opens all three (NeMo's old checkpoints are tar.gz).
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
@@ -164,7 +164,13 @@ class NemoArchive:
         else:
             with tempfile.TemporaryDirectory(prefix="canary-convert-") as scratch:
                 weights_path = Path(scratch) / WEIGHTS_MEMBER
-                self.copy_member(WEIGHTS_MEMBER, weights_path, on_bytes)
+                try:
+                    self.copy_member(WEIGHTS_MEMBER, weights_path, on_bytes)
+                except OSError as exc:
+                    if exc.errno not in DISK_REFUSED:
+                        raise
+                    raise OutputError(f"{scratch}: the disk refused a write while decompressing {label} "
+                                      f"({exc.strerror}); set TMPDIR to a folder with room") from None
                 yield map_checkpoint(weights_path, 0, self.members[WEIGHTS_MEMBER], label)
 
     def close(self) -> None:

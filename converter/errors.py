@@ -6,10 +6,16 @@ fault, so the CLI renders them all the same way.
 
 from __future__ import annotations
 
+import errno
+
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_VALIDATION = 3
+
+
+# A write's failures that are the disk's doing, not the input's: no space, over quota, file too large, read-only.
+DISK_REFUSED = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 
 
 def one_line(exc: BaseException) -> str:

@@ -1,14 +1,18 @@
 """Write the MLX folder: safetensors shards streamed tensor by tensor, JSON files, atomic publication.
 
 Everything goes into a hidden sibling of OUT that is renamed into place only when complete and
-validated, so an interrupted or failed run leaves no OUT behind.
+validated, so an interrupted or failed run leaves no OUT behind. A lock beside OUT (`.OUT.lock`, held with
+flock, which dies with its process) lets one conversion at a time write OUT; the run that holds it removes
+the hidden siblings of runs that were killed before they could clean up.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
+import re
 import shutil
 import struct
 import uuid
@@ -22,7 +26,7 @@ import mlx.core as mx
 import numpy as np
 import torch
 
-from .errors import OutputError
+from .errors import DISK_REFUSED, OutputError
 from .manifest import FileRecord, HashingWriter
 from .model.load import INDEX_FILE, SINGLE_FILE
 from .quantize import QuantizationPlan, module_path, part_dtypes, part_shapes, quantize_tensor
@@ -207,25 +211,79 @@ def write_json(path: Path, data: Any) -> None:
 
 
 @contextmanager
+def _output_lock(out: Path) -> Iterator[None]:
+    """Hold `.OUT.lock` beside OUT: a second conversion into the same OUT fails at once instead of replacing
+    the first one's output. The lock is released by the kernel when its process dies, however it dies."""
+    lock = out.parent / f".{out.name}.lock"
+    while True:
+        try:
+            descriptor = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise OutputError(f"{out}: cannot create its lock file {lock.name}: {exc.strerror}") from None
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(descriptor)
+            raise OutputError(f"{out}: another canary-convert (pid {holder}) is writing it; wait for it to finish "
+                              f"or choose another OUT") from None
+        # The run that held the lock removes the file as it lets go: ours must still be the one at that path.
+        try:
+            if os.stat(lock).st_ino == os.fstat(descriptor).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(descriptor)
+    try:
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(descriptor)
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove what killed runs into OUT left beside it (`.OUT.partial-*` being written, `.OUT.old-*` being
+    replaced); only called with OUT's lock held, so no live run owns them."""
+    stale = re.compile(rf"\.{re.escape(out.name)}\.(partial|old)-[0-9a-f]{{8}}")
+    for sibling in out.parent.iterdir():
+        if stale.fullmatch(sibling.name) and sibling.is_dir() and not sibling.is_symlink():
+            shutil.rmtree(sibling, ignore_errors=True)
+
+
+@contextmanager
 def staged_output(out: Path, force: bool) -> Iterator[Path]:
-    """Yield a hidden sibling folder to write into; on success it becomes OUT, on any failure it vanishes."""
+    """Yield a hidden sibling folder to write into; on success it becomes OUT, on any failure it vanishes.
+
+    A disk that refuses a write (full, over quota, read-only) is an OutputError naming OUT."""
     out = out.absolute()
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise OutputError(f"{out}: exists and is not empty; pass --force to replace it")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-        staging.mkdir()
     except OSError as exc:
-        raise OutputError(f"{out}: cannot create the output folder: {exc}") from None
-    try:
-        yield staging
-        _publish(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        raise OutputError(f"{out}: cannot create the output folder: {exc.strerror}") from None
+    with _output_lock(out):
+        if out.is_dir() and any(out.iterdir()) and not force:
+            raise OutputError(f"{out}: exists and is not empty; pass --force to replace it")
+        _remove_stale(out)
+        try:
+            staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+            staging.mkdir()
+        except OSError as exc:
+            raise OutputError(f"{out}: cannot create the output folder: {exc.strerror}") from None
+        try:
+            yield staging
+            _publish(staging, out)
+        except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            if exc.errno not in DISK_REFUSED:
+                raise
+            raise OutputError(f"{out}: the disk refused a write ({exc.strerror}); nothing was left behind") from None
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
 
 def _publish(staging: Path, out: Path) -> None:
