@@ -193,10 +193,18 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
-convert_app = typer.Typer(add_completion=False, help="Convert a NeMo Canary checkpoint to an MLX folder.")
+# Plain click help: typer's rich panels show every flag as `<bool>`; click shows `--force`, `--pnc / --no-pnc`.
+_HELP_STYLE: dict[str, Any] = {"add_completion": False, "rich_markup_mode": None}
+# `canary-convert SOURCE OUT` is the default command, so its --help lists the others (SUBCOMMANDS).
+_SUBCOMMAND_HELP = {"verify": "Check a converted folder from the folder alone, or compare two.",
+                    "upload": "Publish a converted MLX folder to the Hugging Face Hub."}
+_OTHER_COMMANDS = "\b\nOther commands (each with --help):\n" + "\n".join(
+    f"  canary-convert {name:<8}{text}" for name, text in _SUBCOMMAND_HELP.items())
+
+convert_app = typer.Typer(help="Convert a NeMo Canary checkpoint to an MLX folder.", **_HELP_STYLE)
 
 
-@convert_app.command()
+@convert_app.command(epilog=_OTHER_COMMANDS)
 def convert_command(
     source: Annotated[str, typer.Argument(help="Hugging Face repo id (nvidia/canary-1b), a .nemo file, or an extracted folder.")],
     out: Annotated[Optional[Path], typer.Argument(help="Output folder (created atomically).")] = None,
@@ -305,7 +313,7 @@ def _print_parity(report: ParityReport) -> None:
     Console(width=max(Console().width, 80)).print(table)
 
 
-transcribe_app = typer.Typer(add_completion=False, help="Transcribe or translate audio with a converted MLX folder.")
+transcribe_app = typer.Typer(help="Transcribe or translate audio with a converted MLX folder.", **_HELP_STYLE)
 
 
 class _ChunkProgress:
@@ -390,7 +398,7 @@ def transcribe_command(
     _write_outputs(results, fmt, output_dir)
 
 
-verify_app = typer.Typer(add_completion=False, help="Check a converted folder from the folder alone, or compare two.")
+verify_app = typer.Typer(help=_SUBCOMMAND_HELP["verify"], **_HELP_STYLE)
 
 _STATUS_STYLE = {"pass": "[green]pass[/green]", "fail": "[bold red]FAIL[/bold red]", "error": "[bold red]ERROR[/bold red]",
                  "advisory": "[yellow]advisory[/yellow]", "skipped": "[dim]skipped[/dim]"}
@@ -447,7 +455,7 @@ def verify_command(
     raise typer.Exit(report.exit_code)
 
 
-upload_app = typer.Typer(add_completion=False, help="Publish a converted MLX folder to the Hugging Face Hub.")
+upload_app = typer.Typer(help=_SUBCOMMAND_HELP["upload"], **_HELP_STYLE)
 
 
 @upload_app.command()

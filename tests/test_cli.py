@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -151,3 +152,19 @@ def test_sigterm_mid_conversion_leaves_nothing(tmp_path: Path) -> None:
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=120) == 128 + signal.SIGTERM
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.nemo"]
+
+
+def test_help_lists_every_command_with_plain_flags() -> None:
+    """A newcomer's `--help`: every command named, flags as `--force` and `--pnc / --no-pnc`, never `<bool>`."""
+    main = run_cli("--help")
+    assert main.returncode == 0
+    assert "canary-convert verify " in main.stdout and "canary-convert upload " in main.stdout
+    assert "  --force " in main.stdout and "  --parity " in main.stdout
+    for command in ("verify", "upload"):
+        result = run_cli(command, "--help")
+        assert result.returncode == 0 and f"Usage: canary-convert {command}" in result.stdout
+        assert "<bool>" not in result.stdout
+    transcribe = subprocess.run([str(Path(sys.executable).parent / "canary-transcribe"),
+                                 "--help"], capture_output=True, text=True, timeout=120)
+    assert transcribe.returncode == 0 and "--pnc / --no-pnc" in transcribe.stdout
+    assert all("<bool>" not in text for text in (main.stdout, transcribe.stdout))
