@@ -13,7 +13,14 @@ piece of the package, `_gemv_forward` (native/gemv_forward.c), is loaded into th
 `cblas_sgemm` is the one MLX binds to, and it sends matrix-vector products to OpenBLAS's sgemv and the
 rest to OpenBLAS's sgemm.
 
-`CANARY_CONVERT_BLAS=reference` keeps MLX's bundled BLAS; `CANARY_CONVERT_BLAS=/path/to/libopenblas.so`
+MLX imported first (`import mlx.core` before `import canary_convert`, as mlx-lm users write) keeps the
+reference BLAS for good: rebinding `libmlx.so`'s resolved `cblas_sgemm` would mean patching its relocated,
+read-only symbol table at run time, which we do not do. Instead the first model loaded warns
+(`SlowBlasWarning`, once) and says what helps: import canary_convert first, or start Python with
+`LD_PRELOAD=libopenblas.so.0`, which puts OpenBLAS in the global scope before MLX binds (then MLX uses it,
+without the sgemv forwarding, and nothing is said).
+
+`CANARY_CONVERT_BLAS=reference` keeps MLX's bundled BLAS (and silences the warning); `CANARY_CONVERT_BLAS=/path/to/libopenblas.so`
 picks a library. By default the system's `libopenblas.so.0` is used (Debian and Ubuntu:
 `libopenblas0-pthread`, which `make install` installs).
 """
@@ -23,8 +30,10 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 
+from .errors import SlowBlasWarning
 from .extensions import extension_path
 
 ENV_VAR = "CANARY_CONVERT_BLAS"
@@ -32,6 +41,7 @@ OPT_OUT = "reference"
 # The soname every OpenBLAS build carries; Debian's alternatives point it at the pthread variant.
 DEFAULT_LIBRARY = "libopenblas.so.0"
 REFERENCE = "reference BLAS bundled with mlx"
+TOO_LATE = "mlx was imported before canary_convert"
 
 
 @dataclass(frozen=True)
@@ -98,15 +108,47 @@ def _openblas_info(library: ctypes.CDLL, path: str, gemv_forward: str) -> BlasIn
     return BlasInfo(name=config, library=path, threads=library.openblas_get_num_threads(), gemv_forward=gemv_forward)
 
 
-def _loaded_path(library: ctypes.CDLL) -> str:
-    """The file a handle was loaded from (dlopen by soname resolves through the linker's cache)."""
-    address = ctypes.cast(library.openblas_get_config, ctypes.c_void_p).value
+def _loaded_path(function: ctypes._CFuncPtr, fallback: str) -> str:
+    """The file a function was loaded from (dlopen by soname resolves through the linker's cache)."""
+    address = ctypes.cast(function, ctypes.c_void_p).value
     for line in open("/proc/self/maps", encoding="utf-8", errors="replace"):
         fields = line.split()
         low, high = (int(part, 16) for part in fields[0].split("-"))
         if low <= (address or 0) < high and len(fields) >= 6:
             return fields[5]
-    return library._name
+    return fallback
+
+
+def _bound_before_us() -> BlasInfo:
+    """What MLX bound when it was loaded before us: a BLAS already in the global scope then (LD_PRELOAD, or
+    loaded RTLD_GLOBAL by an earlier import) comes before MLX's own, else MLX has its bundled reference BLAS."""
+    try:
+        sgemm = ctypes.CDLL(None).cblas_sgemm  # dlopen(NULL): the global scope, in load order
+    except AttributeError:
+        return BlasInfo(name=REFERENCE, reason=TOO_LATE)
+    path = _loaded_path(sgemm, "cblas_sgemm's library")
+    try:
+        return _openblas_info(ctypes.CDLL(path), path, f"{TOO_LATE}; the BLAS was in the global scope before it")
+    except (AttributeError, OSError):
+        return BlasInfo(name=os.path.basename(path), library=path, gemv_forward=TOO_LATE)
+
+
+_warned = False
+
+
+def warn_if_slow(stacklevel: int = 3) -> None:
+    """Warn once per process, when a model is about to run on MLX's reference BLAS by accident, what to do."""
+    global _warned
+    from . import BLAS
+
+    if _warned or BLAS.name != REFERENCE or BLAS.reason == f"{ENV_VAR}={OPT_OUT}":
+        return
+    _warned = True
+    warnings.warn(SlowBlasWarning(
+        f"MLX multiplies with its reference BLAS in this process ({BLAS.reason}): a Conformer encoder runs about "
+        f"20 times slower. Import canary_convert before mlx, or start Python with LD_PRELOAD={DEFAULT_LIBRARY} "
+        f"(e.g. `LD_PRELOAD={DEFAULT_LIBRARY} python script.py`); {ENV_VAR}={OPT_OUT} keeps it and silences this."),
+        stacklevel=stacklevel)
 
 
 def preload() -> BlasInfo:
@@ -117,7 +159,7 @@ def preload() -> BlasInfo:
     if choice == OPT_OUT:
         return BlasInfo(name=REFERENCE, reason=f"{ENV_VAR}={OPT_OUT}")
     if "mlx.core" in sys.modules:
-        return BlasInfo(name=REFERENCE, reason="mlx was imported before canary_convert; import canary_convert first")
+        return _bound_before_us()
     wanted = choice or DEFAULT_LIBRARY
     try:
         library = ctypes.CDLL(wanted, mode=ctypes.RTLD_LOCAL)
@@ -128,7 +170,7 @@ def preload() -> BlasInfo:
     gemv_forward = _forward_ahead_of(library)
     library = ctypes.CDLL(wanted, mode=ctypes.RTLD_GLOBAL)
     try:
-        return _openblas_info(library, _loaded_path(library), gemv_forward)
+        return _openblas_info(library, _loaded_path(library.openblas_get_config, library._name), gemv_forward)
     except AttributeError:
         # Another BLAS given by path: it is loaded and MLX will bind to it, but it cannot describe itself.
         return BlasInfo(name=os.path.basename(wanted), library=wanted, gemv_forward=gemv_forward)

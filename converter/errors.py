@@ -93,3 +93,8 @@ class UploadRefusedError(UploadError):
 class TranscriptWarning(UserWarning):
     """A transcript is known to be incomplete or altered (cut by the length budget, longer than the model's
     window, ids outside the tokenizer); the same facts are flags on the `Transcript`."""
+
+
+class SlowBlasWarning(UserWarning):
+    """MLX's CPU backend multiplies with its reference BLAS in this process by accident (mlx imported before
+    canary_convert, or no OpenBLAS), some 20 times slower; the message says how to get OpenBLAS."""

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from canary_convert.convert import ConvertOptions, convert
 from conftest import run_cli
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the BLAS swap concerns MLX's Linux wheel only")
@@ -90,3 +91,32 @@ def test_version_names_the_blas() -> None:
     result = run_cli("--version")
     assert result.returncode == 0, result.stderr
     assert re.search(r"^blas: OpenBLAS \d+\.\d+\.\d+ .*, \d+ thread\(s\), vector products by sgemv, /", result.stdout, re.MULTILINE), result.stdout
+
+
+@pytest.fixture(scope="module")
+def converted(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return convert(str(checkpoint), tmp_path_factory.mktemp("blas") / "mlx", ConvertOptions()).out
+
+
+@pytest.mark.parametrize(("imports", "env", "warns"), [
+    ("import mlx.core, canary_convert", {}, True),  # mlx-lm's order: the reference BLAS, said once
+    ("import canary_convert, mlx.core", {}, False),
+    ("import mlx.core, canary_convert", {"CANARY_CONVERT_BLAS": "reference"}, False),  # asked for
+    ("import mlx.core, canary_convert", {"LD_PRELOAD": "libopenblas.so.0"}, False),  # the advice, taken
+], ids=["mlx-first", "canary-convert-first", "opted-out", "ld-preload"])
+def test_a_model_on_the_reference_blas_by_accident_warns_once(converted: Path, imports: str, env: dict[str, str],
+                                                             warns: bool) -> None:
+    code = (f"{imports}; from canary_convert import load_model; "
+            f"load_model({str(converted)!r}); load_model({str(converted)!r}); print(canary_convert.BLAS.describe())")
+    bound, described = _bound_blas(code, **env)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, **env})
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("SlowBlasWarning") == (1 if warns else 0), result.stderr
+    if warns:
+        assert "mlx was imported before canary_convert" in result.stderr
+        assert "Import canary_convert before mlx, or start Python with LD_PRELOAD=libopenblas.so.0" in result.stderr
+        assert bound.parent.name == "mlx_cpu.libs"
+    if "LD_PRELOAD" in env:  # MLX bound to OpenBLAS itself, and says so
+        assert "openblas" in bound.name and described.startswith("OpenBLAS")
+        assert "no sgemv forwarding: mlx was imported before canary_convert" in described

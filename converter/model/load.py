@@ -10,6 +10,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .aed.canary import CanaryModel
+from ..blas import warn_if_slow
 from ..errors import ModelFolderError
 from .config import ModelConfig
 from .cpu.mapped import MappedTensor, map_safetensors
@@ -110,4 +111,5 @@ def load_model(path: str | Path) -> CanaryModel:
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise ModelFolderError(f"{folder}: not a loadable canary-convert MLX folder: {exc}") from None
     model.eval()
+    warn_if_slow()
     return model
