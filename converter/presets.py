@@ -15,8 +15,8 @@ import torch
 import yaml
 
 from .archive import Artifact
-from .errors import RulesFileError, UnsupportedModelError, UsageError
-from .model.config import ModelConfig
+from .errors import CanaryConvertError, RulesFileError, UnsupportedModelError, UsageError
+from .model.config import ConfigValueError, ModelConfig
 
 _MISSING = object()
 _ARTIFACT_ID = re.compile(r"^[0-9a-f]{32}_")  # NeMo prefixes each artifact with a uuid4 hex
@@ -252,6 +252,22 @@ def _tokenizer_layout(nemo_config: Mapping[str, Any], artifacts: list[Artifact],
     return {"type": "bpe", "model": model}, files
 
 
+def _bad_value(preset: Preset, layout: Layout | None, exc: ConfigValueError) -> CanaryConvertError:
+    """A derived value config.json cannot hold, blamed on where it came from: the NeMo config key, the
+    tensor whose shape gave it, or (a constant) the preset itself."""
+    for table in ([layout.config] if layout is not None else []) + [preset.config]:
+        leaf: Any = table
+        for part in exc.path.split("."):
+            leaf = leaf.get(part) if isinstance(leaf, dict) else None
+        if isinstance(leaf, dict) and "from" in leaf:
+            return UnsupportedModelError(f"model_config.yaml: {leaf['from']}: {exc.problem} (config.json "
+                                         f"{exc.path})")
+        if isinstance(leaf, dict) and "shape_of" in leaf:
+            return UnsupportedModelError(f"tensor {leaf['shape_of']}: its shape gives config.json {exc.path}: "
+                                         f"{exc.problem}")
+    return RulesFileError(f"{preset.file}: the derived config does not fit config.json: {exc}")
+
+
 def derive_config(
     preset: Preset, nemo_config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], artifacts: list[Artifact],
     layout: Layout | None = None,
@@ -269,6 +285,8 @@ def derive_config(
     try:
         # Entries the layout sets in our own sections must still be valid for the bundled model.
         config = ModelConfig.from_dict(_deep_merge(values, {k: v for k, v in foreign.items() if k in values}))
+    except ConfigValueError as exc:
+        raise _bad_value(preset, layout, exc) from None
     except ValueError as exc:
         raise RulesFileError(f"{preset.file}: the derived config does not fit config.json: {exc}") from None
     return Derived(preset=preset, config=config, tokenizer_files=files, layout=layout, foreign=foreign)

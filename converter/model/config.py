@@ -10,16 +10,71 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, get_type_hints
+from types import UnionType
+from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from ..errors import ModelFolderError
 from ..untrusted import read_json
 
 T = TypeVar("T")
 
+# Limits on config numbers, checked before any model is built (README "Security model"): far above every
+# NeMo model (canary-1b's widths are 1024 and 4096, its layers 24 and 32), far below what would make building
+# or running the model exhaust memory. No number anywhere in the config may exceed MAX_CONFIG_INT.
+MAX_CONFIG_INT = 1 << 20
+MAX_WIDTH = 1 << 16  # a feature, model or feed-forward width, a head count, a window in samples
+MAX_LAYERS = 1024
+MAX_BEAM = 256
+
+
+class ConfigValueError(ValueError):
+    """A config value the bundled model cannot be built with; `path` is its dotted place in config.json."""
+
+    def __init__(self, path: str, problem: str):
+        super().__init__(f"{path}: {problem}")
+        self.path, self.problem = path, problem
+
+    def under(self, parent: str) -> ConfigValueError:
+        return ConfigValueError(f"{parent}.{self.path}", self.problem)
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a JSON value has the type a field's hint names (a bool is not a number, 128.0 not an int)."""
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if args := (get_args(hint) if get_origin(hint) in (Union, UnionType) else ()):
+        return any(_fits(value, arg) for arg in args)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_CONFIG_INT
+    if hint is float:
+        return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                and abs(value) <= MAX_CONFIG_INT)
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, dict)
+    return isinstance(value, get_origin(hint) or hint)
+
+
+def _describe(hint: Any) -> str:
+    names = {int: f"a whole number within +-{MAX_CONFIG_INT}", float: f"a finite number within +-{MAX_CONFIG_INT}",
+             bool: "true or false", str: "a string", type(None): "null", dict: "an object", list: "a list"}
+    args = get_args(hint) if get_origin(hint) in (Union, UnionType) else (hint,)
+    return " or ".join(names.get(get_origin(arg) or arg, "an object") for arg in args)
+
+
+def check_range(config: Any, name: str, low: int, high: int) -> None:
+    """Refuse a field outside [low, high] by name (for a dataclass's `__post_init__`)."""
+    value = getattr(config, name)
+    if value is not None and not low <= value <= high:
+        raise ConfigValueError(name, f"{value!r} is outside {low}..{high}")
+
 
 def _from_dict(cls: type[T], data: dict[str, Any]) -> T:
-    """Build a (nested) dataclass from a dict, refusing unknown and missing fields by name."""
+    """Build a (nested) dataclass from a dict, refusing unknown and missing fields by name, and values of the
+    wrong type or out of range by their dotted path (ConfigValueError)."""
     known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     hints = get_type_hints(cls)
     unknown = sorted(set(data) - set(known))
@@ -28,9 +83,14 @@ def _from_dict(cls: type[T], data: dict[str, Any]) -> T:
     values: dict[str, Any] = {}
     for name in known & set(data):
         value, hint = data[name], hints[name]
+        if not _fits(value, hint):
+            raise ConfigValueError(name, f"{value!r} is not {_describe(hint)}")
         # An optional section (`X | None`) is built as X when present.
         kind = next((arg for arg in getattr(hint, "__args__", ()) if dataclasses.is_dataclass(arg)), hint)
-        values[name] = _from_dict(kind, value) if dataclasses.is_dataclass(kind) and value is not None else value
+        try:
+            values[name] = _from_dict(kind, value) if dataclasses.is_dataclass(kind) and value is not None else value
+        except ConfigValueError as exc:
+            raise exc.under(name) from None
     try:
         return cls(**values)
     except TypeError as exc:
@@ -58,6 +118,17 @@ class PreprocessorConfig:
     pad_to: int
     pad_value: float
     exact_pad: bool
+
+    def __post_init__(self) -> None:
+        check_range(self, "sample_rate", 1, MAX_CONFIG_INT)
+        check_range(self, "features", 1, MAX_WIDTH)
+        for name in ("n_fft", "n_window_size", "n_window_stride"):
+            check_range(self, name, 1, MAX_WIDTH)
+        for name, samples in (("window_size", self.win_length), ("window_stride", self.hop_length)):
+            if not 1 <= samples <= MAX_WIDTH:
+                raise ConfigValueError(name, f"{getattr(self, name)!r} s at {self.sample_rate} Hz is {samples} "
+                                             f"samples, outside 1..{MAX_WIDTH}")
+        check_range(self, "pad_to", 0, MAX_WIDTH)
 
     @property
     def win_length(self) -> int:
@@ -95,6 +166,18 @@ class EncoderConfig:
     pos_emb_max_len: int
     use_bias: bool
 
+    def __post_init__(self) -> None:
+        for name in ("feat_in", "d_model", "n_heads", "ff_expansion_factor", "conv_kernel_size"):
+            check_range(self, name, 1, MAX_WIDTH)
+        check_range(self, "n_layers", 1, MAX_LAYERS)
+        check_range(self, "subsampling_factor", 1, MAX_WIDTH)
+        check_range(self, "subsampling_conv_channels", -1, MAX_WIDTH)
+        check_range(self, "pos_emb_max_len", 1, MAX_CONFIG_INT)
+        if self.subsampling_conv_channels == 0:
+            raise ConfigValueError("subsampling_conv_channels", "0 is neither -1 (d_model) nor a width")
+        if self.d_model % self.n_heads:
+            raise ConfigValueError("n_heads", f"{self.n_heads} does not divide d_model {self.d_model}")
+
     @property
     def conv_channels(self) -> int:
         # NeMo: subsampling_conv_channels == -1 means "use d_model"
@@ -114,6 +197,16 @@ class DecoderConfig:
     hidden_act: str
     pre_ln: bool
     pre_ln_final_layer_norm: bool
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "inner_size", "num_attention_heads"):
+            check_range(self, name, 1, MAX_WIDTH)
+        check_range(self, "num_layers", 1, MAX_LAYERS)
+        check_range(self, "max_sequence_length", 1, MAX_CONFIG_INT)
+        check_range(self, "vocab_size", 1, MAX_CONFIG_INT)
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigValueError("num_attention_heads", f"{self.num_attention_heads} does not divide hidden_size "
+                                                          f"{self.hidden_size}")
 
 
 @dataclass(frozen=True)
@@ -138,6 +231,9 @@ class DecodingConfig:
     length_penalty: float
     max_generation_delta: int
     greedy_max_generation_delta: int
+
+    def __post_init__(self) -> None:
+        check_range(self, "beam_size", 1, MAX_BEAM)
 
 
 @dataclass(frozen=True)
@@ -183,7 +279,8 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """The config, leaving out the entries another library's layout added for that library."""
-        foreign = set((data.get("layout") or {}).get("foreign_keys", []))
+        layout = data.get("layout") or {}
+        foreign = set(layout.get("foreign_keys", [])) if isinstance(layout, dict) else set()
         return _from_dict(cls, {key: value for key, value in data.items() if key not in foreign})
 
     @classmethod
@@ -191,7 +288,10 @@ class ModelConfig:
         data = read_json(path)  # bounded: the folder may come from anywhere
         if not isinstance(data, dict):
             raise ModelFolderError(f"{path}: not a JSON object")
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except (ValueError, TypeError) as exc:  # TypeError: a foreign_keys entry that cannot be a key
+            raise ModelFolderError(f"{path}: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
