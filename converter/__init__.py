@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from os import PathLike
+from typing import TYPE_CHECKING
 
 from .blas import BlasInfo, preload
 
@@ -15,11 +16,16 @@ if TYPE_CHECKING:
     from .model.aed.canary import CanaryModel
 
 
-def load_model(path: Any) -> CanaryModel:
-    """Load a converted MLX folder into the bundled model (MLX only; torch is never imported)."""
-    from .model.load import load_model as _load
+def load_model(path_or_repo: str | PathLike[str], revision: str | None = None) -> CanaryModel:
+    """Load a converted MLX folder into the bundled model (MLX only; torch is never imported).
 
-    return _load(path)
+    `path_or_repo` is a local folder, else a Hub repo id (`mlx-community/...`, at `revision` when given),
+    fetched through huggingface_hub's cache and checked against the manifest in its `conversion.json`.
+    """
+    from .model.load import load_model as _load
+    from .source import resolve_folder
+
+    return _load(resolve_folder(path_or_repo, revision))
 
 
 __all__ = ["BLAS", "__version__", "load_model"]

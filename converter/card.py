@@ -137,23 +137,23 @@ def _parity(parity: ParityReport | None) -> list[str]:
 
 
 def _usage(facts: CardFacts) -> list[str]:
+    """How to run the model: by its repo id once published (fetched and checked against the manifest on first
+    use), else by its folder. `pip install canary-convert` is the runtime alone: MLX, no torch."""
     language = facts.languages[0] if facts.languages else "en"
-    folder = facts.repo_id.split("/", 1)[1] if facts.repo_id else facts.folder
-    lines = ["```sh", "pip install canary-convert"]
-    if facts.repo_id:
-        lines.append(f"hf download {facts.repo_id} --local-dir {folder}")
-    lines += [f"canary-transcribe speech.wav --model {folder} --source-lang {language}", "```", "", "```python",
-              "from canary_convert import load_model", "", f'model = load_model("{folder}")',
-              f'print(model.transcribe("speech.wav", source_lang="{language}")[0].text)', "```"]
+    target = facts.repo_id or facts.folder
+    lines = ["```sh", "pip install canary-convert",
+             f"canary-transcribe speech.wav --model {target} --source-lang {language}", "```", "", "```python",
+             "from canary_convert import load_model", "", f'model = load_model("{target}")',
+             f'print(model.transcribe("speech.wav", source_lang="{language}")[0].text)', "```"]
     if (facts.config.get("layout") or {}).get("name") == "mlx-audio":
         lines += ["", "The folder is in mlx-audio's layout too, so mlx-audio loads it as it is:", "", "```python",
                   "import mlx.core as mx", "from mlx_audio.stt import load", "",
-                  f'model = load("{folder}", strict=True)',
+                  f'model = load("{target}", strict=True)',
                   f'print(model.generate("speech.wav", source_lang="{language}", target_lang="{language}", '
                   'dtype=mx.float32).text)', "```", "",
                   "mlx-audio's command line passes the model only the options its `generate` names, so it drops "
                   "`--language` for Canary; give the languages with `--gen-kwargs`:", "", "```sh",
-                  f"mlx_audio.stt.generate --model {folder} --audio speech.wav --output-path speech "
+                  f"mlx_audio.stt.generate --model {target} --audio speech.wav --output-path speech "
                   f"--gen-kwargs '{{\"source_lang\": \"{language}\", \"target_lang\": \"{language}\"}}'", "```", "",
                   "mlx-audio computes its own mel features and prompt: they differ from NeMo's (see canary-convert's "
                   "README, \"Folders for mlx-audio\"), so its transcripts can differ from NeMo's where "

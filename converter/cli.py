@@ -177,7 +177,7 @@ def _print_plan(conversion: Conversion) -> None:
 
 
 def _fail(exc: CanaryConvertError) -> None:
-    console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
     raise typer.Exit(exc.exit_code)
 
 
@@ -356,7 +356,8 @@ def _write_outputs(results: list[Any], fmt: str, output_dir: Optional[Path]) -> 
 @transcribe_app.command()
 def transcribe_command(
     audio: Annotated[list[Path], typer.Argument(help="Audio files (WAV/FLAC; other formats need ffmpeg).")],
-    model: Annotated[Path, typer.Option("--model", "-m", help="A folder written by canary-convert.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="A folder written by canary-convert, or a Hub repo id (ORG/NAME).")],
+    revision: Annotated[Optional[str], typer.Option(help="Hub revision of --model: branch, tag or commit.")] = None,
     source_lang: Annotated[Optional[str], typer.Option(help="Spoken language (default: the checkpoint's prompt default, else its first language).")] = None,
     target_lang: Annotated[Optional[str], typer.Option(help="Output language (default: the spoken one given, else the checkpoint's default).")] = None,
     task: Annotated[Optional[str], typer.Option(help="transcribe or translate (or NeMo's asr, ast, s2t_translation); default: from the languages.")] = None,
@@ -372,8 +373,8 @@ def transcribe_command(
     output_dir: Annotated[Optional[Path], typer.Option(help="Write one file per input here instead of stdout.")] = None,
 ) -> None:
     """Print one transcript per audio file (prefixed by its path when there are several)."""
+    from . import load_model
     from .formats import FORMATS
-    from .model.load import load_model
 
     fmt = "json" if as_json else fmt
     try:
@@ -381,7 +382,7 @@ def transcribe_command(
             raise UsageError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
         if fmt in ("srt", "vtt") and len(audio) > 1 and output_dir is None:
             raise UsageError(f"--format {fmt} with several inputs needs --output-dir (one subtitle file each)")
-        loaded = load_model(model)
+        loaded = load_model(model, revision)
         with _chunk_bar() as bar, warnings.catch_warnings():
             # The warnings are printed below, once each, from the transcripts themselves.
             warnings.simplefilter("ignore", TranscriptWarning)

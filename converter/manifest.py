@@ -13,6 +13,7 @@ import queue
 import re
 import threading
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -130,23 +131,29 @@ def build_manifest(folder: Path, hashed: Mapping[str, FileRecord] | None = None)
     return manifest
 
 
-def manifest_problems(folder: Path, recorded: Mapping[str, FileRecord]) -> list[str]:
-    """What differs between the folder and its manifest: one line per missing, added, changed or unreadable
-    file (a link out of the folder, a device: untrusted.py's `folder_file`)."""
+def manifest_problems(folder: Path, recorded: Mapping[str, FileRecord], *, added: bool = True) -> list[str]:
+    """What differs between the folder and its manifest: one line per missing, added (unless `added` is False:
+    a Hub snapshot holds what was fetched, not the whole repo), changed or unreadable file (a link out of the
+    folder, a device: untrusted.py's `folder_file`). Files are hashed on parallel threads (hashlib lets go of
+    the GIL)."""
     present = set(folder_files(folder))
     problems = [f"{name}: missing (the manifest lists it)" for name in sorted(set(recorded) - present)]
-    problems += [f"{name}: not in the manifest (added after the conversion)" for name in sorted(present - set(recorded))]
+    if added:
+        problems += [f"{name}: not in the manifest (added after the conversion)"
+                     for name in sorted(present - set(recorded))]
+    same_size = []
     for name in sorted(present & set(recorded)):
         want = recorded[name]
         if problem := file_problem(folder, name):
             problems.append(f"{name}: {problem}")
-            continue
-        path = folder / name
-        size = path.stat().st_size
-        if size != want.size:
+        elif (size := (folder / name).stat().st_size) != want.size:
             problems.append(f"{name}: {size} bytes, the manifest says {want.size}")
-        elif hash_file(path).sha256 != want.sha256:
-            problems.append(f"{name}: sha256 differs from the manifest (same size, changed content)")
+        else:
+            same_size.append(name)
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        digests = pool.map(lambda name: hash_file(folder / name).sha256, same_size)
+        problems += [f"{name}: sha256 differs from the manifest (same size, changed content)"
+                     for name, digest in zip(same_size, digests) if digest != recorded[name].sha256]
     return problems
 
 

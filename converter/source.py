@@ -12,6 +12,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from os import PathLike
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,11 +32,13 @@ from huggingface_hub.errors import (
     HFValidationError,
     LocalEntryNotFoundError,
     OfflineModeIsEnabled,
+    RemoteEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
 
-from .errors import HubUnreachableError, SourceError
+from .errors import HubUnreachableError, ModelFolderError, SourceError, UsageError
+from .manifest import CONVERSION_FILE, manifest_problems, read_record, recorded_manifest
 
 CARD_NAME = "README.md"  # a Hub repo's model card
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -173,16 +176,51 @@ def source_card_licence(source: ResolvedSource) -> str | None:
     return str(licence) if licence else None
 
 
-def resolve_folder(target: str, revision: str | None = None, tqdm_class: Any = None) -> Path:
-    """A converted MLX folder: a local path as is, a Hub repo id through huggingface_hub's cache."""
+def resolve_folder(target: str | PathLike[str], revision: str | None = None, tqdm_class: Any = None) -> Path:
+    """A converted MLX folder: a local path as is; a Hub repo id through huggingface_hub's cache.
+
+    From the Hub, `conversion.json` comes first, then exactly the files its manifest lists (nothing else of the
+    repo), all at the commit that `conversion.json` came from; each is checked against the manifest's size and
+    sha256 before it is used, so a corrupted or tampered download is an error naming the file.
+    """
     path = Path(target).expanduser()
     if path.is_dir():
+        if revision is not None:
+            raise UsageError(f"{target}: a local folder has no revision (--revision {revision} is for a Hub repo id)")
         return path
+    target = str(target)
     if not _REPO_ID.match(target):
         raise SourceError(f"{target}: no such folder (and not a Hugging Face repo id like mlx-community/name)")
-    request = _HubRequest(target, revision, "the repo", "download the repo elsewhere and pass its folder")
-    with _hub_errors(request):
-        return Path(snapshot_download(target, revision=revision, tqdm_class=tqdm_class))
+    instead = "download the repo elsewhere and pass its folder"
+    with _hub_errors(_HubRequest(target, revision, "the repo", instead)):
+        try:
+            record_path = _hub_download(target, CONVERSION_FILE, revision, tqdm_class)
+        except RemoteEntryNotFoundError:
+            at = f"@{revision}" if revision else ""
+            raise ModelFolderError(f"{target}{at}: not a canary-convert folder (the repo has no {CONVERSION_FILE})") from None
+    snapshot = record_path.parent  # the cache keeps files at .../snapshots/<commit>/<filename>
+    commit = snapshot.name
+    where = f"{target}@{commit[:12]}"
+    try:  # the manifest's names are checked to stay inside the folder before anything else is fetched
+        manifest = recorded_manifest(snapshot, read_record(snapshot))
+    except ModelFolderError as exc:
+        raise ModelFolderError(str(exc).replace(str(snapshot), where, 1)) from None
+    with _hub_errors(_HubRequest(target, commit, "the model", instead)):
+        fetched = Path(snapshot_download(target, revision=commit, allow_patterns=[_exact(name) for name in manifest],
+                                         tqdm_class=tqdm_class))
+    if problems := manifest_problems(fetched, manifest, added=False):
+        name = problems[0].split(":", 1)[0]
+        if not (fetched / name).is_file():
+            raise HubUnreachableError(f"{where}: {name} is not in the local cache, and the Hub did not give it "
+                                      f"(unreachable, or the repo lacks a file its {CONVERSION_FILE} lists)")
+        raise ModelFolderError(f"{where}: {problems[0]}: the download is not the converted file; delete "
+                               f"{fetched / name} (a link into the Hugging Face cache) and its blob, and fetch it again")
+    return fetched
+
+
+def _exact(name: str) -> str:
+    """An fnmatch pattern (what snapshot_download's allow_patterns are) that matches `name` only."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 _SHA256_NAME = re.compile(r"^[0-9a-f]{64}$")

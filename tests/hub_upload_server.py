@@ -19,8 +19,17 @@ and `preupload_lfs_files` + `create_commit` over plain Git LFS (`HF_HUB_DISABLE_
   pointers): a regular file must match the size and first bytes its preupload announced, an LFS pointer must
   name a stored object of that size; then one new commit `{commitOid, commitUrl}`.
 
-Every Hub route but validate-yaml needs `Authorization: Bearer <token>` (`401` otherwise, as the Hub answers a
-bad token). `fail(route, status)` makes a route answer an error, after letting `skip` requests through.
+and the reads that huggingface_hub's `hf_hub_download` and `snapshot_download` send for what was uploaded:
+
+* `GET /api/models/{repo}/tree/{rev}` (`recursive`): every file of that commit, LFS ones with their `lfs` entry;
+* `HEAD`/`GET /{repo}/resolve/{rev}/{path}`: a regular file with its git ETag and `X-Repo-Commit`, an LFS file
+  as a `302` to `{storage}/blobs/{sha256}` with `X-Linked-Etag`/`X-Linked-Size` (hub_server.py explains these
+  headers); `404 EntryNotFound` for a path the commit lacks. `rev` is a branch or any commit of one.
+
+Writes and private repos need `Authorization: Bearer <token>` (`401` otherwise, as the Hub answers a bad token);
+public repos read without one. `fail(route, status)` makes a route answer an error, after letting `skip`
+requests through; `tamper(repo, path)` serves that file (from then on) with one byte flipped, as a corrupted
+or tampered download, while every header still describes the original.
 """
 
 from __future__ import annotations
@@ -55,8 +64,14 @@ _ROUTES: list[tuple[str, str, str, re.Pattern[str]]] = [
         ("lfs-batch", "hub", "POST", rf"^/{_REPO}\.git/info/lfs/objects/batch$"),
         ("lfs-verify", "hub", "POST", rf"^/{_REPO}\.git/info/lfs/objects/verify$"),
         ("storage-put", "storage", "PUT", r"^/upload/(?P<oid>[0-9a-f]{64})$"),
+        ("tree", "hub", "GET", rf"^/api/models/{_REPO}/tree/(?P<rev>[^/]+)$"),
+        ("resolve", "hub", "HEAD", rf"^/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)$"),
+        ("resolve", "hub", "GET", rf"^/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)$"),
+        ("storage-get", "storage", "GET", r"^/blobs/(?P<oid>[0-9a-f]{64})$"),
     ]
 ]
+# Routes that read a public repo without a token.
+_READS = {"repo-info", "tree", "resolve"}
 
 
 def is_lfs(path: str, size: int) -> bool:
@@ -103,6 +118,7 @@ class _UploadState(RequestLog):
     announced: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)  # (repo, path) -> preupload entry
     blobs: dict[str, bytes] = field(default_factory=dict)  # stored LFS objects by sha256
     failures: list[Failure] = field(default_factory=list)
+    tampered: set[str] = field(default_factory=set)  # sha256 of contents served with one byte flipped
     seen: dict[str, int] = field(default_factory=dict)  # requests per route
     hub_url: str = ""
     storage_url: str = ""
@@ -141,10 +157,33 @@ class _UploadHandler(_Handler):
             if failure.route == name and self.state.seen[name] > failure.skip:
                 status, headers, body = _error(failure.status, failure.code, failure.message)
                 return status, {**headers, **failure.headers}, body
-        if self.server_name_tag == "hub" and name != "validate-yaml":
-            if self.headers.get("Authorization") != f"Bearer {self.state.token}":
+        if self.server_name_tag == "hub" and name != "validate-yaml" and not self._authorized():
+            if "Authorization" in self.headers or name not in _READS:
                 return _error(401, "", "Invalid credentials in Authorization header")
         return getattr(self, "_" + name.replace("-", "_"))(**args)
+
+    def _authorized(self) -> bool:
+        return self.headers.get("Authorization") == f"Bearer {self.state.token}"
+
+    def _readable(self, repo: str, rev: str) -> Commit:
+        """The commit `rev` names (a branch's head, or any commit of a branch) in a repo the caller may read."""
+        found = self.state.repos.get(repo)
+        if found is None or (found.private and not self._authorized()):
+            raise _Refusal(401, "RepoNotFound", "Repository not found")
+        if rev in found.branches:
+            return found.head(rev)
+        for history in found.branches.values():
+            for commit in history:
+                if commit.oid == rev:
+                    return commit
+        raise _Refusal(404, "RevisionNotFound", f"Invalid rev id: {rev}")
+
+    def _served(self, content: bytes) -> bytes:
+        if hashlib.sha256(content).hexdigest() not in self.state.tampered:
+            return content
+        flipped = bytearray(content)
+        flipped[len(flipped) // 2] ^= 0x01
+        return bytes(flipped)
 
     def _payload(self) -> Any:
         return json.loads(self.body or b"{}")
@@ -162,12 +201,37 @@ class _UploadHandler(_Handler):
         return _json(200, {"url": f"{self.state.hub_url}/{repo_id}", "name": repo_id, "id": commit_id(repo_id)})
 
     def _repo_info(self, repo: str, rev: str = "main") -> tuple[int, dict[str, str], bytes]:
-        found = self.state.repos.get(repo)
-        if found is None:
-            return _error(401, "RepoNotFound", "Repository not found")
-        if rev not in found.branches:
-            return _error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
-        return _json(200, {"id": repo, "private": found.private, "sha": found.head(rev).oid})
+        commit = self._readable(repo, rev)
+        return _json(200, {"id": repo, "private": self.state.repos[repo].private, "sha": commit.oid})
+
+    def _tree(self, repo: str, rev: str) -> tuple[int, dict[str, str], bytes]:
+        commit = self._readable(repo, rev)
+        entries = []
+        for path, content in sorted(commit.files.items()):
+            entry: dict[str, Any] = {"type": "file", "oid": git_blob_sha1(content), "size": len(content), "path": path}
+            if path in commit.lfs:
+                entry["lfs"] = {"oid": hashlib.sha256(content).hexdigest(), "size": len(content), "pointerSize": 134}
+            entries.append(entry)
+        return _json(200, entries)
+
+    def _resolve(self, repo: str, rev: str, path: str) -> tuple[int, dict[str, str], bytes]:
+        commit = self._readable(repo, rev)
+        if path not in commit.files:
+            status, headers, body = _error(404, "EntryNotFound", f"{path} does not exist on \"{rev}\"")
+            return status, {**headers, "X-Repo-Commit": commit.oid}, body
+        content = commit.files[path]
+        if path in commit.lfs:
+            sha256 = hashlib.sha256(content).hexdigest()
+            return 302, {"Location": f"{self.state.storage_url}/blobs/{sha256}", "X-Repo-Commit": commit.oid,
+                         "X-Linked-Etag": f'"{sha256}"', "X-Linked-Size": str(len(content)),
+                         "ETag": f'"{git_blob_sha1(content)}"'}, b""
+        return 200, {"ETag": f'"{git_blob_sha1(content)}"', "X-Repo-Commit": commit.oid,
+                     "Content-Type": "application/octet-stream"}, self._served(content)
+
+    def _storage_get(self, oid: str) -> tuple[int, dict[str, str], bytes]:
+        if oid not in self.state.blobs:
+            return _error(404, "", "no such object")
+        return 200, {"Content-Type": "application/octet-stream"}, self._served(self.state.blobs[oid])
 
     def _branch(self, repo: str, rev: str) -> tuple[int, dict[str, str], bytes]:
         found = self._writable(repo)
@@ -341,6 +405,12 @@ class HubUploadServer:
         assert route in {name for name, *_ in _ROUTES}, route
         with self._state.lock:
             self._state.failures.append(Failure(route, status, code, message, skip, dict(headers or {})))
+
+    def tamper(self, repo_id: str, path: str) -> None:
+        """Serve `path` of the repo's main head with one byte flipped (its headers unchanged) from now on."""
+        with self._state.lock:
+            content = self._state.repos[repo_id].head().files[path]
+            self._state.tampered.add(hashlib.sha256(content).hexdigest())
 
     def recover(self) -> None:
         """Answer every route normally again."""

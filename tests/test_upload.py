@@ -11,14 +11,17 @@ import hashlib
 import json
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import soundfile
 
-from canary_convert import __version__
+from canary_convert import __version__, load_model
 from canary_convert.convert import ConvertOptions, convert
 from canary_convert.manifest import CONVERSION_FILE, FileRecord
+from canary_convert.parity import reference_signals
 from conftest import run_cli
 from hub_server import loopback_env
 from hub_upload_server import HubUploadServer, is_lfs
@@ -287,7 +290,17 @@ def test_convert_with_upload_repo(checkpoint: Path, hub: HubUploadServer, tmp_pa
     files = hub.repo(REPO_ID).head().files
     assert set(files) == {*manifest_of(tmp_path / "q8"), CONVERSION_FILE, ".gitattributes"}
     card = files["README.md"].decode()
-    assert f"hf download {REPO_ID} --local-dir tiny-canary-mlx" in card and f"--upload-repo {REPO_ID}" in card
+    assert f"--upload-repo {REPO_ID}" in card and f'load_model("{REPO_ID}")' in card and "hf download" not in card
+    # The card's own command line, as written, transcribes from the published repo.
+    command = next(line for line in card.splitlines() if line.startswith("canary-transcribe "))
+    assert command == f"canary-transcribe speech.wav --model {REPO_ID} --source-lang en"
+    soundfile.write(tmp_path / "speech.wav", reference_signals(16000)[0], 16000)
+    words = command.split()
+    result = subprocess.run([str(Path(sys.executable).parent / words[0]), *words[1:], "--json"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    local = load_model(tmp_path / "q8").transcribe(str(tmp_path / "speech.wav"), source_lang="en")
+    assert [record["tokens"] for record in json.loads(result.stdout)] == [t.tokens for t in local]
 
 
 def test_upload_options_are_checked_before_converting(checkpoint: Path, tmp_path: Path, dead_endpoint: str) -> None:
