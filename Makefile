@@ -6,7 +6,7 @@ PIP    := $(BIN)/pip install --disable-pip-version-check -c constraints.txt
 DEMO   := build/demo
 EXAMPLE := examples/tiny-canary
 
-.PHONY: test demo example bench install dev clean blas
+.PHONY: test demo example bench install install-runtime dev clean blas
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,17 +30,24 @@ blas:
 	  fi; \
 	fi
 
-# The runtime alone (no NeMo), with mlx-lm for the speech-LLM families; torch comes from the pinned CPU wheel.
+# The runtime alone: load, transcribe, verify and upload converted folders (no torch, no NeMo), with mlx-lm for
+# the speech-LLM families.
 $(VENV)/.runtime: pyproject.toml setup.py converter/native/gemv_forward.c constraints.txt | $(BIN)/python blas
 	$(PIP) -e '.[llm]'
 	touch $@
 
-# Runtime plus pytest, hypothesis and NeMo (the reference the tests compare against).
-$(VENV)/.dev: pyproject.toml setup.py converter/native/gemv_forward.c constraints.txt | $(BIN)/python blas
-	$(PIP) -e '.[dev]'
+# The runtime and the converter (the `convert` extra); torch comes from the pinned CPU wheel.
+$(VENV)/.convert: pyproject.toml setup.py converter/native/gemv_forward.c constraints.txt | $(BIN)/python blas
+	$(PIP) -e '.[convert,llm]'
 	touch $@ $(VENV)/.runtime
 
-install: $(VENV)/.runtime
+# The converter plus pytest, hypothesis and NeMo (the reference the tests compare against).
+$(VENV)/.dev: pyproject.toml setup.py converter/native/gemv_forward.c constraints.txt | $(BIN)/python blas
+	$(PIP) -e '.[dev]'
+	touch $@ $(VENV)/.convert $(VENV)/.runtime
+
+install: $(VENV)/.convert
+install-runtime: $(VENV)/.runtime
 dev: $(VENV)/.dev
 
 test: $(VENV)/.dev
@@ -48,8 +55,9 @@ test: $(VENV)/.dev
 
 # The example model (trained by examples/train_tiny_canary.py, committed): convert it, validate it,
 # transcribe its clips with canary-transcribe beside the references, then a 3-minute recording per language
-# made of those clips (written to build/demo, with its subtitles), and print the WERs. Needs the runtime only.
-demo: $(VENV)/.runtime
+# made of those clips (written to build/demo, with its subtitles), and print the WERs. Needs the converter,
+# not NeMo.
+demo: $(VENV)/.convert
 	mkdir -p $(DEMO)
 	$(BIN)/canary-convert $(EXAMPLE)/tiny-canary.nemo $(DEMO)/tiny-canary-mlx --force
 	$(BIN)/python examples/demo.py $(DEMO)/tiny-canary-mlx $(EXAMPLE) $(DEMO)

@@ -40,7 +40,7 @@ from rich.text import Text
 from tqdm.auto import tqdm
 
 from . import BLAS, __version__
-from .errors import CanaryConvertError, TranscriptWarning, UsageError
+from .errors import CanaryConvertError, MissingExtraError, TranscriptWarning, UsageError
 from .parity import ParityError, ParityReport
 from .upload import UploadOptions, require_token, upload
 
@@ -49,6 +49,8 @@ if TYPE_CHECKING:  # the conversion pulls in torch: imported when a conversion r
     from .quantize import QuantizationError
 
 console = Console(stderr=True)
+# What the `convert` extra adds to the runtime (pyproject.toml): the converter's own imports.
+CONVERT_EXTRA = ("torch", "safetensors", "omegaconf")
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
@@ -228,8 +230,14 @@ def convert_command(
                                           help="Print the version and the BLAS MLX uses, and exit.")] = False,
 ) -> None:
     """Convert SOURCE into the MLX folder OUT, then validate it (strict load and exact round trip)."""
-    from .convert import ConvertOptions, convert, plan_only
-    from .quantize import quantize_options
+    try:
+        from .convert import ConvertOptions, convert, plan_only
+        from .quantize import quantize_options
+    except ModuleNotFoundError as exc:
+        if exc.name not in CONVERT_EXTRA:
+            raise
+        _fail(MissingExtraError(f"converting needs {exc.name}, which is not installed (the runtime alone loads and "
+                                "transcribes converted folders): pip install 'canary-convert[convert]'"))
 
     _exit_on_sigterm()
     try:

@@ -35,6 +35,10 @@ class UsageError(CanaryConvertError):
     exit_code = EXIT_USAGE
 
 
+class MissingExtraError(CanaryConvertError):
+    """A command needs an optional part of canary-convert that is not installed (the `convert` extra)."""
+
+
 class SourceError(CanaryConvertError):
     """The SOURCE argument does not resolve to a readable checkpoint."""
 
