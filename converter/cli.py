@@ -127,25 +127,27 @@ def _progress() -> Progress:
     )
 
 
-def _plan_rows(conversion: Conversion) -> list[tuple[str, str, str, str]]:
+def _plan_rows(plan: Any, quantization: Any) -> list[tuple[str, str, str, str]]:
     from .quantize import module_path
 
     rows = []
-    quantization = conversion.quantization
-    for tensor in conversion.plan.tensors:
+    for tensor in plan.tensors:
         shape = str(tensor.source_shape)
         if tensor.target_shape != tensor.source_shape:
             shape += f" -> {tensor.target_shape}"
         labels = [t.label for t in tensor.transforms]
         if tensor.pinned_dtype is not None:
             labels.append(f"keep {str(tensor.pinned_dtype).removeprefix('torch.')}")
+        if tensor.merge is not None:
+            labels.append(f"+ {tensor.merge.scale:g} * B @ A (LoRA, float32)")
         if quantization is not None and quantization.quantizes(tensor):
             q = quantization.options
             labels.append(f"quantize {q.bits}-bit {q.mode} (group {q.group_size})")
         elif quantization is not None and module_path(tensor.target_key) in quantization.kept_float:
             labels.append(f"float: width {tensor.target_shape[-1]} is not a multiple of {quantization.options.group_size}")
         rows.append((tensor.source_key, tensor.target_key, shape, ", ".join(labels)))
-    rows.extend((d.key, "(dropped)", "", d.reason) for d in conversion.plan.dropped)
+    rows.extend((d.key, "(dropped)", "", d.reason) for d in plan.dropped)
+    rows.extend((d.key, "(merged)", "", d.reason) for d in plan.folded)
     return rows
 
 
@@ -157,25 +159,36 @@ def _stage_times(seconds: Mapping[str, float]) -> str:
 
 def _print_plan(conversion: Conversion) -> None:
     """A rich table on a terminal; one tab-separated line per key when piped, so it greps cleanly."""
+    if not hasattr(conversion, "derived"):  # a speech-LLM: one plan per folder
+        for part in conversion.parts:
+            _print_plan_table(f"plan: {conversion.source.path} ({conversion.preset.name}, {part.plan.mapping.file} "
+                              f"-> {part.folder or '.'}/)", part.plan, part.quantization, ())
+        Console(soft_wrap=True).print("dry run: nothing written")
+        return
+    _print_plan_table(f"plan: {conversion.source.path} ({conversion.derived.preset.name}, {conversion.plan.mapping.file})",
+                      conversion.plan, conversion.quantization, conversion.ignored_members)
+    Console(soft_wrap=True).print("dry run: nothing written")
+
+
+def _print_plan_table(title: str, plan: Any, quantization: Any, ignored: Any) -> None:
     out = Console(soft_wrap=True)
-    title = f"plan: {conversion.source.path} ({conversion.derived.preset.name}, {conversion.plan.mapping.file})"
     if out.is_terminal:
         table = Table(title=title)
         for column in ("source key", "target key", "shape", "transform"):
             table.add_column(column, overflow="fold")
-        for row in _plan_rows(conversion):
+        for row in _plan_rows(plan, quantization):
             table.add_row(*row)
         out.print(table)
     else:
         out.print(title, highlight=False)
-        for row in _plan_rows(conversion):
+        for row in _plan_rows(plan, quantization):
             out.print("\t".join(row), highlight=False, markup=False)
-    out.print(f"{len(conversion.plan.tensors)} tensors mapped, {len(conversion.plan.dropped)} dropped")
-    for note in conversion.plan.notes():
+    folded = f", {len(plan.folded)} LoRA factors merged" if plan.folded else ""
+    out.print(f"{len(plan.tensors)} tensors mapped, {len(plan.dropped)} dropped{folded}")
+    for note in plan.notes():
         out.print(f"note: {note}")
-    for member in conversion.ignored_members:
+    for member in ignored:
         out.print(f"ignored archive member: {member}")
-    out.print("dry run: nothing written")
 
 
 def _fail(exc: CanaryConvertError) -> None:
@@ -226,6 +239,7 @@ def convert_command(
     upload_repo: Annotated[Optional[str], typer.Option(metavar="ORG/NAME", help="After a successful conversion, publish OUT to this Hub repo.")] = None,
     private: Annotated[bool, typer.Option("--private", help="With --upload-repo: create the repo private.")] = False,
     upload_revision: Annotated[Optional[str], typer.Option(help="With --upload-repo: commit to this branch.")] = None,
+    llm_source: Annotated[Optional[str], typer.Option(metavar="PATH", help="A speech-LLM's LLM config and tokenizer folder (default: its pretrained_llm, from the Hub cache).")] = None,
     version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
                                           help="Print the version and the BLAS MLX uses, and exit.")] = False,
 ) -> None:
@@ -244,7 +258,7 @@ def convert_command(
         options = ConvertOptions(dtype=dtype, revision=revision, force=force, max_shard_bytes=parse_size(max_shard_size),
                                  parity=parity, parity_audio=tuple(parity_audio or ()),
                                  quantize=quantize_options(quantize, q_group_size, q_mode), license=license,
-                                 base_model=base_model, upload_repo=upload_repo, layout=layout)
+                                 base_model=base_model, upload_repo=upload_repo, layout=layout, llm_source=llm_source)
         publishing = _upload_options(upload_repo, private, upload_revision, dry_run)
         if dry_run:
             with _progress() as progress:
@@ -268,6 +282,14 @@ def convert_command(
     seconds = time.perf_counter() - started
     validation = conversion.validation
     assert validation is not None
+    if not hasattr(conversion, "derived"):  # a speech-LLM (convert_salm.py)
+        _print_speech_llm(source, out, conversion, options.dtype, seconds)
+        if publishing is not None:
+            try:
+                publish(out, publishing)
+            except CanaryConvertError as exc:
+                _fail(exc)
+        return
     precision = options.dtype
     if conversion.quantization is not None:
         q = conversion.quantization
@@ -288,6 +310,19 @@ def convert_command(
             publish(out, publishing)
         except CanaryConvertError as exc:
             _fail(exc)
+
+
+def _print_speech_llm(source: str, out: Path, conversion: Any, dtype: str, seconds: float) -> None:
+    audio, llm = conversion.parts
+    lora = conversion.lora
+    merged = f", LoRA r {lora['r']} merged into {len(llm.plan.merges())} weights" if lora else ""
+    typer.echo(f"converted {source} ({conversion.preset.name}) -> {out}: {len(audio.plan.tensors)} audio tensors, "
+               f"{len(llm.plan.tensors)} LLM tensors in {llm.folder}/ (mlx-lm){merged}, {dtype} in {seconds:.1f}s; "
+               "strict load ok, round trip exact")
+    _print_quantization_errors(conversion.validation.quantization_errors)
+    for part in conversion.parts:
+        for note in part.plan.notes():
+            typer.echo(f"note: {note}")
 
 
 def _upload_options(repo_id: str | None, private: bool, revision: str | None, dry_run: bool) -> UploadOptions | None:

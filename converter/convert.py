@@ -28,6 +28,8 @@ from .model.config import LayoutConfig
 from .presets import OWN_LAYOUT, Derived, detect_preset, derive_config
 from .quantize import QuantizationPlan, check_quantized_tree, module_path, plan_quantization
 from .rules import Plan, load_rules, plan_conversion
+from .convert_salm import SalmConversion, convert_salm, plan_salm
+from .salm import read_salm_config
 from .source import ResolvedSource, SourceDigest, resolve_source, source_card_licence
 from .validate import ValidationReport, validate_folder
 from .writer import (
@@ -79,6 +81,7 @@ class ConvertOptions:
     base_model: str | None = None  # the Hub repo the source came from, when converting a local file
     upload_repo: str | None = None  # where the folder will be published (the card's usage shows it)
     layout: str = OWN_LAYOUT  # whose parameter names the folder uses (configs/aed-base.yaml, `layouts`)
+    llm_source: str | None = None  # a speech-LLM's LLM config and tokenizer folder (else from the Hub cache)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -87,12 +90,15 @@ class ConvertOptions:
             raise UsageError("--max-shard-size must be positive")
         if self.parity_audio and not self.parity:
             raise UsageError("--parity-audio needs --parity")
+        if self.llm_source is not None and not Path(self.llm_source).expanduser().is_dir():
+            raise UsageError(f"--llm-source {self.llm_source}: no such folder")
 
     def to_dict(self) -> dict[str, Any]:
         return {"dtype": self.dtype, "revision": self.revision, "max_shard_bytes": self.max_shard_bytes,
                 "parity": self.parity, "parity_audio": [str(path) for path in self.parity_audio],
                 "quantize": self.quantize.to_dict() if self.quantize else None, "license": self.license,
-                "base_model": self.base_model, "upload_repo": self.upload_repo, "layout": self.layout}
+                "base_model": self.base_model, "upload_repo": self.upload_repo, "layout": self.layout,
+                "llm_source": self.llm_source}
 
     def command(self, source: str, out: str) -> str:
         """The `canary-convert` command line these options come from (for the model card)."""
@@ -116,6 +122,8 @@ class ConvertOptions:
             words += ["--base-model", self.base_model]
         if self.upload_repo:
             words += ["--upload-repo", self.upload_repo]
+        if self.llm_source:
+            words += ["--llm-source", Path(self.llm_source).name]
         return shlex.join(words)
 
 
@@ -199,15 +207,32 @@ def _opened(source_arg: str, options: ConvertOptions, reporter: Reporter) -> Ite
                 yield archive, source, state_dict
 
 
-def plan_only(source_arg: str, options: ConvertOptions, reporter: Reporter | None = None) -> Conversion:
+def _speech_llm(source_arg: str, options: ConvertOptions, reporter: Reporter) -> tuple[ResolvedSource, dict[str, Any]] | None:
+    """A SALM checkpoint folder (canary-qwen) and its config, or None for a .nemo source."""
+    source = resolve_source(source_arg, options.revision, tqdm_class=reporter.download_tqdm())
+    config = read_salm_config(source.path) if source.path.is_dir() else None
+    if config is None:
+        return None
+    if options.layout != OWN_LAYOUT or options.parity:
+        raise UsageError("a speech-LLM converts in canary-convert's own layout, without --parity (its tests compare "
+                         "it with NeMo)")
+    return source, config
+
+
+def plan_only(source_arg: str, options: ConvertOptions, reporter: Reporter | None = None) -> Conversion | SalmConversion:
     """Everything but writing: the `--dry-run` plan, with every coverage check already done."""
+    if (salm := _speech_llm(source_arg, options, reporter or SilentReporter())) is not None:
+        return plan_salm(*salm, options, options.llm_source)
     with _opened(source_arg, options, reporter or SilentReporter()) as (archive, source, state_dict):
         return _plan(archive, source, state_dict, options)
 
 
-def convert(source_arg: str, out: Path, options: ConvertOptions, reporter: Reporter | None = None) -> Conversion:
+def convert(source_arg: str, out: Path, options: ConvertOptions,
+            reporter: Reporter | None = None) -> Conversion | SalmConversion:
     """Convert SOURCE into the MLX folder OUT, validate it, and publish it atomically."""
     reporter = reporter or SilentReporter()
+    if (salm := _speech_llm(source_arg, options, reporter)) is not None:
+        return convert_salm(*salm, out, options, options.llm_source, reporter)
     if options.parity:
         require_nemo()
     with _opened(source_arg, options, reporter) as (archive, source, state_dict):

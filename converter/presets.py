@@ -62,6 +62,9 @@ class Preset:
     summary: str = ""  # one line for the model card: what this family is
     licenses: dict[str, str] = field(default_factory=dict)  # Hub repo id -> licence of NVIDIA's own releases
     layouts: dict[str, Layout] = field(default_factory=dict)
+    kind: str = "aed"  # "speech-llm": a SALM checkpoint folder, converted by convert_salm.py
+    audio: dict[str, Any] = field(default_factory=dict)  # speech-llm: whose FastConformer tables, under which root
+    llm: dict[str, Any] = field(default_factory=dict)  # speech-llm: the LLM's keys, mapping, families, LoRA targets
 
     def layout(self, name: str, nemo_config: Mapping[str, Any]) -> Layout | None:
         """The layout `--layout NAME` asks for (None: canary-convert's own), refused up front when this
@@ -123,6 +126,14 @@ def _resolve(name: str, raw: dict[str, dict[str, Any]], seen: tuple[str, ...] = 
     return _deep_merge(_resolve(parent, raw, seen + (name,)), entry)
 
 
+def resolved_preset(name: str) -> dict[str, Any]:
+    """A preset's entries as its file and those it extends give them (abstract ones too)."""
+    raw = _raw_presets()
+    if name not in raw:
+        raise RulesFileError(f"no preset named {name!r}")
+    return _resolve(name, raw)
+
+
 @cache
 def presets() -> tuple[Preset, ...]:
     """Every concrete preset shipped with the package, with `extends` resolved."""
@@ -147,6 +158,9 @@ def presets() -> tuple[Preset, ...]:
                                             why=str(spec.get("why", "")), tokenizer_folder=spec["tokenizer_folder"],
                                             config=dict(spec.get("config", {})))
                              for layout, spec in entry.get("layouts", {}).items()},
+                    kind=str(entry.get("kind", "aed")),
+                    audio=dict(entry.get("audio", {})),
+                    llm=dict(entry.get("llm", {})),
                 )
             )
         except KeyError as exc:

@@ -46,10 +46,11 @@ def check_strict_load(folder: Path) -> CanaryModel:
         raise ValidationError(f"does not load strictly into the bundled MLX model: {exc}") from None
 
 
-def _stored_keys(folder: Path) -> dict[str, Path]:
-    """Every tensor name in the folder's tensor files, with its file; the files must be MLX's."""
+def _stored_keys(folder: Path, files: Sequence[Path] | None = None) -> dict[str, Path]:
+    """Every tensor name in the folder's tensor files (those of a Canary folder unless `files` names them),
+    with its file; the files must be MLX's."""
     where: dict[str, Path] = {}
-    for file in tensor_files(folder, ModelConfig.from_file(folder / CONFIG_FILE)):
+    for file in files if files is not None else tensor_files(folder, ModelConfig.from_file(folder / CONFIG_FILE)):
         try:
             with safe_open(str(file), framework="numpy") as handle:
                 if handle.metadata().get("format") != "mlx":
@@ -61,13 +62,15 @@ def _stored_keys(folder: Path) -> dict[str, Path]:
 
 
 def check_round_trip(folder: Path, stored: Sequence[OutputTensor], source: Mapping[str, torch.Tensor],
-                     quantization: QuantizationPlan | None = None) -> list[QuantizationError]:
+                     quantization: QuantizationPlan | None = None,
+                     files: Sequence[Path] | None = None) -> list[QuantizationError]:
     """Read every stored tensor back and compare it with its source: float tensors transformed back and
     compared with the source cast to the stored dtype, quantized layers with mx.quantize of the source.
+    (A LoRA-merged weight's source is the float32 merge: `Plan.sources`.)
 
     Returns each quantized layer's error, worst first."""
     planned = {tensor.key: tensor for tensor in stored}
-    where = _stored_keys(folder)
+    where = _stored_keys(folder, files)
     if extra := sorted(set(where) - set(planned)):
         raise ValidationError(f"{where[extra[0]]}: holds {extra[0]}, which the plan does not")
     if missing := sorted(set(planned) - set(where)):

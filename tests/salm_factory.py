@@ -117,7 +117,8 @@ def salm_config(spec: SalmSpec, llm_folder: Path) -> dict[str, Any]:
 
 def randomise(model: Any, seed: int) -> None:
     """factory.randomise's norms, biases and BatchNorm statistics, then random LoRA B factors (peft starts B
-    at zero, which would hide a missing merge) and wider embeddings (larger logits: clear greedy margins)."""
+    at zero, which would hide a missing merge), wider output rows (larger logits: clear greedy margins) and
+    LLM layers of unit gain."""
     import torch
 
     from factory import randomise as randomise_norms
@@ -128,8 +129,15 @@ def randomise(model: Any, seed: int) -> None:
         for name, tensor in model.named_parameters():
             if "lora_B" in name:
                 tensor.copy_(0.05 * torch.randn(tensor.shape, generator=generator))
-            elif name.startswith("embed_tokens") or "lm_head" in name:
-                tensor.copy_(0.5 * torch.randn(tensor.shape, generator=generator))
+            elif "lm_head" in name or name.startswith("embed_tokens"):
+                # Tied (one parameter, named once), the embedding is the output layer too: small rows keep the
+                # last input token from dominating the residual stream (which makes a tied model repeat it).
+                tied = model.llm.config.tie_word_embeddings
+                tensor.copy_((0.1 if tied else 0.5) * torch.randn(tensor.shape, generator=generator))
+            elif name.startswith("llm.") and name.endswith("_proj.weight") or "base_layer" in name:
+                # Layers that move the residual stream as much as the embeddings do: a tied output layer
+                # otherwise reads back the last input token and repeats it.
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) / tensor.shape[1] ** 0.5)
 
 
 def build_model(spec: SalmSpec, llm_folder: Path) -> Any:

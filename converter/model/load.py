@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .aed.canary import CanaryModel
 from ..blas import warn_if_slow
+from .llm.config import SpeechLLMConfig
+from .llm.speechllm import SpeechLLM, load_speech_llm
 from ..errors import ModelFolderError
 from .config import ModelConfig
 from .cpu.mapped import MappedTensor, map_safetensors
@@ -94,9 +96,29 @@ def parameter_shapes(config: ModelConfig, quantized: Collection[str] = ()) -> di
     return {name: tuple(value.shape) for name, value in tree_flatten(model.parameters())}
 
 
-def load_model(path: str | Path) -> CanaryModel:
-    """Build the model from `config.json` and load its weights with strict checking, in inference mode."""
+def _load_speech_llm(folder: Path) -> SpeechLLM:
+    """A speech-LLM folder: our audio half from its safetensors, the LLM through mlx_lm.load()."""
+    config = SpeechLLMConfig.from_file(folder / CONFIG_FILE)
+    weights: dict[str, mx.array] = {}
+    for file in weight_files(folder):
+        weights.update(mx.load(str(file), format="safetensors"))
+    return load_speech_llm(folder, config, weights)
+
+
+# config.json's model_type -> the loader of a folder of that kind (a Canary folder is the default).
+LOADERS: dict[str, Callable[[Path], Any]] = {"canary-qwen": _load_speech_llm}
+
+
+def load_model(path: str | Path) -> Any:
+    """Build the model from `config.json` and load its weights with strict checking, in inference mode:
+    the folder's `model_type` chooses the model (LOADERS; a Canary model otherwise)."""
     folder = Path(path)
+    try:
+        model_type = read_json(folder_file(folder, CONFIG_FILE)).get("model_type")
+        if model_type in LOADERS:
+            return LOADERS[model_type](folder)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError) as exc:
+        raise ModelFolderError(f"{folder}: not a loadable canary-convert MLX folder: {exc}") from None
     try:
         config = ModelConfig.from_file(folder_file(folder, CONFIG_FILE))
         model = CanaryModel(config, load_tokenizer(folder, config.tokenizer))

@@ -1,0 +1,135 @@
+"""A NeMo speechlm2 SALM checkpoint (canary-qwen) as the Hub holds it: a folder with SALM's `config.json` and
+safetensors weights, and the LLM's tokenizer and config, which the checkpoint only names (`pretrained_llm`).
+
+The weights are mapped, never copied whole: each tensor is a view of the mapped file until it is used.
+The LLM's files come from, in order: `--llm-source PATH`; the files NeMo 3.0 saves beside the checkpoint
+(the tokenizer at its root, `llm_backbone/config.json`); `pretrained_llm` when it is a local folder; else
+`pretrained_llm` as a Hub repo, through huggingface_hub's cache (config and tokenizer files only).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import snapshot_download
+
+from .errors import ArchiveError, ModelFolderError, SourceError
+from .model.cpu.mapped import map_safetensors
+from .source import _REPO_ID, _HubRequest, _hub_download, _hub_errors
+
+SALM_CONFIG = "config.json"
+SALM_WEIGHTS = "model.safetensors"
+SALM_INDEX = "model.safetensors.index.json"
+LLM_BACKBONE = "llm_backbone"  # NeMo 3.0's HFHubMixin: the LLM's config saved beside the checkpoint
+TOKENIZER_CONFIG = "tokenizer_config.json"
+# What the LLM folder contributes: its config and tokenizer (its weights are the checkpoint's).
+LLM_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
+             "merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
+
+
+def read_salm_config(folder: Path) -> dict[str, Any] | None:
+    """SALM's config when `folder` holds one (its `pretrained_llm` and `perception` say so), else None."""
+    path = folder / SALM_CONFIG
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArchiveError(f"{path}: not readable JSON: {exc}") from None
+    return config if isinstance(config, dict) and "pretrained_llm" in config and "perception" in config else None
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The checkpoint's safetensors: one file, or the shards its index names."""
+    index = folder / SALM_INDEX
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ArchiveError(f"{index}: not a safetensors index: {exc}") from None
+        files = [folder / name for name in names]
+    else:
+        files = [folder / SALM_WEIGHTS]
+    for file in files:
+        if not file.is_file():
+            raise ArchiveError(f"{file}: missing; a SALM checkpoint keeps its weights in {SALM_WEIGHTS} (or shards)")
+    return files
+
+
+def _as_torch(view: Any) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the mapping is read-only; nothing writes to it
+        tensor = torch.from_numpy(view.view)
+    # numpy has no bfloat16: those bytes are mapped as uint16 and reinterpreted.
+    return tensor.view(torch.bfloat16) if str(view.dtype) == "mlx.core.bfloat16" else tensor
+
+
+def mapped_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint as a torch view of its mapped file (no copy until used)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for file in weight_files(folder):
+        try:
+            mapped = map_safetensors(file)
+        except ModelFolderError as exc:
+            raise ArchiveError(str(exc)) from None
+        tensors.update((key, _as_torch(view)) for key, view in mapped.items())
+    return tensors
+
+
+@dataclass(frozen=True)
+class LlmSource:
+    """Where the LLM's config and tokenizer files are, and where they came from (for conversion.json)."""
+
+    config_folder: Path
+    tokenizer_folder: Path
+    origin: dict[str, Any]
+
+    def llm_config(self) -> dict[str, Any]:
+        path = self.config_folder / "config.json"
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise SourceError(f"{path}: the LLM's config is not readable JSON: {exc}") from None
+        if not isinstance(config, dict):
+            raise SourceError(f"{path}: the LLM's config is not a JSON object")
+        return config
+
+
+def _require_llm_folder(path: Path, what: str) -> Path:
+    for name in ("config.json", TOKENIZER_CONFIG):
+        if not (path / name).is_file():
+            raise SourceError(f"{path}: {what} lacks {name} (the LLM's config and tokenizer files are needed)")
+    return path
+
+
+def resolve_llm(folder: Path, config: Mapping[str, Any], llm_source: str | None = None,
+                tqdm_class: Any = None) -> LlmSource:
+    """Find the LLM's config and tokenizer for the SALM checkpoint in `folder` (see the module's order)."""
+    if llm_source is not None:
+        path = _require_llm_folder(Path(llm_source).expanduser(), "--llm-source")
+        return LlmSource(path, path, {"kind": "folder", "path": str(path)})
+    if (folder / LLM_BACKBONE / "config.json").is_file() and (folder / TOKENIZER_CONFIG).is_file():
+        return LlmSource(folder / LLM_BACKBONE, folder, {"kind": "beside the checkpoint", "path": str(folder)})
+    name = str(config.get("pretrained_llm", ""))
+    local = Path(name).expanduser()
+    if local.is_dir():
+        path = _require_llm_folder(local, "pretrained_llm")
+        return LlmSource(path, path, {"kind": "folder", "path": str(path)})
+    if not _REPO_ID.match(name):
+        raise SourceError(f"{folder / SALM_CONFIG}: pretrained_llm {name!r} is neither a folder nor a Hub repo id; "
+                          "pass --llm-source PATH (a folder with the LLM's config.json and tokenizer files)")
+    instead = f"pass --llm-source PATH, a folder holding {name}'s config.json and tokenizer files"
+    with _hub_errors(_HubRequest(name, None, "the file", instead, "config.json")):
+        # One probe first: an unreachable Hub fails in seconds instead of after huggingface_hub's retries.
+        _hub_download(name, "config.json", None, tqdm_class)
+    with _hub_errors(_HubRequest(name, None, "the repo", instead)):
+        path = Path(snapshot_download(name, allow_patterns=list(LLM_FILES), tqdm_class=tqdm_class))
+    _require_llm_folder(path, f"the Hub repo {name}")
+    commit = path.name if path.parent.name == "snapshots" else None
+    return LlmSource(path, path, {"kind": "hub", "id": name, "commit": commit, "path": str(path)})
