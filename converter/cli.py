@@ -414,6 +414,8 @@ def transcribe_command(
     fmt: Annotated[str, typer.Option("--format", "-f", help="txt, json, srt or vtt.")] = "txt",
     as_json: Annotated[bool, typer.Option("--json", help="Same as --format json.")] = False,
     output_dir: Annotated[Optional[Path], typer.Option(help="Write one file per input here instead of stdout.")] = None,
+    prompt: Annotated[Optional[str], typer.Option(help="Speech-LLM models (canary-qwen): the user turn, {audio} where the audio goes (default: the model's).")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Speech-LLM models: tokens generated per window at most (default: the model's).")] = None,
 ) -> None:
     """Print one transcript per audio file (prefixed by its path when there are several)."""
     from . import load_model
@@ -426,14 +428,27 @@ def transcribe_command(
         if fmt in ("srt", "vtt") and len(audio) > 1 and output_dir is None:
             raise UsageError(f"--format {fmt} with several inputs needs --output-dir (one subtitle file each)")
         loaded = load_model(model, revision)
-        with _chunk_bar() as bar, warnings.catch_warnings():
-            # The warnings are printed below, once each, from the transcripts themselves.
-            warnings.simplefilter("ignore", TranscriptWarning)
-            results = loaded.transcribe(
-                audio, source_lang=source_lang, target_lang=target_lang, task=task, pnc=pnc, timestamp=timestamps,
-                strategy="greedy" if greedy else None, beam_size=beam_size, batch_size=batch_size,
-                chunking=chunking, chunk_seconds=chunk_seconds, progress=_ChunkProgress(bar),
-            )
+        if hasattr(loaded, "llm"):  # a speech-LLM: prompted in words, greedy, in windows of the model's length
+            canary_only = {"--source-lang": source_lang, "--target-lang": target_lang, "--task": task, "--pnc": pnc,
+                           "--timestamps": timestamps, "--beam-size": beam_size, "--greedy": greedy or None}
+            if given := [flag for flag, value in canary_only.items() if value is not None]:
+                raise UsageError(f"{', '.join(given)}: Canary options; a speech-LLM takes --prompt instead")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", TranscriptWarning)  # printed below, from the transcripts
+                results = loaded.transcribe([str(path) for path in audio], prompt=prompt,
+                                            max_new_tokens=max_new_tokens, chunk_seconds=chunk_seconds)
+        elif prompt is not None or max_new_tokens is not None:
+            raise UsageError("--prompt and --max-new-tokens are for speech-LLM models (canary-qwen)")
+        else:
+            with _chunk_bar() as bar, warnings.catch_warnings():
+                # The warnings are printed below, once each, from the transcripts themselves.
+                warnings.simplefilter("ignore", TranscriptWarning)
+                results = loaded.transcribe(
+                    audio, source_lang=source_lang, target_lang=target_lang, task=task, pnc=pnc,
+                    timestamp=timestamps, strategy="greedy" if greedy else None, beam_size=beam_size,
+                    batch_size=batch_size, chunking=chunking, chunk_seconds=chunk_seconds,
+                    progress=_ChunkProgress(bar),
+                )
     except CanaryConvertError as exc:
         _fail(exc)
     for result in results:

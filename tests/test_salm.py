@@ -244,9 +244,7 @@ def test_transcribe_windows_long_audio_and_flags_the_budget(references: dict[str
     model = _converted(reference, tmp_path / "mlx")
     signal = np.concatenate(reference.signals * 2)
     seconds = len(signal) / 16000
-    windowed = model.config.generation.__class__(model.config.generation.prompt, 4, seconds / 2.5)
-    model.config = model.config.__class__(**{**model.config.__dict__, "generation": windowed})
-    (transcript,) = model.transcribe(signal)
+    (transcript,) = model.transcribe(signal, max_new_tokens=4, chunk_seconds=seconds / 2.5)
     assert len(transcript.chunks) == 3
     assert transcript.chunks[0].start == 0.0 and abs(transcript.chunks[-1].end - seconds) < 1e-6
     # Each window is the model's generation on that stretch alone, and nothing is cut silently.
@@ -315,3 +313,20 @@ def test_a_hub_llm_offline_fails_fast_and_names_the_way_out(references: dict[str
                              "--llm-source", str(llm)], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     assert _config(tmp_path / "out" / "llm")["model_type"] == "qwen3"
+
+
+def test_canary_transcribe_runs_a_speech_llm_folder(references: dict[str, Reference], tmp_path: Path) -> None:
+    import soundfile
+
+    reference = references["salm-untied-r4"]
+    model = _converted(reference, tmp_path / "mlx")
+    soundfile.write(tmp_path / "clip.wav", reference.signals[1], 16000, subtype="FLOAT")
+    command = [str(Path(sys.executable).parent / "canary-transcribe"), str(tmp_path / "clip.wav"), "--model",
+               str(tmp_path / "mlx"), "--max-new-tokens", "6", "--format", "json"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    (record,) = json.loads(result.stdout)
+    (transcript,) = model.transcribe(reference.signals[1], max_new_tokens=6)
+    assert record["text"] == transcript.text and record["tokens"] == transcript.tokens
+    refused = subprocess.run(command + ["--source-lang", "en"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--prompt instead" in refused.stderr

@@ -18,9 +18,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ...errors import UsageError
 from ..app.audio_io import load_audio
 from ..app.clips import pad_batch
-from ..app.transcribe import AudioInput, Chunk, Transcript, audio_items, item_name
+from ..app.transcribe import AudioInput, Chunk, Transcript, audio_items, item_name, warn
 from ..fastconformer.audio import AudioPreprocessor
 from ..fastconformer.encoder import ConformerEncoder
 from .config import SpeechLLMConfig
@@ -130,12 +131,15 @@ class SpeechLLM:
             tokens.append(token)
         return Generated(tokens, False)
 
-    def transcribe_signal(self, signal: np.ndarray, prompt: str | None = None,
-                          max_new_tokens: int | None = None) -> Iterator[tuple[float, float, Generated]]:
-        """Each window of a signal no longer than the chunk length (NeMo trained on up to 40 s), generated on
-        its own: (start s, end s, generation)."""
+    def transcribe_signal(self, signal: np.ndarray, prompt: str | None = None, max_new_tokens: int | None = None,
+                          chunk_seconds: float | None = None) -> Iterator[tuple[float, float, Generated]]:
+        """Equal windows of a signal, none longer than the chunk length (NeMo trained on up to 40 s), each
+        generated on its own: (start s, end s, generation)."""
         rate = self.sample_rate
-        window = int(self.config.generation.chunk_seconds * rate)
+        seconds = chunk_seconds or self.config.generation.chunk_seconds
+        if seconds <= 0:
+            raise UsageError(f"chunk length {seconds} s: must be positive")
+        window = int(seconds * rate)
         pieces = max(1, -(-len(signal) // window))
         bounds = np.linspace(0, len(signal), pieces + 1).astype(int)
         ids = self.prompt_ids(prompt)
@@ -143,8 +147,8 @@ class SpeechLLM:
             (frames,) = self.audio_embeddings([signal[start:end]])
             yield start / rate, end / rate, self.generate(self.embed(ids, frames), max_new_tokens)
 
-    def transcribe(self, audio: AudioInput, prompt: str | None = None,
-                   max_new_tokens: int | None = None) -> list[Transcript]:
+    def transcribe(self, audio: AudioInput, prompt: str | None = None, max_new_tokens: int | None = None,
+                   chunk_seconds: float | None = None) -> list[Transcript]:
         """Paths or 1-D arrays at the model's rate -> one Transcript each; long inputs go window by window,
         and a window the token budget cut is flagged (never dropped silently)."""
         results = []
@@ -153,7 +157,7 @@ class SpeechLLM:
             signal = item if isinstance(item, np.ndarray) else load_audio(item, self.sample_rate)
             chunks = []
             for start, end, generated in self.transcribe_signal(np.asarray(signal, dtype=np.float32), prompt,
-                                                                max_new_tokens):
+                                                                max_new_tokens, chunk_seconds):
                 text = self.tokenizer.decode(generated.tokens, skip_special_tokens=True).strip()
                 chunks.append(Chunk(start, end, text, generated.tokens, generated.ended))
             cut = [chunk for chunk in chunks if not chunk.ended]
@@ -163,6 +167,7 @@ class SpeechLLM:
                 source=name, text=" ".join(chunk.text for chunk in chunks if chunk.text),
                 tokens=[token for chunk in chunks for token in chunk.tokens], seconds=len(signal) / self.sample_rate,
                 chunks=tuple(chunks), truncated=bool(cut), warnings=warnings))
+        warn(results)
         return results
 
 
