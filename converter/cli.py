@@ -480,7 +480,7 @@ def verify_command(
     near_tie: Annotated[Optional[float], typer.Option(help="Top-2 gap below which a token difference is advisory.")] = None,
 ) -> None:
     """Manifest, strict load and golden outputs of TARGET; exit 0 pass, 3 regression, 1 error, 2 usage."""
-    from .source import resolve_folder
+    from .source import repo_files, resolve_folder
     from .verify import compare_folders, update_goldens, verify_folder
 
     try:
@@ -497,7 +497,8 @@ def verify_command(
         else:
             overrides = {"features_max_abs": tol_features, "encoder_rel_l2": tol_encoder,
                          "logprobs_max_abs": tol_logprobs, "near_tie": near_tie}
-            report = verify_folder(folder, target, device, goldens, overrides, tuple(audio or ()))
+            report = verify_folder(folder, target, device, goldens, overrides, tuple(audio or ()),
+                                   repo_files(target, folder))
     except CanaryConvertError as exc:
         _fail(exc)
     if json_path:

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import httpx2  # huggingface_hub 2.x's transport; a connection lost mid-download surfaces as its error
 from huggingface_hub import (
     ModelCard,
+    get_cached_repo_tree,
     get_hf_file_metadata,
     hf_hub_download,
     hf_hub_url,
@@ -26,6 +27,7 @@ from huggingface_hub import (
     try_to_load_from_cache,
 )
 from huggingface_hub.errors import (
+    CachedRepoTreeNotFoundError,
     EntryNotFoundError,
     GatedRepoError,
     HfHubHTTPError,
@@ -216,6 +218,18 @@ def resolve_folder(target: str | PathLike[str], revision: str | None = None, tqd
         raise ModelFolderError(f"{where}: {problems[0]}: the download is not the converted file; delete "
                                f"{fetched / name} (a link into the Hugging Face cache) and its blob, and fetch it again")
     return fetched
+
+
+def repo_files(target: str | PathLike[str], folder: Path) -> list[str] | None:
+    """Every file of the Hub repo that `resolve_folder(target)` fetched `folder` from, at its commit, from the
+    listing snapshot_download keeps in the cache (no request); None for a local folder, or where the cache
+    holds no listing (filled by hand, or by an older download)."""
+    if Path(target).expanduser().is_dir():
+        return None
+    try:
+        return [entry.path for entry in get_cached_repo_tree(str(target), revision=folder.name)]
+    except (CachedRepoTreeNotFoundError, OSError, ValueError):
+        return None
 
 
 def _exact(name: str) -> str:

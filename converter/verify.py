@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -44,7 +44,7 @@ from .goldens import (
     stage_distance,
 )
 from .untrusted import finite_number, folder_file, read_json
-from .manifest import CONVERSION_FILE, hash_file, manifest_problems, read_record, recorded_manifest
+from .manifest import CONVERSION_FILE, NOT_CONVERTED, hash_file, manifest_problems, read_record, recorded_manifest
 from .model.aed.canary import CanaryModel
 from .model.config import ModelConfig
 from .model.aed.decoding import DecodingOptions
@@ -123,14 +123,19 @@ def use_device(device: str) -> None:
     mx.set_default_device(target)
 
 
-def check_manifest(folder: Path, record: dict[str, Any]) -> Check:
+def check_manifest(folder: Path, record: dict[str, Any], repo_files: Collection[str] | None = None) -> Check:
     """Every file of the folder as the manifest records it, and every file the model reads among them (a
-    name outside the manifest, such as one under .cache/, is read unchecked otherwise)."""
+    name outside the manifest, such as one under .cache/, is read unchecked otherwise). For a Hub repo,
+    `repo_files` lists the repo's files: the folder holds only what was fetched, so the added ones are named
+    from the listing."""
     try:
         manifest = recorded_manifest(folder, record)
     except ModelFolderError as exc:
         return Check("manifest", "error", str(exc), CONVERSION_FILE)
-    problems = manifest_problems(folder, manifest)
+    problems = manifest_problems(folder, manifest, added=repo_files is None)
+    if repo_files is not None:
+        problems += [f"{name}: in the repo but not in the manifest (added after the conversion)"
+                     for name in sorted(set(repo_files) - set(manifest) - {CONVERSION_FILE, *NOT_CONVERTED})]
     try:
         config = ModelConfig.from_file(folder_file(folder, CONFIG_FILE))
         read = [path.relative_to(folder).as_posix() for path in files_read(folder, config)]
@@ -325,12 +330,14 @@ def tolerances_of(goldens: Mapping[str, Any], overrides: Mapping[str, float | No
 
 
 def verify_folder(folder: Path, target: str, device: str, goldens_path: Path | None = None,
-                  overrides: Mapping[str, float | None] | None = None, audio: Sequence[Path] = ()) -> VerifyReport:
-    """Manifest, strict load, then the golden outputs (and NeMo's reference when recorded)."""
+                  overrides: Mapping[str, float | None] | None = None, audio: Sequence[Path] = (),
+                  repo_files: Collection[str] | None = None) -> VerifyReport:
+    """Manifest, strict load, then the golden outputs (and NeMo's reference when recorded); `repo_files`: a
+    Hub repo's files, when `folder` is what was fetched of it (source.repo_files)."""
     use_device(device)
     report = VerifyReport(target=target, device=device)
     record = read_record(folder)
-    report.checks.append(check_manifest(folder, record))
+    report.checks.append(check_manifest(folder, record, repo_files))
     load, model = check_load(folder)
     report.checks.append(load)
     path = goldens_path or folder / GOLDENS_FILE

@@ -351,11 +351,18 @@ def _gitattributes() -> bytes:
     return "".join(f"*{suffix} filter=lfs diff=lfs merge=lfs -text\n" for suffix in LFS_SUFFIXES).encode()
 
 
+def _stored_lfs(state: _UploadState, files: dict[str, bytes]) -> frozenset[str]:
+    """The paths of `files` the Hub keeps in LFS, their contents put in storage."""
+    lfs = frozenset(path for path, content in files.items() if is_lfs(path, len(content)))
+    for path in lfs:
+        state.blobs[hashlib.sha256(files[path]).hexdigest()] = files[path]
+    return lfs
+
+
 def _add_repo(state: _UploadState, repo_id: str, files: dict[str, bytes], *, private: bool) -> UploadedRepo:
     """A repo as the Hub creates it: an initial commit with .gitattributes, plus `files` when given."""
     tree = {".gitattributes": _gitattributes(), **files}
-    initial = Commit(commit_id(f"{repo_id}:initial"), "initial commit", "", tree,
-                     frozenset(path for path, content in files.items() if is_lfs(path, len(content))))
+    initial = Commit(commit_id(f"{repo_id}:initial"), "initial commit", "", tree, _stored_lfs(state, files))
     repo = UploadedRepo(repo_id=repo_id, private=private, branches={"main": [initial]})
     state.repos[repo_id] = repo
     return repo
@@ -405,6 +412,17 @@ class HubUploadServer:
         assert route in {name for name, *_ in _ROUTES}, route
         with self._state.lock:
             self._state.failures.append(Failure(route, status, code, message, skip, dict(headers or {})))
+
+    def push(self, repo_id: str, files: dict[str, bytes], summary: str = "pushed from elsewhere") -> Commit:
+        """A new commit on main adding (or replacing) `files`, as a push by other means than upload would."""
+        with self._state.lock:
+            repo = self._state.repos[repo_id]
+            head = repo.head()
+            lfs = (head.lfs - files.keys()) | _stored_lfs(self._state, files)
+            commit = Commit(commit_id(f"{repo_id}@main#{len(repo.branches['main'])}:{summary}"), summary, "",
+                            {**head.files, **files}, lfs)
+            repo.branches["main"].append(commit)
+            return commit
 
     def tamper(self, repo_id: str, path: str) -> None:
         """Serve `path` of the repo's main head with one byte flipped (its headers unchanged) from now on."""

@@ -217,6 +217,26 @@ def test_a_repo_that_is_not_a_canary_convert_folder(folders: dict[str, Path], au
     assert not any("escape.txt" in r.path or "model.safetensors" in r.path for r in hub.requests)
 
 
+def test_verify_names_a_file_added_to_the_repo(folders: dict[str, Path], local_tokens: dict, audio: Path,
+                                               hub: HubUploadServer, tmp_path: Path) -> None:
+    """A file pushed to the repo after the upload is not fetched, yet verify names it from the repo's listing;
+    load_model fetches the manifest's files only and loads as before."""
+    publish(folders["float32"], hub, tmp_path)
+    hub.push(REPO_ID, {"notes.txt": b"added after the conversion\n"})
+    env = loopback_env(tmp_path / "hf-home", hub.url)
+
+    result = run_cli("verify", REPO_ID, "--json", str(tmp_path / "report.json"), env=env)
+    loaded = load_in_subprocess(REPO_ID, env, audio)
+
+    assert result.returncode == 3, result.stdout + result.stderr
+    manifest = next(check for check in json.loads((tmp_path / "report.json").read_text())["checks"]
+                    if check["name"] == "manifest")
+    assert manifest["status"] == "fail" and manifest["file"] == "notes.txt", manifest
+    assert manifest["detail"] == "notes.txt: in the repo but not in the manifest (added after the conversion)"
+    assert loaded.get("tokens") == local_tokens["float32"], loaded
+    assert not any("notes.txt" in r.path for r in hub.requests)
+
+
 def test_verify_against_a_repo_id(folders: dict[str, Path], hub: HubUploadServer, tmp_path: Path) -> None:
     """`verify LOCAL --against ORG/NAME` compares the local folder with the published one, tensor by tensor."""
     publish(folders["float32"], hub, tmp_path)
