@@ -468,6 +468,7 @@ def verify_command(
     target: Annotated[str, typer.Argument(help="A folder written by canary-convert, or a Hub repo id.")],
     revision: Annotated[Optional[str], typer.Option(help="Hub revision of TARGET: branch, tag or commit.")] = None,
     against: Annotated[Optional[str], typer.Option(help="Compare TARGET with this folder (or repo) tensor by tensor.")] = None,
+    against_revision: Annotated[Optional[str], typer.Option(help="Hub revision of the --against repo.")] = None,
     goldens: Annotated[Optional[Path], typer.Option(help="Golden file to check against (default: TARGET's goldens.json).")] = None,
     audio: Annotated[Optional[list[Path]], typer.Option(help="The --parity-audio clips of the goldens (repeatable).")] = None,
     device: Annotated[str, typer.Option(help="cpu (reproducible anywhere) or gpu.")] = "cpu",
@@ -486,6 +487,8 @@ def verify_command(
     try:
         if update and (against or goldens):
             raise UsageError("--update rewrites TARGET's own goldens; it takes no --against or --goldens")
+        if against_revision and not against:
+            raise UsageError("--against-revision is the revision of --against ORG/NAME; give --against too")
         folder = resolve_folder(target, revision)
         if update:
             for change in update_goldens(folder, device, tuple(audio or ())):
@@ -493,7 +496,7 @@ def verify_command(
             typer.echo(f"goldens of {target} recorded again")
             return
         if against:
-            report = compare_folders(folder, resolve_folder(against, None), f"{target} against {against}", device)
+            report = compare_folders(folder, resolve_folder(against, against_revision), f"{target} against {against}", device)
         else:
             overrides = {"features_max_abs": tol_features, "encoder_rel_l2": tol_encoder,
                          "logprobs_max_abs": tol_logprobs, "near_tie": near_tie}

@@ -238,12 +238,14 @@ def test_verify_names_a_file_added_to_the_repo(folders: dict[str, Path], local_t
 
 
 def test_verify_against_a_repo_id(folders: dict[str, Path], hub: HubUploadServer, tmp_path: Path) -> None:
-    """`verify LOCAL --against ORG/NAME` compares the local folder with the published one, tensor by tensor."""
-    publish(folders["float32"], hub, tmp_path)
+    """`verify LOCAL --against ORG/NAME [--against-revision R]` compares the local folder with the published one
+    (at R), tensor by tensor."""
+    first = publish(folders["float32"], hub, tmp_path)
+    publish(folders["float16"], hub, tmp_path)
     env = loopback_env(tmp_path / "hf-home", hub.url)
 
-    same = run_cli("verify", str(folders["float32"]), "--against", REPO_ID, env=env)
-    differs = run_cli("verify", str(folders["float16"]), "--against", REPO_ID, env=env)
+    pinned = run_cli("verify", str(folders["float32"]), "--against", REPO_ID, "--against-revision", first, env=env)
+    latest = run_cli("verify", str(folders["float32"]), "--against", REPO_ID, env=env)
 
-    assert same.returncode == 0, same.stdout + same.stderr
-    assert differs.returncode == 3, differs.stdout + differs.stderr
+    assert pinned.returncode == 0, pinned.stdout + pinned.stderr
+    assert latest.returncode == 3, latest.stdout + latest.stderr
