@@ -34,8 +34,9 @@ CONFIG_MEMBER = "model_config.yaml"
 WEIGHTS_MEMBER = "model_weights.ckpt"
 ARTIFACT_PREFIX = "nemo:"
 
-# Bounds on model_config.yaml, checked before any YAML is parsed into objects. canary-1b-v2's config is
-# about 20 KB and 600 nodes; an alias bomb (a few lines whose aliases nest) expands to billions.
+# Bounds on model_config.yaml, checked before any YAML is turned into objects. NeMo writes some KB (a few
+# hundred nodes, more with its dataset sections); an alias bomb (a few lines whose aliases nest) expands to
+# billions. 100,000 nodes take OmegaConf about 2 s.
 MAX_CONFIG_BYTES = 1 << 20
 MAX_CONFIG_NODES = 100_000  # scalars, lists and mappings, each alias counted as the nodes it stands for
 _SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser when PyYAML has it: 10x faster
@@ -86,7 +87,7 @@ class NemoArchive:
         try:
             handle = self._tar.extractfile(self._tar_members[name])
         except (tarfile.TarError, OSError, EOFError) as exc:
-            raise ArchiveError(f"{self.path}: cannot read member {name!r}: {exc}") from None
+            raise ArchiveError(f"{self.path}: cannot read member {name!r}: {one_line(exc)}") from None
         assert handle is not None  # regular files only are listed
         with handle:
             yield handle
@@ -96,7 +97,7 @@ class NemoArchive:
             with self.open_member(name) as handle:
                 return handle.read()
         except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
-            raise ArchiveError(f"{self.path}: member {name!r} is truncated or corrupt: {exc}") from None
+            raise ArchiveError(f"{self.path}: member {name!r} is truncated or corrupt: {one_line(exc)}") from None
 
     def copy_member(self, name: str, destination: Path, on_bytes: Callable[[int], None] | None = None) -> None:
         """Stream one member into a file, never holding it whole in memory."""
@@ -107,7 +108,7 @@ class NemoArchive:
                     if on_bytes is not None:
                         on_bytes(len(chunk))
         except (tarfile.TarError, EOFError, zlib.error) as exc:
-            raise ArchiveError(f"{self.path}: member {name!r} is truncated or corrupt: {exc}") from None
+            raise ArchiveError(f"{self.path}: member {name!r} is truncated or corrupt: {one_line(exc)}") from None
 
     def config(self) -> dict[str, Any]:
         """`model_config.yaml`, loaded safely (no Python tags) with its `${...}` interpolations resolved."""
@@ -248,7 +249,7 @@ def open_archive(path: Path) -> NemoArchive:
         tar = tarfile.open(path, mode="r:*")
         infos = tar.getmembers()
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
-        raise ArchiveError(f"{path}: not a readable .nemo archive (tar or tar.gz): {exc}") from None
+        raise ArchiveError(f"{path}: not a readable .nemo archive (tar or tar.gz): {one_line(exc)}") from None
     archive = NemoArchive(path=path, members={}, compressed=compressed, _tar=tar)
     try:
         for info in infos:

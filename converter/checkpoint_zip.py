@@ -28,13 +28,14 @@ from typing import Any
 import torch
 from torch._weights_only_unpickler import Unpickler as WeightsOnlyUnpickler
 
-from .errors import ArchiveError, UnsafeArchiveError
+from .errors import ArchiveError, UnsafeArchiveError, one_line
 
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, then the name and extra-field lengths at 26 and 28
 _LOCAL_SIGNATURE = b"PK\x03\x04"
 
 # The largest `data.pkl` record read (its declared, inflated size). The pickle only names and shapes the
-# tensors: canary-1b's is about 100 KB; 64 MiB leaves room for models a hundred times larger.
+# tensors, about 180 bytes each (the test checkpoints'): a few hundred KB for canary-1b's ~1,400 tensors,
+# so 64 MiB leaves room for models a hundred times larger.
 MAX_PICKLE_BYTES = 64 << 20
 
 
@@ -205,7 +206,9 @@ def map_checkpoint(path: Path, start: int, size: int, label: str) -> MappedTenso
             data = archive.read(pickle_name)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, NotImplementedError, zlib.error,
             OverflowError) as exc:
-        raise ArchiveError(f"{label}: not a readable torch checkpoint: {exc}") from None
+        raise ArchiveError(f"{label}: not a readable torch checkpoint: {one_line(exc)}") from None
+    if data[:1] == pickle.PROTO and data[1:2] and data[1] > pickle.HIGHEST_PROTOCOL:
+        raise ArchiveError(f"{label}: not a readable torch checkpoint: {pickle_name} has pickle protocol {data[1]}")
     try:
         loaded = _Unpickler(io.BytesIO(data), storages).load()
     except pickle.UnpicklingError as exc:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import yaml
 
-from .errors import MappingError, RulesFileError
+from .errors import MappingError, RulesFileError, one_line
 
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -59,7 +59,8 @@ def _parse_transform(spec: Any, where: str) -> Transform:
         (kind, arg), = spec.items()
         if kind == "squeeze" and isinstance(arg, int):
             return _squeeze(arg)
-        if kind == "transpose" and isinstance(arg, list) and sorted(arg) == list(range(len(arg))):
+        if (kind == "transpose" and isinstance(arg, list) and all(type(axis) is int for axis in arg)
+                and sorted(arg) == list(range(len(arg)))):
             return _permutation(f"transpose{tuple(arg)}", arg)
     raise RulesFileError(f"{where}: unknown transform {spec!r} (conv1d, conv2d, squeeze: N, transpose: [..])")
 
@@ -81,6 +82,7 @@ def _parse_lora(raw: Any, pattern: re.Pattern[str], where: str) -> LoraSpec:
         missing = set(_PLACEHOLDER.findall(str(raw[factor]))) - set(pattern.groupindex)
         if missing:
             raise RulesFileError(f"{where}: lora {factor} {raw[factor]!r} uses {sorted(missing)} that the pattern lacks")
+        _check_template(str(raw[factor]), pattern, f"{where}: lora {factor}")
     return LoraSpec(str(raw["a"]), str(raw["b"]), str(raw["scale"]))
 
 
@@ -134,6 +136,21 @@ def _prefixed_regex(written: str, prefix: str) -> re.Pattern[str]:
     return re.compile("^" + re.escape(prefix) + written[1:])
 
 
+# The rule fields that must have one type (None stands for absent where the field is optional).
+_FIELD_TYPES = (("match", str, "a string"), ("regex", str, "a string"), ("to", str, "a string"),
+                ("dtype", (str, type(None)), "a dtype name"), ("same_as", (str, type(None)), "a key template"),
+                ("file", str, "a file name"), ("optional", bool, "true or false"), ("transforms", list, "a list"))
+
+
+def _check_template(template: str, pattern: re.Pattern[str], what: str) -> None:
+    """A key template (`a.{n}.b`) must format with the pattern's placeholders alone."""
+    try:
+        template.format(**{name: "x" for name in pattern.groupindex})
+    except (KeyError, IndexError, ValueError, AttributeError, TypeError) as exc:
+        raise RulesFileError(f"{what} {template!r} is not a key template over the pattern's placeholders "
+                             f"({one_line(exc)})") from None
+
+
 def _parse_rule(index: int, raw: Any, label: str, prefix: str = "") -> Rule:
     where = f"{label}: rule {index + 1}"
     if not isinstance(raw, dict):
@@ -146,16 +163,22 @@ def _parse_rule(index: int, raw: Any, label: str, prefix: str = "") -> Rule:
     if sum(field in raw for field in ("to", "drop", "folded")) != 1:
         raise RulesFileError(f"{where}: needs exactly one of 'to' (rename), 'drop' (with a reason) or 'folded' "
                              "(a factor another rule's lora merges, with a reason)")
+    for name, kind, described in _FIELD_TYPES:
+        if name in raw and not isinstance(raw[name], kind):
+            raise RulesFileError(f"{where}: '{name}' must be {described}, got {raw[name]!r}")
     written = str(raw.get("match", raw.get("regex")))
     try:
         pattern = _template_regex(written, prefix) if "match" in raw else _prefixed_regex(written, prefix)
     except re.error as exc:
-        raise RulesFileError(f"{where}: bad regex {written!r}: {exc}") from None
+        raise RulesFileError(f"{where}: bad regex {written!r}: {one_line(exc)}") from None
     target = raw.get("to")
     if target is not None:
         missing = set(_PLACEHOLDER.findall(target)) - set(pattern.groupindex)
         if missing:
             raise RulesFileError(f"{where}: target {target!r} uses {sorted(missing)} that the pattern lacks")
+        _check_template(target, pattern, f"{where}: target")
+    if raw.get("same_as") is not None:
+        _check_template(raw["same_as"], pattern, f"{where}: same_as")
     dtype_name = raw.get("dtype")
     if dtype_name is not None and dtype_name not in _DTYPES:
         raise RulesFileError(f"{where}: dtype {dtype_name!r} is not one of {', '.join(_DTYPES)}")
@@ -211,7 +234,7 @@ def _parse_quantizable(raw: Any, label: str) -> tuple[re.Pattern[str], ...]:
         try:
             patterns.append(re.compile(written))
         except re.error as exc:
-            raise RulesFileError(f"{label}: bad quantize regex {written!r}: {exc}") from None
+            raise RulesFileError(f"{label}: bad quantize regex {written!r}: {one_line(exc)}") from None
     return tuple(patterns)
 
 
@@ -226,7 +249,7 @@ def _load_yaml(text: bytes, label: str) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise RulesFileError(f"{label}: not valid YAML: {exc}") from None
+        raise RulesFileError(f"{label}: not valid YAML: {one_line(exc)}") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("rules"), list) or "name" not in raw:
         raise RulesFileError(f"{label}: expected 'name' and a list of 'rules'")
     if unknown := sorted(set(raw) - {"name", "rules", "quantize"}):
