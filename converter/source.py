@@ -7,6 +7,8 @@ behave as users of the Hub expect.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import re
 import threading
 from collections.abc import Iterator
@@ -19,6 +21,7 @@ from typing import Any, Literal
 import httpx2  # huggingface_hub 2.x's transport; a connection lost mid-download surfaces as its error
 from huggingface_hub import (
     ModelCard,
+    cached_assets_path,
     get_cached_repo_tree,
     get_hf_file_metadata,
     hf_hub_download,
@@ -40,7 +43,7 @@ from huggingface_hub.errors import (
 )
 
 from .errors import HubUnreachableError, ModelFolderError, SourceError, UsageError
-from .manifest import CONVERSION_FILE, manifest_problems, read_record, recorded_manifest
+from .manifest import CONVERSION_FILE, FileRecord, manifest_problems, read_record, recorded_manifest
 
 CARD_NAME = "README.md"  # a Hub repo's model card
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -210,14 +213,55 @@ def resolve_folder(target: str | PathLike[str], revision: str | None = None, tqd
     with _hub_errors(_HubRequest(target, commit, "the model", instead)):
         fetched = Path(snapshot_download(target, revision=commit, allow_patterns=[_exact(name) for name in manifest],
                                          tqdm_class=tqdm_class))
-    if problems := manifest_problems(fetched, manifest, added=False):
+    checked = CheckedFiles(target)
+    unchecked = {name: record for name, record in manifest.items() if not checked.holds(fetched / name, record)}
+    if problems := manifest_problems(fetched, unchecked, added=False):
         name = problems[0].split(":", 1)[0]
         if not (fetched / name).is_file():
             raise HubUnreachableError(f"{where}: {name} is not in the local cache, and the Hub did not give it "
                                       f"(unreachable, or the repo lacks a file its {CONVERSION_FILE} lists)")
         raise ModelFolderError(f"{where}: {problems[0]}: the download is not the converted file; delete "
                                f"{fetched / name} (a link into the Hugging Face cache) and its blob, and fetch it again")
+    for name, record in unchecked.items():
+        checked.add(fetched / name, record)
     return fetched
+
+
+class CheckedFiles:
+    """The files of a Hub repo's cache already hashed and found as the manifest records them, so that each is
+    hashed once, when fetched, not at every load. One small record per sha256 in huggingface_hub's assets
+    cache (`$HF_HOME/assets/canary-convert/<repo>/checked/`): the blob's real path, size, mtime and inode when
+    it was hashed; a file changed since (any of them) is hashed again. A cache that cannot be written only
+    costs the hash at the next load."""
+
+    def __init__(self, repo_id: str):
+        self._repo_id = repo_id
+
+    def _record_path(self, record: FileRecord) -> Path:
+        folder = cached_assets_path(library_name="canary-convert", namespace=self._repo_id, subfolder="checked")
+        return Path(folder) / record.sha256.removeprefix("sha256:")
+
+    @staticmethod
+    def _state(path: Path) -> dict[str, Any]:
+        blob = path.resolve(strict=True)
+        info = blob.stat()
+        return {"blob": str(blob), "size": info.st_size, "mtime_ns": info.st_mtime_ns, "inode": info.st_ino}
+
+    def holds(self, path: Path, record: FileRecord) -> bool:
+        try:
+            state = self._state(path)
+            return state["size"] == record.size and json.loads(self._record_path(record).read_text()) == state
+        except (OSError, ValueError, RuntimeError):  # RuntimeError: a loop of links
+            return False
+
+    def add(self, path: Path, record: FileRecord) -> None:
+        try:
+            target = self._record_path(record)
+            partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+            partial.write_text(json.dumps(self._state(path)))
+            os.replace(partial, target)
+        except (OSError, ValueError, RuntimeError):
+            pass
 
 
 def repo_files(target: str | PathLike[str], folder: Path) -> list[str] | None:

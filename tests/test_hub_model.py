@@ -184,6 +184,30 @@ def test_offline_from_the_cache(folders: dict[str, Path], local_tokens: dict, au
                        f"{ORG}/absent: the Hugging Face Hub cannot be reached", "the repo is not in the local cache")
 
 
+def test_each_file_is_hashed_once_unless_it_changes(folders: dict[str, Path], local_tokens: dict, audio: Path,
+                                                    hub: HubUploadServer, tmp_path: Path, dead_endpoint: str) -> None:
+    """A file is hashed when fetched and recorded as checked (huggingface_hub's assets cache); a cached blob
+    changed after that (one byte flipped in place) is hashed again and refused, offline too."""
+    commit = publish(folders["float32"], hub, tmp_path)
+    home = tmp_path / "hf-home"
+    assert load_in_subprocess(REPO_ID, loopback_env(home, hub.url), audio).get("tokens") == local_tokens["float32"]
+    manifest = json.loads((folders["float32"] / CONVERSION_FILE).read_text())["manifest"]
+    checked = home / "assets" / "canary-convert" / REPO_ID.replace("/", "--") / "checked"
+    assert sorted(path.name for path in checked.iterdir()) == sorted(
+        {entry["sha256"].removeprefix("sha256:") for entry in manifest.values()})
+    blob = (snapshot_of(home, commit) / "model.safetensors").resolve()
+    with blob.open("r+b") as handle:
+        handle.seek(blob.stat().st_size // 2)
+        byte = handle.read(1)
+        handle.seek(-1, 1)
+        handle.write(bytes([byte[0] ^ 0x01]))
+
+    loaded = load_in_subprocess(REPO_ID, loopback_env(home, dead_endpoint, offline=True), audio)
+
+    assert loaded.get("error") == "ModelFolderError", loaded
+    assert "model.safetensors: sha256 differs from the manifest" in loaded["message"]
+
+
 def test_a_flipped_byte_in_the_served_weights_is_refused(folders: dict[str, Path], audio: Path,
                                                          hub: HubUploadServer, tmp_path: Path) -> None:
     """The Hub serves model.safetensors with one byte flipped (size and headers unchanged): load_model,
