@@ -198,11 +198,16 @@ def resolve_folder(target: str | PathLike[str], revision: str | None = None, tqd
         raise SourceError(f"{target}: no such folder (and not a Hugging Face repo id like mlx-community/name)")
     instead = "download the repo elsewhere and pass its folder"
     with _hub_errors(_HubRequest(target, revision, "the repo", instead)):
+        at = f"@{revision}" if revision else ""
         try:
             record_path = _hub_download(target, CONVERSION_FILE, revision, tqdm_class)
         except RemoteEntryNotFoundError:
-            at = f"@{revision}" if revision else ""
             raise ModelFolderError(f"{target}{at}: not a canary-convert folder (the repo has no {CONVERSION_FILE})") from None
+        except RepositoryNotFoundError as exc:
+            if isinstance(exc, GatedRepoError):
+                raise
+            raise SourceError(f"{target}{at}: no such local folder, and no such repo on the Hub (or it is private: "
+                              "set HF_TOKEN)") from None
     snapshot = record_path.parent  # the cache keeps files at .../snapshots/<commit>/<filename>
     commit = snapshot.name
     where = f"{target}@{commit[:12]}"

@@ -241,6 +241,16 @@ def test_a_repo_that_is_not_a_canary_convert_folder(folders: dict[str, Path], au
     assert not any("escape.txt" in r.path or "model.safetensors" in r.path for r in hub.requests)
 
 
+def test_a_model_that_is_neither_a_folder_nor_a_repo(folders: dict[str, Path], audio: Path, hub: HubUploadServer,
+                                                     tmp_path: Path) -> None:
+    """A name that is no local folder and no repo, and a revision given with a local folder: one line each."""
+    env = loopback_env(tmp_path / "hf-home", hub.url)
+    one_error_line(transcribe_cli("build/no-such-folder", audio, env),
+                   "build/no-such-folder: no such local folder, and no such repo on the Hub")
+    result = transcribe_cli(str(folders["float32"]), audio, env, "--revision", "main")
+    assert result.returncode == 2 and "a local folder has no revision" in result.stderr, result.stderr
+
+
 def test_verify_names_a_file_added_to_the_repo(folders: dict[str, Path], local_tokens: dict, audio: Path,
                                                hub: HubUploadServer, tmp_path: Path) -> None:
     """A file pushed to the repo after the upload is not fetched, yet verify names it from the repo's listing;
