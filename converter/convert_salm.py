@@ -298,7 +298,8 @@ def _card(conversion: SalmConversion, record: dict[str, Any], folder: str) -> st
         f"# {title} for MLX", "", preset.summary, "",
         f"Converted to [MLX](https://github.com/ml-explore/mlx) with canary-convert {__version__}, "
         f"{record['options']['dtype']}" + (f", {record['options']['quantize']['bits']}-bit" if record['options']['quantize'] else "") + ".", "",
-        "## Use", "", "```sh", f"canary-transcribe speech.wav --model {folder}", "```", "",
+        "## Use", "", "```sh", "pip install 'canary-convert[llm]'", f"canary-transcribe speech.wav --model {folder}",
+        "```", "",
         f"The LLM is an mlx-lm folder (`{conversion.language_model.folder}/`) that `mlx_lm.load()` reads as it is.", "",
         "## How it was made", "", *_provenance(record, f"canary-convert {title} {folder}"),
         f"- LLM mapping `{record['llm_mapping']['file']}` ({record['llm_mapping']['digest']})",

@@ -199,3 +199,13 @@ def test_the_runtime_install_transcribes_without_torch(wheel: Path, example_fold
     assert converting.stderr.strip().splitlines() == [
         "error: converting needs torch, which is not installed (the runtime alone loads and transcribes converted "
         "folders): pip install 'canary-convert[convert]'"]
+
+
+def test_a_speech_llm_folder_without_mlx_lm_names_the_extra(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """canary-qwen folders run their LLM in mlx-lm, the `llm` extra: without it, one error naming the extra."""
+    from canary_convert.errors import MissingExtraError
+    from canary_convert.model.llm.speechllm import load_speech_llm
+
+    monkeypatch.setitem(sys.modules, "mlx_lm", None)  # `import mlx_lm` fails as if it were not installed
+    with pytest.raises(MissingExtraError, match=r"needs mlx-lm, which is not installed: pip install 'canary-convert\[llm\]'"):
+        load_speech_llm(tmp_path, None, {})  # type: ignore[arg-type]

@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ...errors import UsageError
+from ...errors import MissingExtraError, UsageError
 from ..app.audio_io import load_audio
 from ..app.clips import pad_batch
 from ..app.transcribe import AudioInput, Chunk, Transcript, audio_items, item_name, warn
@@ -174,7 +174,11 @@ class SpeechLLM:
 def load_speech_llm(folder: Path, config: SpeechLLMConfig, weights: dict[str, mx.array]) -> SpeechLLM:
     """The audio half from our weights, the LLM from its folder through mlx-lm (its own loader, as users of
     mlx-lm load it)."""
-    from mlx_lm import load as load_llm
+    try:
+        from mlx_lm import load as load_llm
+    except ModuleNotFoundError:
+        raise MissingExtraError(f"{folder}: a speech-LLM folder needs mlx-lm, which is not installed: "
+                                "pip install 'canary-convert[llm]'") from None
 
     from ..quantized import quantize_modules
 
