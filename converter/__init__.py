@@ -1,4 +1,4 @@
-"""canary-convert: NeMo Canary checkpoints (.nemo) to Apple MLX, proven against NeMo."""
+"""canary-convert: NeMo speech checkpoints (.nemo: Canary, CTC) to Apple MLX, proven against NeMo."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ __version__ = "0.1.0"
 BLAS: BlasInfo = preload()
 
 if TYPE_CHECKING:
-    from .model.aed.canary import CanaryModel
+    from .model.speech import SpeechModel
 
 
-def load_model(path_or_repo: str | PathLike[str], revision: str | None = None) -> CanaryModel:
-    """Load a converted MLX folder into the bundled model (MLX only; torch is never imported).
+def load_model(path_or_repo: str | PathLike[str], revision: str | None = None) -> SpeechModel:
+    """Load a converted MLX folder into the bundled model of its family (MLX only; torch is never imported).
 
     `path_or_repo` is a local folder, else a Hub repo id (`mlx-community/...`, at `revision` when given),
     fetched through huggingface_hub's cache and checked against the manifest in its `conversion.json`.

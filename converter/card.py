@@ -83,18 +83,29 @@ def _precision(record: Mapping[str, Any]) -> str:
 
 def _architecture(record: Mapping[str, Any], facts: CardFacts) -> list[str]:
     config = facts.config
-    encoder, decoder = config["encoder"], config["decoder"]
+    encoder = config["encoder"]
+    prompt = f" ({config['prompt_format']} prompt)" if "prompt_format" in config else ""
     rows = [
-        ("family", f"`{record['family']}` ({config['prompt_format']} prompt)"),
+        ("family", f"`{record['family']}`{prompt}"),
         ("encoder", f"{encoder['n_layers']} FastConformer layers, width {encoder['d_model']}, {encoder['n_heads']} heads, "
                     f"subsampling x{encoder['subsampling_factor']}, {config['preprocessor']['features']} mel features"),
-        ("decoder", f"{decoder['num_layers']} Transformer layers, width {decoder['hidden_size']}, "
-                    f"{decoder['num_attention_heads']} heads, up to {decoder['max_sequence_length']} positions"),
+        *_head(config),
         ("parameters", f"{record['parameter_count']:,}"),
-        ("languages", ", ".join(facts.languages)),
+        ("languages", ", ".join(facts.languages) or "as the tokenizer's text"),
         ("weights", _precision(record)),
     ]
     return ["| | |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows)]
+
+
+def _head(config: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The card rows of the family's head: a Transformer decoder (Canary) or a CTC head."""
+    if "decoder" in config:
+        decoder = config["decoder"]
+        return [("decoder", f"{decoder['num_layers']} Transformer layers, width {decoder['hidden_size']}, "
+                            f"{decoder['num_attention_heads']} heads, up to {decoder['max_sequence_length']} positions")]
+    if "ctc" in config:
+        return [("head", f"CTC over {config['ctc']['num_classes'] - 1} tokens and the blank, greedy decoding")]
+    return []
 
 
 def _provenance(record: Mapping[str, Any], command: str) -> list[str]:
@@ -141,10 +152,13 @@ def _usage(facts: CardFacts) -> list[str]:
     use), else by its folder. `pip install canary-convert` is the runtime alone: MLX, no torch."""
     language = facts.languages[0] if facts.languages else "en"
     target = facts.repo_id or facts.folder
+    # Only a prompted model (Canary) takes a language.
+    prompted = "prompt_format" in facts.config
+    option, argument = (f" --source-lang {language}", f', source_lang="{language}"') if prompted else ("", "")
     lines = ["```sh", "pip install canary-convert",
-             f"canary-transcribe speech.wav --model {target} --source-lang {language}", "```", "", "```python",
+             f"canary-transcribe speech.wav --model {target}{option}", "```", "", "```python",
              "from canary_convert import load_model", "", f'model = load_model("{target}")',
-             f'print(model.transcribe("speech.wav", source_lang="{language}")[0].text)', "```"]
+             f'print(model.transcribe("speech.wav"{argument})[0].text)', "```"]
     if (facts.config.get("layout") or {}).get("name") == "mlx-audio":
         lines += ["", "The folder is in mlx-audio's layout too, so mlx-audio loads it as it is:", "", "```python",
                   "import mlx.core as mx", "from mlx_audio.stt import load", "",

@@ -443,12 +443,13 @@ def transcribe_command(
             with _chunk_bar() as bar, warnings.catch_warnings():
                 # The warnings are printed below, once each, from the transcripts themselves.
                 warnings.simplefilter("ignore", TranscriptWarning)
-                results = loaded.transcribe(
-                    audio, source_lang=source_lang, target_lang=target_lang, task=task, pnc=pnc,
-                    timestamp=timestamps, strategy="greedy" if greedy else None, beam_size=beam_size,
-                    batch_size=batch_size, chunking=chunking, chunk_seconds=chunk_seconds,
-                    progress=_ChunkProgress(bar),
-                )
+                # Only the options given: a model without prompts (CTC) refuses prompt options by name.
+                given = {name: value for name, value in (
+                    ("source_lang", source_lang), ("target_lang", target_lang), ("task", task), ("pnc", pnc),
+                    ("timestamp", timestamps), ("strategy", "greedy" if greedy else None), ("beam_size", beam_size),
+                    ("chunk_seconds", chunk_seconds)) if value is not None}
+                results = loaded.transcribe(audio, batch_size=batch_size, chunking=chunking,
+                                            progress=_ChunkProgress(bar), **given)
     except CanaryConvertError as exc:
         _fail(exc)
     for result in results:

@@ -19,7 +19,7 @@ from .card import CARD_FILE, CardFacts, choose_licence, render_card
 from .errors import UsageError
 from .goldens import GOLDENS_FILE, load_clips, record_goldens, write_goldens
 from .manifest import CONVERSION_FILE, FileRecord, build_manifest
-from .model.load import CONFIG_FILE, parameter_shapes
+from .model.load import CONFIG_FILE, model_class, parameter_shapes
 from .model.quantized import QuantizeOptions
 from .model.tokenizer import load_tokenizer
 from .parity import ParityReport, require_nemo, run_parity
@@ -156,6 +156,9 @@ def _plan(archive: NemoArchive, source: ResolvedSource, state_dict: dict[str, to
     layout = preset.layout(options.layout, nemo_config)
     derived = derive_config(preset, nemo_config, state_dict, archive.artifacts(nemo_config), layout,
                            set(archive.members))
+    if options.parity and not model_class(derived.config.model_type).nemo_parity:
+        raise UsageError(f"{preset.name}: --parity compares Canary models with NeMo at conversion; for this family "
+                         "the tests compare it with NeMo (tests/test_ctc.py), and goldens.json records its outputs")
     own_shapes = parameter_shapes(derived.config)
     # The bundled model's own plan proves it is filled, whichever library's names the folder is written in.
     own = plan_conversion(load_rules(preset.mapping), state_dict, own_shapes)

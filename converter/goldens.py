@@ -29,11 +29,12 @@ from . import __version__
 from .errors import CanaryConvertError
 from .model.aed.canary import CanaryModel
 from .model.app.clips import pad_batch
+from .model.speech import AudioBatch, SpeechModel
 from .model.aed.decoding import DecodingOptions, decode, strip_hypothesis
 from .model.aed.prompts import PromptOptions, build_prompt
 from .model.cpu.streaming import layers_streamed
 from .untrusted import finite_number, read_json
-from .parity import TOKEN_MODES, ParityReport, StageOutputs, reference_signals, teacher_forced_tokens
+from .parity import TOKEN_MODES, ParityReport, StageOutputs, reference_signals
 
 GOLDENS_FILE = "goldens.json"
 SCHEMA = "canary-convert/goldens"
@@ -166,21 +167,22 @@ class GroupRun:
     stages: StageOutputs
     encoded: mx.array
     enc_lengths: mx.array
+    batch: AudioBatch  # the features (and samples) the heads without prompts decode from
 
 
-def run_group(model: CanaryModel, signals: Sequence[np.ndarray]) -> GroupRun:
-    """Features, encoder states and teacher-forced log-probs (BOS then fixed tokens) of a padded batch."""
+def run_group(model: SpeechModel, signals: Sequence[np.ndarray]) -> GroupRun:
+    """Features, encoder states and the head's log-probs (`SpeechModel.stage_logprobs`) of a padded batch."""
     assert model.tokenizer is not None
     batch, lengths = pad_batch(list(signals))
-    features, frames = model.preprocess(mx.array(batch), mx.array(lengths))
+    samples, counts = mx.array(batch), mx.array(lengths)
+    features, frames = model.preprocess(samples, counts)
     encoded, enc_lengths = model.encode(features, frames)
     mx.eval(encoded, enc_lengths)
-    tokens = teacher_forced_tokens(model.tokenizer.vocab_size, len(signals), [model.tokenizer.bos_id])
-    logprobs = model.decoder_logprobs(mx.array(tokens), encoded, enc_lengths)
+    logprobs = model.stage_logprobs(encoded, enc_lengths)
     as_numpy = lambda array: np.array(array.astype(mx.float32) if array.dtype != mx.int32 else array)  # noqa: E731
     stages = StageOutputs(as_numpy(features), as_numpy(frames), as_numpy(encoded), as_numpy(enc_lengths),
                           as_numpy(logprobs))
-    return GroupRun(stages, encoded, enc_lengths)
+    return GroupRun(stages, encoded, enc_lengths, AudioBatch(features, frames, samples, counts))
 
 
 def _tiled(run: GroupRun, times: int) -> tuple[mx.array, mx.array]:
@@ -250,8 +252,20 @@ def decode_all(model: CanaryModel, run: GroupRun, wanted: Sequence[tuple[PromptO
     return tokens
 
 
-def decode_goldens(model: CanaryModel, run: GroupRun) -> list[dict[str, Any]]:
-    """Token ids and near-tie gaps of every golden prompt and mode."""
+def head_decodings(model: SpeechModel, run: GroupRun, modes: Sequence[str]) -> list[list[list[int]]]:
+    """Per mode of `SpeechModel.golden_decoders` (a head without prompts), the tokens of each utterance."""
+    decoders = model.golden_decoders()
+    return [[decoded.tokens for decoded in decoders[mode](run.batch)] for mode in modes]
+
+
+def decode_goldens(model: SpeechModel, run: GroupRun) -> list[dict[str, Any]]:
+    """Token ids (and, for the prompted Canary head, near-tie gaps) of every golden prompt and mode."""
+    if not isinstance(model, CanaryModel):
+        modes = list(model.golden_decoders())
+        # Greedy, the one mode a CTC head has (TOKEN_MODES' names); no search, so no length penalty or gaps.
+        return [{"prompt": None, "mode": mode, "strategy": TOKEN_MODES[mode][0], "beam_size": TOKEN_MODES[mode][1],
+                 "length_penalty": 0.0, "tokens": tokens, "gaps": [[] for _ in tokens]}
+                for mode, tokens in zip(modes, head_decodings(model, run, modes))]
     wanted = [(prompt, (mode, options)) for prompt in golden_prompts(model) for mode, options in golden_modes(model).items()]
     tokens = decode_all(model, run, [(prompt, options) for prompt, (_, options) in wanted])
     spreads = gaps(model, run, [(prompt, ids) for (prompt, _), ids in zip(wanted, tokens)])
@@ -260,7 +274,7 @@ def decode_goldens(model: CanaryModel, run: GroupRun) -> list[dict[str, Any]]:
             for (prompt, (mode, options)), ids, spread in zip(wanted, tokens, spreads)]
 
 
-def _group(model: CanaryModel, signals: list[np.ndarray], reference: StageOutputs | None,
+def _group(model: SpeechModel, signals: list[np.ndarray], reference: StageOutputs | None,
            reference_tokens: Mapping[str, list[list[int]]] | None) -> dict[str, Any]:
     run = run_group(model, signals)
     group: dict[str, Any] = {"stages": {stage: fingerprint(run.stages, stage) for stage in STAGES},
@@ -281,7 +295,7 @@ def _rows(stages: StageOutputs, rows: slice) -> StageOutputs:
                         stages.logprobs[rows])
 
 
-def record_goldens(model: CanaryModel, clips: Sequence[tuple[str, np.ndarray, str]] = (),
+def record_goldens(model: SpeechModel, clips: Sequence[tuple[str, np.ndarray, str]] = (),
                    parity: ParityReport | None = None, device: str = "cpu", folder: Path | None = None) -> dict[str, Any]:
     """The goldens of a loaded model. `clips` are (name, samples, sha256) of the `--parity-audio` files;
     `parity`, when it ran on the test signals followed by those clips, supplies NeMo's reference; `folder`,
@@ -458,7 +472,9 @@ def check_goldens(goldens: Mapping[str, Any], path: Path) -> None:
         for index, decoded in enumerate(shape.array(group["decoding"], f"{key}.decoding")):
             at = f"{key}.decoding[{index}]"
             shape.object(decoded, at, ("prompt", "mode", "strategy", "beam_size", "length_penalty", "tokens", "gaps"))
-            prompt = shape.object(decoded["prompt"], f"{at}.prompt", ("source_lang",), tuple(_PROMPT_FIELDS))
+            # A head without prompts (CTC) records its modes with no prompt.
+            prompt = ({} if decoded["prompt"] is None else
+                      shape.object(decoded["prompt"], f"{at}.prompt", ("source_lang",), tuple(_PROMPT_FIELDS)))
             for field_name, value in prompt.items():
                 kinds = {"bool": bool, "str": str, "str | None": (str, type(None))}[_PROMPT_FIELDS[field_name]]
                 if not isinstance(value, kinds):

@@ -17,11 +17,10 @@ import numpy as np
 
 from .errors import CanaryConvertError, TranscriptWarning, ValidationError
 from .model.app.audio_io import load_audio
-from .model.aed.canary import CanaryModel
+from .model.aed.canary import CanaryModel, teacher_forced_tokens
 from .model.app.clips import pad_batch
 
 TEST_SIGNAL_SECONDS = (2.3, 1.1, 3.4)  # a padded batch of three different lengths
-TEACHER_FORCED_TOKENS = 20
 
 
 @dataclass(frozen=True)
@@ -210,13 +209,6 @@ def nemo_logprobs(nemo: Any, tokens: np.ndarray, encoded: np.ndarray, lengths: n
             encoder_mask=encoder_mask,
         )
         return nemo.log_softmax(hidden_states=hidden).numpy()
-
-
-def teacher_forced_tokens(vocab_size: int, batch: int, prompt: list[int]) -> np.ndarray:
-    """The prompt followed by fixed pseudo-random text tokens, the same for every run."""
-    rng = np.random.default_rng(7)
-    text = rng.integers(0, vocab_size, size=(batch, TEACHER_FORCED_TOKENS))
-    return np.concatenate([np.tile(np.array(prompt, dtype=np.int64), (batch, 1)), text], axis=1)
 
 
 def compare_stages(nemo: Any, model: CanaryModel, signals: list[np.ndarray]) -> ParityReport:

@@ -16,7 +16,8 @@ import yaml
 
 from .archive import Artifact
 from .errors import CanaryConvertError, RulesFileError, UnsupportedModelError, UsageError
-from .model.config import ConfigValueError, ModelConfig
+from .model.config import ConfigValueError, SpeechConfig
+from .model.load import config_from_dict
 
 _MISSING = object()
 _ARTIFACT_ID = re.compile(r"^[0-9a-f]{32}_")  # NeMo prefixes each artifact with a uuid4 hex
@@ -223,7 +224,7 @@ class Derived:
     """
 
     preset: Preset
-    config: ModelConfig
+    config: SpeechConfig
     tokenizer_files: dict[str, str]  # path inside OUT -> archive member
     layout: Layout | None = None
     foreign: dict[str, Any] = field(default_factory=dict)
@@ -298,7 +299,7 @@ def derive_config(
         foreign = _derive(layout.config, f"layout {layout.name}", nemo_config, tensors, members)
     try:
         # Entries the layout sets in our own sections must still be valid for the bundled model.
-        config = ModelConfig.from_dict(_deep_merge(values, {k: v for k, v in foreign.items() if k in values}))
+        config = config_from_dict(_deep_merge(values, {k: v for k, v in foreign.items() if k in values}))
     except ConfigValueError as exc:
         raise _bad_value(preset, layout, exc) from None
     except ValueError as exc:

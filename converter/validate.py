@@ -15,9 +15,8 @@ from mlx.utils import tree_flatten
 from safetensors import SafetensorError, safe_open
 
 from .errors import ModelFolderError, ValidationError
-from .model.aed.canary import CanaryModel
-from .model.config import ModelConfig
-from .model.load import CONFIG_FILE, load_model, tensor_files
+from .model.speech import SpeechModel
+from .model.load import CONFIG_FILE, load_model, read_config, tensor_files
 from .model.cpu.mapped import map_safetensors
 from .quantize import QuantizationError, QuantizationPlan, quantization_error, quantize_tensor
 from .rules import TensorPlan
@@ -38,7 +37,7 @@ class ValidationReport:
         return record
 
 
-def check_strict_load(folder: Path) -> CanaryModel:
+def check_strict_load(folder: Path) -> SpeechModel:
     """Load `folder` as users will (`load_model`); any missing, extra or misshapen parameter fails."""
     try:
         return load_model(folder)
@@ -47,10 +46,10 @@ def check_strict_load(folder: Path) -> CanaryModel:
 
 
 def _stored_keys(folder: Path, files: Sequence[Path] | None = None) -> dict[str, Path]:
-    """Every tensor name in the folder's tensor files (those of a Canary folder unless `files` names them),
+    """Every tensor name in the folder's tensor files (those its config.json names unless `files` does),
     with its file; the files must be MLX's."""
     where: dict[str, Path] = {}
-    for file in files if files is not None else tensor_files(folder, ModelConfig.from_file(folder / CONFIG_FILE)):
+    for file in files if files is not None else tensor_files(folder, read_config(folder / CONFIG_FILE)):
         try:
             with safe_open(str(file), framework="numpy") as handle:
                 if handle.metadata().get("format") != "mlx":
@@ -112,7 +111,7 @@ def _check_quantized(where: Mapping[str, Path], layers: Mapping[TensorPlan, list
 
 
 def validate_folder(folder: Path, stored: Sequence[OutputTensor], source: Mapping[str, torch.Tensor],
-                    quantization: QuantizationPlan | None = None) -> tuple[ValidationReport, CanaryModel]:
+                    quantization: QuantizationPlan | None = None) -> tuple[ValidationReport, SpeechModel]:
     """Both proofs; returns the report and the strictly loaded model (for parity and the goldens)."""
     model = check_strict_load(folder)
     errors = check_round_trip(folder, stored, source, quantization)

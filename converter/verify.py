@@ -31,6 +31,7 @@ from .goldens import (
     first_difference,
     GroupRun,
     decode_all,
+    head_decodings,
     gaps,
     golden_modes,
     goldens_digest,
@@ -46,9 +47,9 @@ from .goldens import (
 from .untrusted import finite_number, folder_file, read_json
 from .manifest import CONVERSION_FILE, NOT_CONVERTED, hash_file, manifest_problems, read_record, recorded_manifest
 from .model.aed.canary import CanaryModel
-from .model.config import ModelConfig
+from .model.speech import SpeechModel
 from .model.aed.decoding import DecodingOptions
-from .model.load import CONFIG_FILE, INDEX_FILE, files_read, load_model, read_tensors, weight_files
+from .model.load import CONFIG_FILE, INDEX_FILE, files_read, load_model, read_config, read_tensors, weight_files
 from .model.aed.prompts import PromptOptions
 from .model.quantized import read_quantization
 from .model.cpu.streaming import layers_streamed
@@ -137,7 +138,7 @@ def check_manifest(folder: Path, record: dict[str, Any], repo_files: Collection[
         problems += [f"{name}: in the repo but not in the manifest (added after the conversion)"
                      for name in sorted(set(repo_files) - set(manifest) - {CONVERSION_FILE, *NOT_CONVERTED})]
     try:
-        config = ModelConfig.from_file(folder_file(folder, CONFIG_FILE))
+        config = read_config(folder_file(folder, CONFIG_FILE))
         read = [path.relative_to(folder).as_posix() for path in files_read(folder, config)]
     except (ModelFolderError, ValueError, KeyError, TypeError):
         read = []  # the strict load says why
@@ -147,7 +148,7 @@ def check_manifest(folder: Path, record: dict[str, Any], repo_files: Collection[
     return Check("manifest", "pass", f"{len(manifest)} files, sizes and sha256 as recorded")
 
 
-def check_load(folder: Path) -> tuple[Check, CanaryModel | None]:
+def check_load(folder: Path) -> tuple[Check, SpeechModel | None]:
     try:
         model = load_model(folder)
     except ModelFolderError as exc:
@@ -184,7 +185,7 @@ def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[s
             for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)]
 
 
-def check_config(goldens: Mapping[str, Any], model: CanaryModel) -> Check:
+def check_config(goldens: Mapping[str, Any], model: SpeechModel) -> Check:
     changed = config_differences(goldens["config"], model.config.to_dict())
     if changed:
         return Check("config", "fail", "config.json: " + "; ".join(changed) + " (when the goldens were recorded)",
@@ -192,7 +193,7 @@ def check_config(goldens: Mapping[str, Any], model: CanaryModel) -> Check:
     return Check("config", "pass", "config.json as when the goldens were recorded")
 
 
-def _group_signals(name: str, group: Mapping[str, Any], model: CanaryModel,
+def _group_signals(name: str, group: Mapping[str, Any], model: SpeechModel,
                    clips: Sequence[tuple[str, np.ndarray, str]]) -> list[np.ndarray] | str:
     """The group's signals, or why they are not at hand."""
     sample_rate = model.config.preprocessor.sample_rate
@@ -221,7 +222,9 @@ def check_stages(group_name: str, golden: Mapping[str, Any], now: Mapping[str, A
     return checks
 
 
-def _describe(prompt: Mapping[str, Any], mode: str) -> str:
+def _describe(prompt: Mapping[str, Any] | None, mode: str) -> str:
+    if prompt is None:
+        return mode
     target = prompt.get("target_lang") or prompt["source_lang"]
     return f"{prompt['task']} {prompt['source_lang']}->{target} {mode}"
 
@@ -233,12 +236,21 @@ def golden_options(golden: Mapping[str, Any], model: CanaryModel) -> tuple[Promp
     return PromptOptions(**golden["prompt"]), options
 
 
-def check_decoding(group_name: str, golden: Mapping[str, Any], now: list[list[int]], model: CanaryModel,
+def check_decoding(group_name: str, golden: Mapping[str, Any], now: list[list[int]], model: SpeechModel,
                    run: GroupRun, tolerances: Tolerances) -> Check:
     """One golden prompt and mode against this run's tokens `now`; a first difference at a recorded near-tie
     is advisory."""
-    prompt = PromptOptions(**golden["prompt"])
     name = f"{group_name}: {_describe(golden['prompt'], golden['mode'])} tokens"
+    if golden["prompt"] is None:
+        # A head without prompts records no near-tie gaps: its tokens must be the same.
+        differing = [row for row, (old, new) in enumerate(zip(golden["tokens"], now)) if old != new]
+        if differing:
+            row = differing[0]
+            at = first_difference(golden["tokens"][row], now[row])
+            return Check(name, "fail", f"utterance {row}, token {at}: {golden['tokens'][row][at:at + 3]} -> "
+                         f"{now[row][at:at + 3]}", stage="decoding")
+        return Check(name, "pass", f"{len(now)} utterances identical")
+    prompt = PromptOptions(**golden["prompt"])
     advisories = []
     current_gaps: list[list[float]] = []
     if len(golden["tokens"]) != len(now):
@@ -261,7 +273,7 @@ def check_decoding(group_name: str, golden: Mapping[str, Any], now: list[list[in
     return Check(name, "pass", f"{len(now)} utterances identical")
 
 
-def check_reference(group_name: str, group: Mapping[str, Any], now: Mapping[str, Any], model: CanaryModel,
+def check_reference(group_name: str, group: Mapping[str, Any], now: Mapping[str, Any], model: SpeechModel,
                     greedy_now: list[list[int]] | None) -> list[Check]:
     """Against NeMo's own outputs recorded at conversion, within the parity limits of the precision;
     `greedy_now` is this run's greedy transcription in the first language (NeMo's reference prompt)."""
@@ -291,12 +303,13 @@ def check_reference(group_name: str, group: Mapping[str, Any], now: Mapping[str,
     return checks
 
 
-def verify_goldens(goldens: Mapping[str, Any], model: CanaryModel, tolerances: Tolerances,
+def verify_goldens(goldens: Mapping[str, Any], model: SpeechModel, tolerances: Tolerances,
                    clips: Sequence[tuple[str, np.ndarray, str]] = (), folder: Path | None = None) -> list[Check]:
     assert model.tokenizer is not None
     checks = [check_config(goldens, model)]
-    # NeMo's reference transcribed in the first language with punctuation: the golden prompt of that name.
-    reference_prompt = asdict(PromptOptions(model.tokenizer.languages[0]))
+    # NeMo's reference transcribed in the first language with punctuation: the golden prompt of that name
+    # (a head without prompts records its modes with no prompt).
+    reference_prompt = asdict(PromptOptions(model.tokenizer.languages[0])) if isinstance(model, CanaryModel) else None
     # With the folder, each layer holds its weights only while it runs (streaming.py).
     with layers_streamed(model, folder):
         for group_name, group in goldens["groups"].items():
@@ -309,7 +322,7 @@ def verify_goldens(goldens: Mapping[str, Any], model: CanaryModel, tolerances: T
                    for stage in STAGES}
             checks += check_stages(group_name, group["stages"], now, tolerances)
             greedy_now = None
-            decoded = decode_all(model, run, [golden_options(golden, model) for golden in group["decoding"]])
+            decoded = _decode_recorded(model, run, group["decoding"])
             for golden, tokens in zip(group["decoding"], decoded):
                 checks.append(check_decoding(group_name, golden, tokens, model, run, tolerances))
                 if golden["mode"] == "greedy" and golden["prompt"] == reference_prompt:
@@ -327,6 +340,13 @@ def tolerances_of(goldens: Mapping[str, Any], overrides: Mapping[str, float | No
             raise UsageError(f"--{TOLERANCE_OPTIONS[key]} {value}: a tolerance is a finite number >= 0")
     tolerances = Tolerances.for_dtype(dtype).tightened(goldens["tolerances"])
     return replace(tolerances, **{key: value for key, value in overrides.items() if value is not None})
+
+
+def _decode_recorded(model: SpeechModel, run: GroupRun, recorded: Sequence[Mapping[str, Any]]) -> list[list[list[int]]]:
+    """This run's tokens for each recorded golden: a prompt and mode (Canary), or a head's mode alone."""
+    if not isinstance(model, CanaryModel):
+        return head_decodings(model, run, [golden["mode"] for golden in recorded])
+    return decode_all(model, run, [golden_options(golden, model) for golden in recorded])
 
 
 def verify_folder(folder: Path, target: str, device: str, goldens_path: Path | None = None,
@@ -415,7 +435,7 @@ def _replace_file(path: Path, text: str) -> None:
 
 def _layers(folder: Path) -> dict[str, np.ndarray]:
     """Every tensor of a folder by the bundled model's parameter names, quantized layers dequantized."""
-    config = ModelConfig.from_file(folder_file(folder, CONFIG_FILE))
+    config = read_config(folder_file(folder, CONFIG_FILE))
     weights = read_tensors(folder, config)  # under the bundled model's names, whatever the layout
     options = read_quantization(config.quantization)[0] if config.quantization else None
     layers = {}

@@ -220,6 +220,85 @@ def build(spec: TinySpec, out: Path) -> Path:
     return out
 
 
+@dataclass(frozen=True)
+class TinyCTCSpec:
+    """A tiny EncDecCTCModelBPE (FastConformer + 1x1 conv CTC head) with its own SentencePiece BPE tokenizer."""
+
+    name: str
+    features: int = 24
+    d_model: int = 40
+    enc_layers: int = 2
+    enc_heads: int = 4
+    subsampling_factor: int = 4
+    conv_channels: int = 8
+    conv_kernel: int = 5
+    ff_expansion: int = 2
+    xscaling: bool = True
+    untie_biases: bool = True
+    vocab: int = 48  # SentencePiece pieces; the CTC head has one more class, the blank
+    text: tuple[str, ...] = ("en",)
+    seed: int = 10
+    punctuation: bool = False  # train on punctuated sentences too, so `.` `,` `?` `!` are pieces of their own
+
+
+CTC_VARIANTS = {
+    spec.name: spec
+    for spec in (
+        TinyCTCSpec("ctc-sub4"),
+        TinyCTCSpec("ctc-sub8-w64", features=32, d_model=64, enc_heads=2, subsampling_factor=8, conv_channels=16,
+                    xscaling=False, untie_biases=False, vocab=40, seed=11),
+    )
+}
+# canary-1b-v2's aligner in miniature: its own tokenizer (unlike the Canary's), punctuation pieces, another
+# feature count and subsampling than the Canary it rides with.
+ALIGNER = TinyCTCSpec("aligner-sub8", features=28, d_model=32, enc_heads=2, subsampling_factor=8, vocab=56,
+                      punctuation=True, seed=12)
+PUNCTUATED = ["Hello, world. This is a test!", "Is the cat on the mat? Yes.", "One, two, three. Four five six!"]
+
+
+def ctc_nemo_config(spec: TinyCTCSpec, tokenizer_dir: str) -> dict[str, Any]:
+    """A model_config.yaml in the shape of NeMo's FastConformer CTC BPE models (parakeet-ctc), tiny sizes."""
+    base = nemo_config(TinySpec("ctc", features=spec.features, d_model=spec.d_model, enc_layers=spec.enc_layers,
+                                enc_heads=spec.enc_heads, subsampling_factor=spec.subsampling_factor,
+                                conv_channels=spec.conv_channels, conv_kernel=spec.conv_kernel,
+                                ff_expansion=spec.ff_expansion, xscaling=spec.xscaling,
+                                untie_biases=spec.untie_biases), {})
+    return {
+        "sample_rate": 16000,
+        "tokenizer": {"dir": tokenizer_dir, "type": "bpe"},
+        "preprocessor": base["preprocessor"],
+        "encoder": base["encoder"],
+        "decoder": {"_target_": "nemo.collections.asr.modules.ConvASRDecoder", "feat_in": spec.d_model,
+                    "num_classes": -1, "vocabulary": []},
+        "decoding": {"strategy": "greedy_batch"},
+    }
+
+
+def build_ctc(spec: TinyCTCSpec, out: Path) -> Path:
+    """Build, randomise and `save_to` one tiny EncDecCTCModelBPE; returns the `.nemo` path."""
+    import torch
+    from omegaconf import OmegaConf
+    from nemo.collections.asr.models import EncDecCTCModelBPE
+    from nemo.collections.common.tokenizers.sentencepiece_tokenizer import create_spt_model
+
+    torch.manual_seed(spec.seed)
+    with tempfile.TemporaryDirectory(prefix="tiny-ctc-tok-") as scratch:
+        corpus = Path(scratch) / "text.txt"
+        lines = [line for lang in spec.text for line in TEXT[lang] * 4] + (PUNCTUATED * 4 if spec.punctuation else [])
+        corpus.write_text("\n".join(lines))
+        create_spt_model(str(corpus), vocab_size=spec.vocab, sample_size=-1, do_lower_case=False,
+                         output_dir=scratch)
+        model = EncDecCTCModelBPE(OmegaConf.create(ctc_nemo_config(spec, scratch)))
+        randomise(model, spec.seed)
+        with torch.no_grad():
+            # A spread-out head, so greedy decoding emits many tokens from random weights, not blanks only.
+            model.decoder.decoder_layers[0].weight.mul_(8.0)
+        model.eval()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        model.save_to(str(out))
+    return out
+
+
 def _tiny_ctc_model(out: Path) -> Path:
     """The smallest NeMo CTC model (characters, one conv block): what canary-1b-v2 carries for timestamps."""
     from omegaconf import OmegaConf
@@ -257,6 +336,36 @@ def with_timestamps_model(canary: Path, out: Path) -> Path:
             for member, name in (("model_config.yaml", "timestamps_asr_model_config.yaml"),
                                  ("model_weights.ckpt", "timestamps_asr_model_weights.ckpt")):
                 (folder / name).write_bytes(tar.extractfile(f"./{member}").read())
+        config = yaml.safe_load((folder / "model_config.yaml").read_text())
+        config.pop("restore_timestamps_model")
+        (folder / "model_config.yaml").write_text(yaml.safe_dump(config))
+        with tarfile.open(out, "w:") as tar:  # NeMo's own .nemo layout: an uncompressed tar of "./" members
+            tar.add(folder, arcname=".")
+    return out
+
+
+def with_aligner(canary: Path, aligner: Path, out: Path) -> Path:
+    """A copy of a tiny canary-1b-v2-style `.nemo` carrying a CTC aligner as the release does: the aligner's
+    config and weights as `timestamps_asr_model_config.yaml` / `_weights.ckpt` and its tokenizer files (their
+    uuid-prefixed names, which its config refers to) beside the Canary's own members, with
+    `restore_timestamps_model` left at NeMo's default (true). NeMo's save_to would drop the aligner."""
+    import tarfile
+
+    import yaml
+
+    with tempfile.TemporaryDirectory(prefix="tiny-canary-aligner-") as scratch:
+        folder = Path(scratch) / "nemo"
+        folder.mkdir()
+        with tarfile.open(canary) as tar:
+            tar.extractall(folder, filter="data")
+        with tarfile.open(aligner) as tar:
+            for member in tar.getmembers():
+                name = Path(member.name).name
+                if not member.isfile():
+                    continue
+                renamed = {"model_config.yaml": "timestamps_asr_model_config.yaml",
+                           "model_weights.ckpt": "timestamps_asr_model_weights.ckpt"}.get(name, name)
+                (folder / renamed).write_bytes(tar.extractfile(member).read())
         config = yaml.safe_load((folder / "model_config.yaml").read_text())
         config.pop("restore_timestamps_model")
         (folder / "model_config.yaml").write_text(yaml.safe_dump(config))

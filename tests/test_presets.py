@@ -92,10 +92,19 @@ def test_other_decoder_or_head_classes_are_refused_by_name(checkpoint: Path, sec
 
 
 def test_unknown_model_is_refused(checkpoint: Path) -> None:
+    def make_classifier(config: dict) -> None:
+        config["target"] = "nemo.collections.asr.models.classification_models.EncDecClassificationModel"
+
+    with pytest.raises(UnsupportedModelError, match=r"no preset matches this checkpoint \(target='nemo.collections.asr.models.classification_models"):
+        _derive(checkpoint, make_classifier)
+
+
+def test_a_family_preset_refuses_what_its_model_cannot_run(checkpoint: Path) -> None:
+    # Detected as the CTC family by its class, refused by name for the Canary checkpoint's aggregate tokenizer.
     def make_ctc(config: dict) -> None:
         config["target"] = "nemo.collections.asr.models.ctc_bpe_models.EncDecCTCModelBPE"
 
-    with pytest.raises(UnsupportedModelError, match=r"no preset matches this checkpoint \(target='nemo.collections.asr.models.ctc_bpe_models"):
+    with pytest.raises(UnsupportedModelError, match=r"ctc-bpe: model_config.yaml has tokenizer.type='agg'"):
         _derive(checkpoint, make_ctc)
 
 

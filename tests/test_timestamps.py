@@ -31,7 +31,7 @@ from canary_convert.model.app.chunking import Span
 from canary_convert.model.aed.decoding import Decoded
 from canary_convert.model.app.longform import ChunkOutput, LongFormOutput, chunk_frame_offsets
 from canary_convert.model.aed.timestamps import TimedText
-from canary_convert.model.app.transcribe import Transcript, join_chunks
+from canary_convert.model.app.transcribe import TextReader, Transcript, join_chunks
 from canary_convert.parity import nemo_prompt_slots, restore_nemo
 from factory import VARIANTS, build
 from long_inputs import long_signal, nemo_frame_batch, write
@@ -101,7 +101,7 @@ def _ours(model: Any, chunks: list[list[int]], sizes: list[int]) -> Transcript:
     output = LongFormOutput("frames", [ChunkOutput(s.start * STRIDE, s.stop * STRIDE, Decoded(ids, True))
                                        for s, ids in zip(spans, chunks)], [list(range(len(chunks)))],
                             chunk_frame_offsets(spans, model.config.encoder.subsampling_factor))
-    return join_chunks(model.tokenizer, True, output, "audio", start * STRIDE,
+    return join_chunks(TextReader(model, model.tokenizer, True), output, "audio", start * STRIDE,
                        (STRIDE, model.config.encoder.subsampling_factor))
 
 

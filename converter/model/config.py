@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import UnionType
-from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from ..errors import ModelFolderError
 from ..untrusted import read_json
@@ -251,40 +251,35 @@ class LayoutConfig:
     rename: dict[str, str | None]
 
 
-@dataclass(frozen=True)
-class ModelConfig:
-    """Everything the bundled MLX model needs to rebuild the checkpoint's architecture."""
+@dataclass(frozen=True, kw_only=True)
+class SpeechConfig:
+    """What every family's `config.json` holds: the shared FastConformer front (preprocessor, encoder), the
+    tokenizer, and the folder's storage records. `model_type` names the family's model class (load.py's
+    registry); each family's config adds its head's sections."""
 
     model_type: str
     family: str
-    prompt_format: str
     sample_rate: int
     preprocessor: PreprocessorConfig
     encoder: EncoderConfig
-    decoder: DecoderConfig
-    encoder_decoder_proj: bool
     tokenizer: TokenizerConfig
-    decoding: DecodingConfig
     # mlx-lm's convention for quantized folders (see quantized.py); absent in float folders.
     quantization: dict[str, Any] | None = None
     quantization_config: dict[str, Any] | None = None
     layout: LayoutConfig | None = None  # absent in canary-convert's own layout
-    # The checkpoint carries NeMo's CTC timestamps model (not converted): NeMo then chunks long audio itself
-    # and takes timestamps from that model. Absent in folders written before this field existed.
-    timestamps_asr_model: bool = False
-    # NeMo's `prompt_defaults` as the checkpoint has them (role/slots turns): the prompt slots transcribe()
-    # uses when the caller gives none (prompts.default_slots reads them).
-    prompt_defaults: list[dict[str, Any]] | None = None
+
+    # Sections written only when set (folders written before they existed read the same).
+    _optional: ClassVar[tuple[str, ...]] = ("quantization", "quantization_config", "layout")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
         """The config, leaving out the entries another library's layout added for that library."""
         layout = data.get("layout") or {}
         foreign = set(layout.get("foreign_keys", [])) if isinstance(layout, dict) else set()
         return _from_dict(cls, {key: value for key, value in data.items() if key not in foreign})
 
     @classmethod
-    def from_file(cls, path: Path) -> ModelConfig:
+    def from_file(cls: type[C], path: Path) -> C:
         data = read_json(path)  # bounded: the folder may come from anywhere
         if not isinstance(data, dict):
             raise ModelFolderError(f"{path}: not a JSON object")
@@ -295,8 +290,51 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        for name in ("quantization", "quantization_config", "layout", "prompt_defaults"):
+        for name in self._optional:
             if data[name] is None:
                 del data[name]
         return data
 
+
+C = TypeVar("C", bound=SpeechConfig)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig(SpeechConfig):
+    """The Canary encoder-decoder (`model_type: canary`): everything the bundled MLX model needs to rebuild
+    the checkpoint's architecture."""
+
+    prompt_format: str
+    decoder: DecoderConfig
+    encoder_decoder_proj: bool
+    decoding: DecodingConfig
+    # The checkpoint carries NeMo's CTC timestamps model (canary-1b-v2): NeMo then chunks long audio itself
+    # and takes timestamps from that model. Absent in folders written before this field existed.
+    timestamps_asr_model: bool = False
+    # NeMo's `prompt_defaults` as the checkpoint has them (role/slots turns): the prompt slots transcribe()
+    # uses when the caller gives none (prompts.default_slots reads them).
+    prompt_defaults: list[dict[str, Any]] | None = None
+
+    _optional: ClassVar[tuple[str, ...]] = SpeechConfig._optional + ("prompt_defaults",)
+
+
+@dataclass(frozen=True)
+class CTCHeadConfig:
+    """NeMo's ConvASRDecoder: a 1x1 convolution to the vocabulary plus the blank (the last class)."""
+
+    num_classes: int  # the vocabulary and the blank
+
+    def __post_init__(self) -> None:
+        check_range(self, "num_classes", 2, MAX_CONFIG_INT)
+
+    @property
+    def blank_id(self) -> int:
+        # NeMo's CTC decoding: blank_id = the tokenizer's vocab_size, the head's last output
+        return self.num_classes - 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class CTCConfig(SpeechConfig):
+    """NeMo's EncDecCTCModelBPE (`model_type: ctc`): FastConformer encoder and a CTC head, greedy decoding."""
+
+    ctc: CTCHeadConfig

@@ -13,8 +13,10 @@ from .aed.canary import CanaryModel
 from ..blas import warn_if_slow
 from .llm.config import SpeechLLMConfig
 from .llm.speechllm import SpeechLLM, load_speech_llm
+from .ctc.model import CTCModel
 from ..errors import ModelFolderError
-from .config import ModelConfig
+from .config import SpeechConfig
+from .speech import SpeechModel
 from .cpu.mapped import MappedTensor, map_safetensors
 from .quantized import quantize_modules
 from .cpu.widened import widen_products
@@ -26,6 +28,39 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 Stored = TypeVar("Stored", mx.array, MappedTensor)
+
+# config.json's `model_type` -> the bundled model class that runs it (each class names its config class).
+# A new family adds one entry here, a preset (configs/), a mapping (mappings/) and a head package.
+MODEL_TYPES: dict[str, type[SpeechModel]] = {
+    "canary": CanaryModel,
+    "ctc": CTCModel,
+}
+
+
+def model_class(model_type: str) -> type[SpeechModel]:
+    """The bundled model class for a `model_type`; ValueError names the known ones."""
+    try:
+        return MODEL_TYPES[model_type]
+    except KeyError:
+        raise ValueError(f"unknown model_type {model_type!r}: this canary-convert runs "
+                         f"{', '.join(sorted(MODEL_TYPES))}") from None
+
+
+def config_from_dict(data: dict[str, Any]) -> SpeechConfig:
+    """The config.json of any family, as its model class's config dataclass."""
+    return model_class(str(data.get("model_type"))).config_class.from_dict(data)
+
+
+def read_config(path: Path) -> SpeechConfig:
+    """A folder's `config.json` (the file's path), as its family's config dataclass; ModelFolderError names
+    the file and what is wrong (the folder may come from anywhere: read bounded)."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise ModelFolderError(f"{path}: not a JSON object")
+    try:
+        return config_from_dict(data)
+    except (ValueError, TypeError) as exc:  # TypeError: a foreign_keys entry that cannot be a key
+        raise ModelFolderError(f"{path}: {exc}") from None
 
 
 def _sharded(folder: Path) -> bool:
@@ -45,20 +80,20 @@ def weight_files(folder: Path) -> list[Path]:
     return [folder_file(folder, name, INDEX_FILE) for name in sorted(set(weight_map.values()))]
 
 
-def tensor_files(folder: Path, config: ModelConfig) -> list[Path]:
+def tensor_files(folder: Path, config: SpeechConfig) -> list[Path]:
     """Every file of tensors the bundled model reads: the weight files, and another layout's side files."""
     side = config.layout.side_files if config.layout is not None else []
     return weight_files(folder) + [folder_file(folder, name, f"{CONFIG_FILE} layout.side_files") for name in side]
 
 
-def files_read(folder: Path, config: ModelConfig) -> list[Path]:
+def files_read(folder: Path, config: SpeechConfig) -> list[Path]:
     """Every file of the folder `load_model` reads: what verify must find in the manifest."""
     index = [folder / INDEX_FILE] if _sharded(folder) else []
     tokenizer = [folder_file(folder, name, f"{CONFIG_FILE} tokenizer") for name in tokenizer_files(config.tokenizer)]
     return [folder / CONFIG_FILE, *index, *tensor_files(folder, config), *tokenizer]
 
 
-def _under_model_names(config: ModelConfig, tensors: dict[str, Stored]) -> dict[str, Stored]:
+def _under_model_names(config: SpeechConfig, tensors: dict[str, Stored]) -> dict[str, Stored]:
     """Stored tensors under the bundled model's names (another layout's names renamed, as recorded)."""
     if config.layout is None:
         return tensors
@@ -68,7 +103,7 @@ def _under_model_names(config: ModelConfig, tensors: dict[str, Stored]) -> dict[
     return {rename[key]: value for key, value in tensors.items() if rename[key] is not None}
 
 
-def read_tensors(folder: Path, config: ModelConfig) -> dict[str, mx.array]:
+def read_tensors(folder: Path, config: SpeechConfig) -> dict[str, mx.array]:
     """The folder's tensors under the bundled model's names, as lazy arrays: each is read when evaluated."""
     tensors: dict[str, mx.array] = {}
     for file in tensor_files(folder, config):
@@ -76,7 +111,7 @@ def read_tensors(folder: Path, config: ModelConfig) -> dict[str, mx.array]:
     return _under_model_names(config, tensors)
 
 
-def mapped_tensors(folder: Path, config: ModelConfig) -> dict[str, MappedTensor]:
+def mapped_tensors(folder: Path, config: SpeechConfig) -> dict[str, MappedTensor]:
     """The folder's tensors under the bundled model's names, as views of the mapped files."""
     tensors: dict[str, MappedTensor] = {}
     for file in tensor_files(folder, config):
@@ -84,13 +119,13 @@ def mapped_tensors(folder: Path, config: ModelConfig) -> dict[str, MappedTensor]
     return _under_model_names(config, tensors)
 
 
-def parameter_shapes(config: ModelConfig, quantized: Collection[str] = ()) -> dict[str, tuple[int, ...]]:
+def parameter_shapes(config: SpeechConfig, quantized: Collection[str] = ()) -> dict[str, tuple[int, ...]]:
     """Every parameter the model built from `config` has, with its shape (MLX allocates lazily: no cost).
 
     With a quantized config, the modules named in `quantized` take their quantized form first, so the
     shapes are those of the stored weight, scales and biases.
     """
-    model = CanaryModel(config)
+    model = model_class(config.model_type)(config)
     if config.quantization is not None:
         quantize_modules(model, config.quantization, {f"{path}.scales" for path in quantized})
     return {name: tuple(value.shape) for name, value in tree_flatten(model.parameters())}
@@ -105,13 +140,13 @@ def _load_speech_llm(folder: Path) -> SpeechLLM:
     return load_speech_llm(folder, config, weights)
 
 
-# config.json's model_type -> the loader of a folder of that kind (a Canary folder is the default).
+# config.json's model_type -> the loader of a folder that is not a SpeechModel's (MODEL_TYPES has those).
 LOADERS: dict[str, Callable[[Path], Any]] = {"canary-qwen": _load_speech_llm}
 
 
 def load_model(path: str | Path) -> Any:
     """Build the model from `config.json` and load its weights with strict checking, in inference mode:
-    the folder's `model_type` chooses the model (LOADERS; a Canary model otherwise)."""
+    the folder's `model_type` chooses the model (LOADERS, else MODEL_TYPES' SpeechModel class)."""
     folder = Path(path)
     try:
         model_type = read_json(folder_file(folder, CONFIG_FILE)).get("model_type")
@@ -120,8 +155,8 @@ def load_model(path: str | Path) -> Any:
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError) as exc:
         raise ModelFolderError(f"{folder}: not a loadable canary-convert MLX folder: {exc}") from None
     try:
-        config = ModelConfig.from_file(folder_file(folder, CONFIG_FILE))
-        model = CanaryModel(config, load_tokenizer(folder, config.tokenizer))
+        config = read_config(folder_file(folder, CONFIG_FILE))
+        model = model_class(config.model_type)(config, load_tokenizer(folder, config.tokenizer))
         weights = read_tensors(folder, config)
         if config.quantization is not None:
             quantize_modules(model, config.quantization, weights.keys())

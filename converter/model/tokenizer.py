@@ -220,6 +220,22 @@ class BPETokenizer(Tokenizer):
             raise self._unknown_language(lang)
         return list(self._model.encode_as_ids(text))
 
+    def encode_text(self, text: str) -> list[int]:
+        """Any text -> ids, as NeMo's SentencePieceTokenizer.text_to_ids (no language: a CTC model's tokenizer)."""
+        return list(self._model.encode_as_ids(text))
+
+    def encode_pieces(self, text: str) -> list[str]:
+        """Any text -> its pieces, as NeMo's SentencePieceTokenizer.text_to_tokens."""
+        return list(self._model.encode_as_pieces(text))
+
+    @property
+    def unk_id(self) -> int:
+        return int(self._model.unk_id())
+
+    @property
+    def unk_piece(self) -> str:
+        return self._model.id_to_piece(self.unk_id)
+
     def encode_prompt(self, rendered: str, context_lang: str) -> list[int]:
         # NeMo's prompt formatter hands the whole rendered turn to SentencePiece, which adds its dummy
         # prefix `▁` in front and encodes any decoder context next to the tokens around it.

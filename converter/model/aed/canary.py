@@ -2,76 +2,73 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import ClassVar
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..fastconformer.audio import AudioPreprocessor
+from ...errors import UsageError
 from ..config import ModelConfig
+from ..speech import AudioBatch, BatchDecoder, Decoded, SpeechModel
 from .decoder import KVCache, TextDecoder
-from ..fastconformer.encoder import ConformerEncoder
+from .decoding import DecodingOptions, decode as decode_search
 from ..masks import valid_mask
-from .prompts import FLAGS, PromptOptions, default_slots
+from .prompts import FLAGS, PromptOptions, build_prompt, default_slots
+from .timestamps import has_frame_tokens
 from ..tokenizer import Tokenizer
-from ..app.audio_io import load_audio
-from ..app.clips import pad_batch
 from ..app.longform import LongFormOptions
-from ..app.transcribe import AudioInput, FileProgress, Transcript, audio_items, decoding_options, transcribe, warn
+from ..app.transcribe import AudioInput, FileProgress, Transcript, transcribe, warn
+
+# Teacher-forced log-probabilities (parity, goldens) score the BOS token then this many fixed text tokens.
+TEACHER_FORCED_TOKENS = 20
 
 
-class CanaryModel(nn.Module):
+def teacher_forced_tokens(vocab_size: int, batch: int, prompt: list[int]) -> np.ndarray:
+    """The prompt followed by fixed pseudo-random text tokens, the same for every run."""
+    rng = np.random.default_rng(7)
+    text = rng.integers(0, vocab_size, size=(batch, TEACHER_FORCED_TOKENS))
+    return np.concatenate([np.tile(np.array(prompt, dtype=np.int64), (batch, 1)), text], axis=1)
+
+
+class CanaryModel(SpeechModel):
     """preprocessor -> FastConformer encoder -> (optional width projection) -> Transformer decoder.
 
     Every parameter's shape comes from `config`, so the parameter tree is exactly the set of names the
     mapping (mappings/canary.yaml) produces for the checkpoint the config was derived from.
     """
 
+    config_class: ClassVar[type[ModelConfig]] = ModelConfig
+    layer_stacks: ClassVar[tuple[str, ...]] = ("encoder.layers", "decoder.blocks")
+    nemo_parity: ClassVar[bool] = True
+    config: ModelConfig
+
     def __init__(self, config: ModelConfig, tokenizer: Tokenizer | None = None):
-        super().__init__()
-        self.config = config
-        self.tokenizer = tokenizer
-        self.preprocessor = AudioPreprocessor(config.preprocessor)
-        self.encoder = ConformerEncoder(config.encoder)
+        super().__init__(config, tokenizer)
         # NeMo uses nn.Identity when encoder and decoder widths agree: no parameter at all then.
         if config.encoder_decoder_proj:
             self.encoder_decoder_proj = nn.Linear(config.encoder.d_model, config.decoder.hidden_size)
         self.decoder = TextDecoder(config.decoder)
 
     @property
-    def compute_dtype(self) -> mx.Dtype:
-        """The float dtype the weights were stored in (quantized layers keep their scales in it too).
-
-        Read off the first subsampling convolution, which is never quantized.
-        """
-        return self.encoder.pre_encode.conv[0].weight.dtype
-
-    def preprocess(self, audio: AudioInput | mx.array, lengths: mx.array | np.ndarray | None = None) -> tuple[mx.array, mx.array]:
-        """Audio -> log-mel features (B, n_mels, T') and frame counts, as NeMo's preprocessor computes them.
-
-        `audio` is a (B, T) float32 batch with its sample counts `lengths` (B,) (without them every row
-        counts whole), or what `transcribe` takes: a path, a 1-D numpy array at the model's
-        rate, or a list of them (right-padded into one batch, not padded to a second as transcribe() pads
-        short clips).
-        """
-        if lengths is None and (isinstance(audio, mx.array) or (isinstance(audio, np.ndarray) and audio.ndim == 2)):
-            # A batch without lengths: every row is audio all the way.
-            audio = mx.array(audio).reshape(-1, audio.shape[-1])
-            lengths = mx.full((audio.shape[0],), audio.shape[1], dtype=mx.int32)
-        if lengths is None:
-            rate = self.config.preprocessor.sample_rate
-            clips = [item if isinstance(item, np.ndarray) else load_audio(item, rate) for item in audio_items(audio)]
-            batch, counts = pad_batch(clips)
-            audio, lengths = mx.array(batch), mx.array(counts)
-        return self.preprocessor(mx.array(audio), mx.array(lengths))
+    def nemo_long_form(self) -> str:
+        # NeMo's transcribe() chunks by itself (overlapping chunks) only when the checkpoint restored a
+        # timestamps model; otherwise FrameBatchMultiTaskAED's fixed chunks are its long-audio path.
+        return "parallel" if self.config.timestamps_asr_model else "frames"
 
     def encode(self, features: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
         """Features (B, n_mels, T') -> encoder states (B, T'', H_dec) in the decoder's width, and their lengths."""
-        # Run the encoder in its weights' dtype (features are float32 whatever the weights are).
-        features = features.astype(self.compute_dtype)
-        x, lengths = self.encoder(features, lengths)
+        x, lengths = super().encode(features, lengths)
         if "encoder_decoder_proj" in self:
             x = self.encoder_decoder_proj(x)
         return x, lengths
+
+    def stage_logprobs(self, encoded: mx.array, enc_lengths: mx.array) -> mx.array:
+        """Teacher-forced log-probabilities on the BOS token then fixed pseudo-random tokens."""
+        assert self.tokenizer is not None
+        tokens = teacher_forced_tokens(self.tokenizer.vocab_size, encoded.shape[0], [self.tokenizer.bos_id])
+        return self.decoder_logprobs(mx.array(tokens), encoded, enc_lengths)
 
     def decode(
         self,
@@ -153,8 +150,46 @@ class CanaryModel(nn.Module):
             raise ValueError("this model has no tokenizer: load it with canary_convert.load_model(folder)")
         prompt = self.prompt_options(source_lang, target_lang, task, pnc=pnc, itn=itn, timestamp=timestamp,
                                      diarize=diarize)
-        decoding = decoding_options(self, strategy, beam_size, length_penalty)
+        decoding = self.decoding_options(strategy, beam_size, length_penalty)
         long_form = LongFormOptions(chunking=chunking, chunk_seconds=chunk_seconds)
-        results = transcribe(self, self.tokenizer, audio, prompt, decoding, batch_size, long_form, progress)
+        results = transcribe(self, self.tokenizer, audio, self.batch_decoder(prompt, decoding), bool(prompt.timestamp),
+                             batch_size, long_form, progress)
         warn(results)
         return results
+
+    def decoding_options(self, strategy: str | None = None, beam_size: int | None = None,
+                         length_penalty: float | None = None) -> DecodingOptions:
+        """The checkpoint's decoding defaults, with whatever the caller overrides (a bad value is a usage error)."""
+        overrides = {name: value for name, value in
+                     (("strategy", strategy), ("beam_size", beam_size), ("length_penalty", length_penalty))
+                     if value is not None}
+        try:
+            return replace(DecodingOptions.from_config(self.config.decoding), **overrides)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+
+    def batch_decoder(self, prompt: PromptOptions, decoding: DecodingOptions) -> BatchDecoder:
+        """Encode a batch and search it with one prompt for every row (NeMo's transcribe() batches)."""
+        assert self.tokenizer is not None
+        tokenizer = self.tokenizer
+        prompt_ids = build_prompt(self.config.prompt_format, tokenizer, prompt)
+        if prompt.timestamp:
+            self._check_timestamps()
+
+        def decode_batch(batch: AudioBatch) -> list[Decoded]:
+            encoded, enc_lengths = self.encode(batch.features, batch.frames)
+            return decode_search(self, encoded, enc_lengths, [prompt_ids] * batch.features.shape[0], decoding,
+                                 tokenizer.eos_id, tokenizer.pad_id)
+
+        return decode_batch
+
+    def _check_timestamps(self) -> None:
+        assert self.tokenizer is not None
+        if self.config.timestamps_asr_model:
+            raise UsageError(
+                f"{self.config.family}: NeMo takes this checkpoint's timestamps from its separate CTC timestamps "
+                "model (timestamps_asr_model), which canary-convert does not convert yet; transcribe without timestamps"
+            )
+        if not has_frame_tokens(self.tokenizer):
+            raise UsageError("this checkpoint's tokenizer has no frame tokens (<|0|>, <|1|>, ...): it cannot emit "
+                             "timestamps")

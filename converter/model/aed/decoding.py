@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import mlx.core as mx
 
 from ..config import DecodingConfig
+from ..speech import Decoded
 from .decoder import KVCache
 
 if TYPE_CHECKING:  # canary.py imports the transcription path, which imports this module
@@ -86,15 +87,6 @@ class DecodingOptions:
         """The checkpoint's own decoding defaults, as recorded in the MLX folder's config.json."""
         return cls(config.strategy, config.beam_size, config.length_penalty, config.max_generation_delta,
                    config.greedy_max_generation_delta)
-
-
-@dataclass(frozen=True)
-class Decoded:
-    """One utterance's result: NeMo's y_sequence, and whether the search ended it on end-of-text (or, for
-    beam search, a pad) rather than on the length budget, which cuts the transcript short."""
-
-    tokens: list[int]
-    ended: bool
 
 
 def pad_prompts(prompts: list[list[int]], pad_id: int) -> mx.array:

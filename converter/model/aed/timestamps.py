@@ -9,8 +9,8 @@ of the decoded text, the same word and segment rules, the same frame-to-seconds 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
+from ..speech import FrameWord, TimedText
 from ..tokenizer import Tokenizer
 
 # NeMo finds words as `<|a|>content<|b|>`, leftmost first, each pair consumed whole.
@@ -18,24 +18,6 @@ _TIMED_WORD = re.compile(r"<\|(\d+)\|>(.*?)<\|(\d+)\|>")
 # A segment ends with a word whose last character is one of these (NeMo's segment_delimiter_tokens).
 SEGMENT_END = (".", "?", "!")
 FIRST_FRAME_TOKEN = "<|0|>"
-
-
-@dataclass(frozen=True)
-class TimedText:
-    """A word, segment or chunk with its start and end in seconds from the start of the audio."""
-
-    text: str
-    start: float
-    end: float
-
-
-@dataclass(frozen=True)
-class FrameWord:
-    """A word with NeMo's start and end offsets, in encoder frames from the start of its chunk."""
-
-    text: str
-    start: int
-    end: int
 
 
 def has_frame_tokens(tokenizer: Tokenizer) -> bool:
@@ -74,13 +56,20 @@ def frame_segments(words: list[FrameWord]) -> list[FrameWord]:
 
 
 def _segment(words: list[FrameWord]) -> FrameWord:
-    return FrameWord(" ".join(word.text for word in words), words[0].start, words[-1].end)
+    return FrameWord(" ".join(word.text for word in words), words[0].start, words[-1].end, words[0].start_seconds,
+                     words[-1].end_seconds)
 
 
 def to_seconds(items: list[FrameWord], window_stride: float, subsampling_factor: int,
                frame_offset: int = 0, seconds_offset: float = 0.0) -> list[TimedText]:
-    """Offsets (shifted by `frame_offset` encoder frames) to seconds, NeMo's `offset * stride * subsampling`."""
-    return [TimedText(item.text,
-                      seconds_offset + (item.start + frame_offset) * window_stride * subsampling_factor,
-                      seconds_offset + (item.end + frame_offset) * window_stride * subsampling_factor)
+    """Offsets (shifted by `frame_offset` encoder frames) to seconds, NeMo's `offset * stride * subsampling`;
+    an item that carries NeMo's own seconds (a forced alignment) keeps them, shifted alike."""
+    frame = window_stride * subsampling_factor
+
+    def seconds(offset: int, own: float | None) -> float:
+        if own is not None:
+            return seconds_offset + frame_offset * frame + own if (frame_offset or seconds_offset) else own
+        return seconds_offset + (offset + frame_offset) * window_stride * subsampling_factor
+
+    return [TimedText(item.text, seconds(item.start, item.start_seconds), seconds(item.end, item.end_seconds))
             for item in items]

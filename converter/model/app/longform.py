@@ -33,11 +33,11 @@ from .chunking import (
     parallel_windows,
     pause_chunks,
 )
-from ..aed.decoding import Decoded, DecodingOptions, decode
 from .merge import merge_chunk_tokens
+from ..speech import AudioBatch, BatchDecoder, Decoded
 
 if TYPE_CHECKING:
-    from ..aed.canary import CanaryModel
+    from ..speech import SpeechModel
 
 Progress = Callable[[int, int], None]  # (chunks done, chunks in the file)
 
@@ -71,11 +71,10 @@ class LongFormOptions:
             raise UsageError(f"chunk_seconds must be positive, got {self.chunk_seconds}")
 
 
-def method_for(model: CanaryModel, options: LongFormOptions) -> str:
+def method_for(model: SpeechModel, options: LongFormOptions) -> str:
     """"frames", "parallel" or "pauses": the rule long inputs go through (or "off")."""
     if options.chunking == "nemo":
-        # NeMo's transcribe() chunks by itself only when the checkpoint restored a timestamps model.
-        return "parallel" if model.config.timestamps_asr_model else "frames"
+        return model.nemo_long_form
     return options.chunking
 
 
@@ -123,13 +122,7 @@ def _batches(items: Sequence[Span], size: int) -> Iterator[list[Span]]:
         yield list(items[start : start + size])
 
 
-def _decode_batch(model: CanaryModel, features: mx.array, frames: mx.array, prompt: list[int],
-                  decoding: DecodingOptions, eos_id: int, pad_id: int) -> list[Decoded]:
-    encoded, enc_lengths = model.encode(features, frames)
-    return decode(model, encoded, enc_lengths, [prompt] * features.shape[0], decoding, eos_id, pad_id)
-
-
-def frame_features(model: CanaryModel, source: AudioSource, span: Span) -> np.ndarray:
+def frame_features(model: SpeechModel, source: AudioSource, span: Span) -> np.ndarray:
     """Normalised features of frames [start, stop) of the whole file's log-mel, from just the samples
     those frames see (each frame's window and the sample before it, for pre-emphasis)."""
     pre = model.preprocessor
@@ -146,17 +139,17 @@ def frame_features(model: CanaryModel, source: AudioSource, span: Span) -> np.nd
     return (features - mean) / (std + NORMALIZE_EPS)
 
 
-def _frame_batch(model: CanaryModel, source: AudioSource, spans: list[Span]) -> tuple[mx.array, mx.array]:
+def _frame_batch(model: SpeechModel, source: AudioSource, spans: list[Span]) -> AudioBatch:
     chunks = [frame_features(model, source, span) for span in spans]
     width = max(chunk.shape[1] for chunk in chunks)
     # NeMo's speech_collate_fn pads features with zeros.
     batch = np.zeros((len(chunks), chunks[0].shape[0], width), dtype=np.float32)
     for row, chunk in enumerate(chunks):
         batch[row, :, : chunk.shape[1]] = chunk
-    return mx.array(batch), mx.array([chunk.shape[1] for chunk in chunks])
+    return AudioBatch(mx.array(batch), mx.array([chunk.shape[1] for chunk in chunks]))
 
 
-def _sample_batch(model: CanaryModel, source: AudioSource, spans: list[Span], width: int | None) -> tuple[mx.array, mx.array]:
+def _sample_batch(model: SpeechModel, source: AudioSource, spans: list[Span], width: int | None) -> AudioBatch:
     """Chunks of samples through the model's own preprocessor (each normalised over its valid frames),
     right-padded with zeros to `width` (NeMo pads every parallel chunk to the chunk size) or the longest."""
     clips = [pad_short(source.read(span.start, span.stop), source.sample_rate) for span in spans]
@@ -164,12 +157,13 @@ def _sample_batch(model: CanaryModel, source: AudioSource, spans: list[Span], wi
     batch = np.zeros((len(clips), width), dtype=np.float32)
     for row, clip in enumerate(clips):
         batch[row, : clip.size] = clip
-    return model.preprocess(mx.array(batch), mx.array([clip.size for clip in clips]))
+    samples, counts = mx.array(batch), mx.array([clip.size for clip in clips])
+    return AudioBatch(*model.preprocess(samples, counts), samples, counts)
 
 
-def _run(model: CanaryModel, groups: list[list[Span]], make_batch: Callable[[int, list[Span]], tuple[mx.array, mx.array]],
-         seconds_per_unit: float, prompt: list[int], decoding: DecodingOptions, batch_size: int, eos_id: int,
-         pad_id: int, progress: Progress | None) -> tuple[list[ChunkOutput], list[list[int]]]:
+def _run(model: SpeechModel, groups: list[list[Span]], make_batch: Callable[[int, list[Span]], AudioBatch],
+         seconds_per_unit: float, decode_batch: BatchDecoder, batch_size: int,
+         progress: Progress | None) -> tuple[list[ChunkOutput], list[list[int]]]:
     """Decode each group's chunks `batch_size` at a time (a batch never mixes groups, as in NeMo)."""
     outputs: list[ChunkOutput] = []
     indices: list[list[int]] = []
@@ -177,8 +171,7 @@ def _run(model: CanaryModel, groups: list[list[Span]], make_batch: Callable[[int
     for number, group in enumerate(groups):
         indices.append([])
         for spans in _batches(group, batch_size):
-            features, frames = make_batch(number, spans)
-            for span, decoded in zip(spans, _decode_batch(model, features, frames, prompt, decoding, eos_id, pad_id)):
+            for span, decoded in zip(spans, decode_batch(make_batch(number, spans))):
                 indices[-1].append(len(outputs))
                 outputs.append(ChunkOutput(span.start * seconds_per_unit, span.stop * seconds_per_unit, decoded))
             if progress is not None:
@@ -186,7 +179,7 @@ def _run(model: CanaryModel, groups: list[list[Span]], make_batch: Callable[[int
     return outputs, indices
 
 
-def _frames(model: CanaryModel, source: AudioSource, window: float, **run: object) -> LongFormOutput:
+def _frames(model: SpeechModel, source: AudioSource, window: float, **run: object) -> LongFormOutput:
     pre = model.config.preprocessor
     if pre.exact_pad:
         raise UsageError("fixed-chunk long-form inference does not handle exact_pad preprocessors; use chunking 'pauses'")
@@ -207,7 +200,7 @@ def chunk_frame_offsets(spans: Sequence[Span], subsampling_factor: int) -> list[
     return offsets
 
 
-def _parallel(model: CanaryModel, source: AudioSource, window: float, **run: object) -> LongFormOutput:
+def _parallel(model: SpeechModel, source: AudioSource, window: float, **run: object) -> LongFormOutput:
     rate = source.sample_rate
     if window <= 2 * PARALLEL_OVERLAP_SECONDS:
         raise UsageError(f"overlapping chunks need a window over {2 * PARALLEL_OVERLAP_SECONDS:g} s, got {window:g}")
@@ -229,7 +222,7 @@ def _levels(source: AudioSource, frame: int) -> np.ndarray:
                            for start in range(0, max(source.num_samples, 1), block)])
 
 
-def _pauses(model: CanaryModel, source: AudioSource, window: float, rule: PauseRule, **run: object) -> LongFormOutput:
+def _pauses(model: SpeechModel, source: AudioSource, window: float, rule: PauseRule, **run: object) -> LongFormOutput:
     rate = source.sample_rate
     levels = _levels(source, round(rule.frame_seconds * rate))
     spans = pause_chunks(levels, rule, window, source.num_samples, rate)
@@ -237,11 +230,10 @@ def _pauses(model: CanaryModel, source: AudioSource, window: float, rule: PauseR
     return LongFormOutput("pauses", outputs, groups)
 
 
-def transcribe_chunks(model: CanaryModel, source: AudioSource, method: str, window: float, prompt: list[int],
-                      decoding: DecodingOptions, batch_size: int, eos_id: int, pad_id: int,
-                      rule: PauseRule, progress: Progress | None = None) -> LongFormOutput:
-    """Cut `source` by `method` and decode every chunk (in order)."""
-    run = dict(prompt=prompt, decoding=decoding, batch_size=batch_size, eos_id=eos_id, pad_id=pad_id, progress=progress)
+def transcribe_chunks(model: SpeechModel, source: AudioSource, method: str, window: float, decode_batch: BatchDecoder,
+                      batch_size: int, rule: PauseRule, progress: Progress | None = None) -> LongFormOutput:
+    """Cut `source` by `method` and decode every chunk (in order) with the head's `decode_batch`."""
+    run = dict(decode_batch=decode_batch, batch_size=batch_size, progress=progress)
     if method == "frames":
         return _frames(model, source, window, **run)
     if method == "parallel":

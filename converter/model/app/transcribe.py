@@ -21,7 +21,6 @@ import numpy as np
 from ...errors import TranscriptWarning, UsageError
 from .audio_io import open_audio
 from .clips import pad_batch, pad_short
-from ..aed.decoding import Decoded, DecodingOptions, decode
 from .longform import (
     LongFormOptions,
     LongFormOutput,
@@ -31,12 +30,12 @@ from .longform import (
     transcribe_chunks,
     window_seconds,
 )
-from ..aed.prompts import PromptOptions, build_prompt
-from ..aed.timestamps import FrameWord, TimedText, frame_segments, has_frame_tokens, split_timed_text, to_seconds
+from ..aed.timestamps import frame_segments, split_timed_text, to_seconds
+from ..speech import AudioBatch, BatchDecoder, Decoded, FrameWord, TimedText
 from ..tokenizer import Tokenizer
 
 if TYPE_CHECKING:
-    from ..aed.canary import CanaryModel
+    from ..speech import SpeechModel
 
 AudioItem = Union[str, Path, np.ndarray]
 AudioInput = Union[AudioItem, Sequence[AudioItem]]
@@ -65,8 +64,9 @@ class Transcript:
     """One input's result.
 
     `tokens` are the generated ids behind `text` (prompt and final EOS excluded; for overlapping chunks,
-    after the overlaps are merged). `words` and `segments` carry times when the model wrote frame tokens
-    (`timestamps`); `chunks` always do. `truncated`: some piece ended on the length budget, not end-of-text;
+    after the overlaps are merged); `token_frames`, where the head places each token (a CTC model: the
+    encoder frame that emits it; inputs decoded whole only). `words` and `segments` carry times when the
+    model gives them (`timestamps`: frame tokens, or canary-1b-v2's aligner); `chunks` always do. `truncated`: some piece ended on the length budget, not end-of-text;
     `over_window`: decoded in one piece although longer than the window. `warnings` says it in words.
     """
 
@@ -81,6 +81,7 @@ class Transcript:
     truncated: bool = False
     over_window: bool = False
     warnings: tuple[str, ...] = ()
+    token_frames: tuple[int, ...] = ()
 
 
 def audio_items(audio: AudioInput) -> list[AudioItem]:
@@ -93,19 +94,23 @@ def item_name(item: AudioItem, index: int) -> str:
 
 
 @dataclass(frozen=True)
-class _Reader:
-    """What turns a chunk's tokens into text: the tokenizer, and whether frame tokens are to be read."""
+class TextReader:
+    """What turns a chunk's tokens into text: the model's text rule, and whether timed words are wanted."""
 
+    model: SpeechModel
     tokenizer: Tokenizer
     timestamps: bool
 
-    def text(self, tokens: Sequence[int]) -> tuple[str, list[FrameWord], list[int]]:
-        """(text, timed words, ids outside the tokenizer) for generated tokens."""
+    def text(self, tokens: Sequence[int], words: list[FrameWord] | None = None) -> tuple[str, list[FrameWord], list[int]]:
+        """(text, timed words, ids outside the tokenizer) for generated tokens; `words`, when the head found
+        them apart from the tokens (an aligner), are taken as they are, else read from frame tokens."""
         known = [token for token in tokens if token < self.tokenizer.vocab_size]
         unknown = [token for token in tokens if token >= self.tokenizer.vocab_size]
-        text = self.tokenizer.decode(known)
+        text = self.model.decode_text(known)
         if not self.timestamps:
             return text, [], unknown
+        if words is not None:
+            return text, words, unknown
         words, text = split_timed_text(text)
         return text, words, unknown
 
@@ -128,34 +133,34 @@ def _warnings(name: str, chunks: Sequence[Chunk], unknown: list[int], vocab_size
     return tuple(found)
 
 
-def _whole(reader: _Reader, name: str, seconds: float, decoded: Decoded, times: tuple[float, int],
+def _whole(reader: TextReader, name: str, seconds: float, decoded: Decoded, times: tuple[float, int],
            over_window: float | None) -> Transcript:
     """A clip decoded in one piece."""
-    text, words, unknown = reader.text(decoded.tokens)
+    text, words, unknown = reader.text(decoded.tokens, decoded.words)
     chunk = Chunk(0.0, seconds, text.strip(), decoded.tokens, decoded.ended)
     return Transcript(
-        source=name, text=text, tokens=decoded.tokens, seconds=seconds, chunks=(chunk,),
+        source=name, text=text, tokens=decoded.tokens, seconds=seconds, token_frames=tuple(decoded.frames or ()),
+        chunks=(chunk,),
         words=tuple(to_seconds(words, *times)), segments=tuple(to_seconds(frame_segments(words), *times)),
         timestamps=reader.timestamps, truncated=not decoded.ended, over_window=over_window is not None,
         warnings=_warnings(name, [chunk], unknown, reader.tokenizer.vocab_size, over_window, seconds),
     )
 
 
-def join_chunks(tokenizer: Tokenizer, timestamps: bool, output: LongFormOutput, name: str, seconds: float,
+def join_chunks(reader: TextReader, output: LongFormOutput, name: str, seconds: float,
                 times: tuple[float, int]) -> Transcript:
     """Decoded chunks joined into one transcript: overlapping chunks merged as NeMo merges them, others end
     to end; frame tokens (with `timestamps`) read per chunk and shifted to the chunk's place.
 
     `times` is (window_stride, subsampling_factor), NeMo's factors from frame offsets to seconds.
     """
-    reader = _Reader(tokenizer, timestamps)
     stride, subsampling = times
     chunks: list[Chunk] = []
     words: list[TimedText] = []
     segments: list[TimedText] = []
     unknown: list[int] = []
     for index, piece in enumerate(output.chunks):
-        text, frame_words, dropped = reader.text(piece.decoded.tokens)
+        text, frame_words, dropped = reader.text(piece.decoded.tokens, piece.decoded.words)
         unknown += dropped
         chunks.append(Chunk(piece.start, piece.end, text.strip(), piece.decoded.tokens, piece.decoded.ended))
         # Fixed chunks shift frame offsets by NeMo's integer frame offset; pause chunks by their start time.
@@ -179,41 +184,29 @@ def join_chunks(tokenizer: Tokenizer, timestamps: bool, output: LongFormOutput, 
     text = " ".join(text.strip() for text in texts if text)
     return Transcript(
         source=name, text=text, tokens=tokens, seconds=seconds, chunks=tuple(chunks), words=tuple(words),
-        segments=tuple(segments), timestamps=timestamps, truncated=any(not chunk.ended for chunk in chunks),
-        warnings=_warnings(name, chunks, unknown, tokenizer.vocab_size, None, seconds),
+        segments=tuple(segments), timestamps=reader.timestamps, truncated=any(not chunk.ended for chunk in chunks),
+        warnings=_warnings(name, chunks, unknown, reader.tokenizer.vocab_size, None, seconds),
     )
 
 
-def _check_timestamps(model: CanaryModel, tokenizer: Tokenizer) -> None:
-    if model.config.timestamps_asr_model:
-        raise UsageError(
-            f"{model.config.family}: NeMo takes this checkpoint's timestamps from its separate CTC timestamps "
-            "model (timestamps_asr_model), which canary-convert does not convert yet; transcribe without timestamps"
-        )
-    if not has_frame_tokens(tokenizer):
-        raise UsageError("this checkpoint's tokenizer has no frame tokens (<|0|>, <|1|>, ...): it cannot emit timestamps")
-
-
 def transcribe(
-    model: CanaryModel,
+    model: SpeechModel,
     tokenizer: Tokenizer,
     audio: AudioInput,
-    prompt: PromptOptions,
-    decoding: DecodingOptions,
+    decode_batch: BatchDecoder,
+    timestamps: bool = False,
     batch_size: int = DEFAULT_BATCH_SIZE,
     long_form: LongFormOptions | None = None,
     progress: FileProgress | None = None,
 ) -> list[Transcript]:
-    """Transcribe (or translate) inputs in order: short ones in batches of `batch_size`, long ones chunked."""
+    """Transcribe inputs in order with a head's `decode_batch` (speech.py): short ones in batches of
+    `batch_size`, long ones chunked; `timestamps` reads timed words from what the head gives."""
     if batch_size < 1:
         raise UsageError(f"batch_size must be at least 1, got {batch_size}")
     long_form = long_form or LongFormOptions()
-    prompt_ids = build_prompt(model.config.prompt_format, tokenizer, prompt)
-    if prompt.timestamp:
-        _check_timestamps(model, tokenizer)
-    reader = _Reader(tokenizer, prompt.timestamp)
+    reader = TextReader(model, tokenizer, timestamps)
     method = method_for(model, long_form)
-    window = window_seconds(method, long_form, prompt.timestamp)
+    window = window_seconds(method, long_form, timestamps)
     times = (model.config.preprocessor.window_stride, model.config.encoder.subsampling_factor)
     sample_rate = model.config.preprocessor.sample_rate
     results: dict[int, Transcript] = {}
@@ -222,10 +215,9 @@ def transcribe(
     def flush() -> None:
         clips = [pad_short(samples, sample_rate) for _, _, samples in pending]
         batch, lengths = pad_batch(clips)
-        features, frames = model.preprocess(mx.array(batch), mx.array(lengths))
-        encoded, enc_lengths = model.encode(features, frames)
-        decoded = decode(model, encoded, enc_lengths, [prompt_ids] * len(clips), decoding,
-                         tokenizer.eos_id, tokenizer.pad_id)
+        samples, counts = mx.array(batch), mx.array(lengths)
+        features, frames = model.preprocess(samples, counts)
+        decoded = decode_batch(AudioBatch(features, frames, samples, counts))
         for (index, name, samples), result in zip(pending, decoded):
             seconds = samples.size / sample_rate
             over = window if seconds > window else None
@@ -236,9 +228,9 @@ def transcribe(
         with open_audio(item, sample_rate, item_name(item, index)) as source:
             if is_long(method, source.num_samples, sample_rate, window):
                 report = (lambda done, total, name=source.name: progress(name, done, total)) if progress else None
-                output = transcribe_chunks(model, source, method, window, prompt_ids, decoding, batch_size,
-                                           tokenizer.eos_id, tokenizer.pad_id, long_form.pause_rule, report)
-                results[index] = join_chunks(tokenizer, prompt.timestamp, output, source.name, source.seconds, times)
+                output = transcribe_chunks(model, source, method, window, decode_batch, batch_size,
+                                           long_form.pause_rule, report)
+                results[index] = join_chunks(reader, output, source.name, source.seconds, times)
             else:
                 pending.append((index, source.name, source.read(0, source.num_samples)))
         if len(pending) == batch_size:
@@ -253,15 +245,3 @@ def warn(transcripts: Sequence[Transcript], stacklevel: int = 3) -> None:
     for transcript in transcripts:
         for message in transcript.warnings:
             warnings.warn(message, TranscriptWarning, stacklevel=stacklevel)
-
-
-def decoding_options(model: CanaryModel, strategy: str | None, beam_size: int | None,
-                     length_penalty: float | None) -> DecodingOptions:
-    """The checkpoint's decoding defaults, with whatever the caller overrides (a bad value is a usage error)."""
-    overrides = {name: value for name, value in
-                 (("strategy", strategy), ("beam_size", beam_size), ("length_penalty", length_penalty))
-                 if value is not None}
-    try:
-        return replace(DecodingOptions.from_config(model.config.decoding), **overrides)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None

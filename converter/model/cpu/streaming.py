@@ -21,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from ..aed.canary import CanaryModel
+from ..speech import SpeechModel
 from ..load import mapped_tensors, read_tensors
 from .activations import slow_cpu
 from .mapped import MappedTensor, Widener
@@ -83,8 +83,8 @@ def _widened_on_copy(layer: nn.Module) -> frozenset[str]:
 
 
 @contextmanager
-def layers_streamed(model: CanaryModel, folder: Path | None) -> Iterator[None]:
-    """While open, the model's encoder layers and decoder blocks copy their weights in from `folder` each
+def layers_streamed(model: SpeechModel, folder: Path | None) -> Iterator[None]:
+    """While open, the model's layer stacks (`SpeechModel.layer_stacks`: encoder layers, decoder blocks) copy their weights in from `folder` each
     time they run; afterwards they hold unread lazy arrays of `folder`, read again when next used. Without
     a folder, the layers keep the weights they were loaded with."""
     if folder is None:
@@ -93,7 +93,8 @@ def layers_streamed(model: CanaryModel, folder: Path | None) -> Iterator[None]:
     mapped = mapped_tensors(folder, model.config)
     unread = read_tensors(folder, model.config)
     widener = Widener()
-    stacks = {"encoder.layers": model.encoder.layers, "decoder.blocks": model.decoder.blocks}
+    owners = {path: model[path.rsplit(".", 1)[0]] for path in model.layer_stacks}
+    stacks = {path: getattr(owner, path.rsplit(".", 1)[1]) for path, owner in owners.items()}
 
     def streamed(path: str, layers: list[nn.Module]) -> list[nn.Module]:
         wrapped = []
@@ -106,9 +107,9 @@ def layers_streamed(model: CanaryModel, folder: Path | None) -> Iterator[None]:
         return wrapped
 
     try:
-        model.encoder.layers = streamed("encoder.layers", stacks["encoder.layers"])
-        model.decoder.blocks = streamed("decoder.blocks", stacks["decoder.blocks"])
+        for path, owner in owners.items():
+            setattr(owner, path.rsplit(".", 1)[1], streamed(path, stacks[path]))
         yield
     finally:
-        model.encoder.layers = stacks["encoder.layers"]
-        model.decoder.blocks = stacks["decoder.blocks"]
+        for path, owner in owners.items():
+            setattr(owner, path.rsplit(".", 1)[1], stacks[path])

@@ -1,0 +1,101 @@
+"""The bundled MLX CTC model: NeMo's EncDecCTCModelBPE at inference, built from `config.json`."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ...errors import UsageError
+from ..app.longform import LongFormOptions
+from ..app.transcribe import AudioInput, FileProgress, Transcript, transcribe, warn
+from ..config import CTCConfig
+from ..speech import AudioBatch, BatchDecoder, Decoded, SpeechModel
+from ..tokenizer import Tokenizer
+from .greedy import greedy_batch
+
+
+def _space_before_punctuation(tokenizer: Tokenizer) -> re.Pattern[str] | None:
+    """A whitespace and then one of the vocabulary's punctuation marks (NeMo's extract_punctuation_from_vocab:
+    characters of Unicode category P in pieces that are not special, word-initial or blank)."""
+    pieces = [tokenizer.id_to_piece(index) for index in range(tokenizer.vocab_size)]
+    special = re.compile(r"^\[.*\]$|^<.*>$|^##|^▁|^\s*$")
+    marks = sorted({char for piece in pieces if not special.match(piece) for char in piece
+                    if unicodedata.category(char).startswith("P")})
+    if not marks:
+        return None
+    return re.compile(r"(\s)(" + "|".join(re.escape(mark) for mark in marks) + ")")
+
+
+class CTCHead(nn.Module):
+    """NeMo's ConvASRDecoder: a kernel-1 Conv1d from d_model to the vocabulary and the blank, then
+    log_softmax over the classes (a 1x1 convolution is a Linear over each frame)."""
+
+    def __init__(self, d_model: int, num_classes: int):
+        super().__init__()
+        self.classifier = nn.Linear(d_model, num_classes)  # the conv's (O, I, 1) weight, squeezed by the mapping
+
+    def __call__(self, encoded: mx.array) -> mx.array:
+        logits = self.classifier(encoded)
+        # NeMo computes the head in the encoder's dtype; log_softmax in float32 keeps the blank's tail exact.
+        return nn.log_softmax(logits.astype(mx.float32), axis=-1)
+
+
+class CTCModel(SpeechModel):
+    """preprocessor -> FastConformer encoder -> CTC head; greedy decoding as NeMo's greedy_batch."""
+
+    config_class = CTCConfig
+    config: CTCConfig
+
+    def __init__(self, config: CTCConfig, tokenizer: Tokenizer | None = None):
+        super().__init__(config, tokenizer)
+        self.decoder = CTCHead(config.encoder.d_model, config.ctc.num_classes)
+        self._punctuation = _space_before_punctuation(tokenizer) if tokenizer is not None else None
+
+    def decode_text(self, ids: list[int]) -> str:
+        """NeMo's CTC text: the tokenizer's decoding, then one space before a punctuation mark of the
+        vocabulary removed (CTCBPEDecoding's decode_tokens_to_str_with_strip_punctuation)."""
+        assert self.tokenizer is not None
+        text = self.tokenizer.decode(ids)
+        return self._punctuation.sub(r"\2", text) if self._punctuation is not None else text
+
+    def stage_logprobs(self, encoded: mx.array, enc_lengths: mx.array) -> mx.array:
+        """Per-frame log-probabilities (B, T'', V+1) over the vocabulary and the blank (the last class)."""
+        return self.decoder(encoded)
+
+    def logprobs(self, features: mx.array, frames: mx.array) -> tuple[mx.array, mx.array]:
+        """Features -> per-frame log-probabilities and the valid frame counts."""
+        encoded, enc_lengths = self.encode(features, frames)
+        return self.decoder(encoded), enc_lengths
+
+    def golden_decoders(self) -> dict[str, BatchDecoder]:
+        return {"greedy": self.batch_decoder()}
+
+    def batch_decoder(self) -> BatchDecoder:
+        """Greedy CTC over a batch (NeMo's greedy_batch): merged tokens and the frame that emits each."""
+
+        def decode_batch(batch: AudioBatch) -> list[Decoded]:
+            logprobs, lengths = self.logprobs(batch.features, batch.frames)
+            return greedy_batch(logprobs, lengths, self.config.ctc.blank_id)
+
+        return decode_batch
+
+    def transcribe(self, audio: AudioInput, batch_size: int = 4, chunking: str = "nemo",
+                   chunk_seconds: float | None = None, progress: FileProgress | None = None,
+                   **unsupported: Any) -> list[Transcript]:
+        """Paths or 16 kHz float32 arrays (one or a list) -> one Transcript each, with `.text`, `.tokens` and
+        `.token_frames` (the encoder frame that emits each token). NeMo's transcribe() decodes every input
+        whole (`chunking="nemo"`); "pauses" cuts long ones at pauses (app/chunking.py)."""
+        if given := sorted(name for name, value in unsupported.items() if value is not None):
+            raise UsageError(f"{self.config.family}: a CTC model has no prompt or search options; it takes no "
+                             f"{', '.join(given)}")
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: load it with canary_convert.load_model(folder)")
+        long_form = LongFormOptions(chunking=chunking, chunk_seconds=chunk_seconds)
+        results = transcribe(self, self.tokenizer, audio, self.batch_decoder(), False, batch_size, long_form,
+                             progress)
+        warn(results)
+        return results
