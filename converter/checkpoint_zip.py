@@ -22,6 +22,8 @@ import pickle
 import struct
 import zipfile
 import zlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -134,24 +136,41 @@ class _Unpickler(WeightsOnlyUnpickler):
         return self._storages.storage(str(key), dtype, int(numel))
 
 
+@dataclass(frozen=True)
+class MappedSource:
+    """A mapped file and the byte its tensors reach; `check` refuses the file once it has shrunk below that."""
+
+    label: str
+    end: int
+    size_now: Callable[[], int]  # fstat through a descriptor held open for the purpose
+
+    def check(self) -> None:
+        size = self.size_now()
+        if size < self.end:
+            raise ArchiveError(f"{self.label}: the file shrank to {size} bytes while being read (the checkpoint "
+                               f"ends at byte {self.end}); was it overwritten or truncated?")
+
+
 class MappedTensors(dict[str, torch.Tensor]):
-    """A state dict whose tensors are pages of a mapped file; each lookup first checks that the file still
-    holds the checkpoint's bytes, so a source truncated during a conversion is an error, not a SIGBUS.
+    """A state dict whose tensors are pages of mapped files; each lookup first checks that the files still
+    hold the checkpoint's bytes, so a source truncated during a conversion is an error, not a SIGBUS.
 
     Every read of tensor data in a conversion goes through a lookup (`state[key]`) just before it, so a file
     cut while mapped is caught at the next tensor; only a cut during that one tensor's read is not.
     """
 
-    def __init__(self, tensors: dict[str, torch.Tensor], mapping: mmap.mmap, end: int, label: str):
+    def __init__(self, tensors: dict[str, torch.Tensor], sources: Sequence[MappedSource]):
         super().__init__(tensors)
-        self._mapping, self._end, self._label = mapping, end, label
+        self._sources = tuple(sources)
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        size = self._mapping.size()  # fstat of the mapped file, through the mapping's own descriptor
-        if size < self._end:
-            raise ArchiveError(f"{self._label}: the file shrank to {size} bytes while being read (the checkpoint "
-                               f"ends at byte {self._end}); was it overwritten or truncated?")
+        for source in self._sources:
+            source.check()
         return super().__getitem__(key)
+
+    def subset(self, keys: Iterable[str]) -> MappedTensors:
+        """Some of the tensors, guarded the same way (a plain dict of them would not be)."""
+        return MappedTensors({key: super(MappedTensors, self).__getitem__(key) for key in keys}, self._sources)
 
 
 def _pickle_record(archive: zipfile.ZipFile, label: str) -> str:
@@ -219,4 +238,5 @@ def map_checkpoint(path: Path, start: int, size: int, label: str) -> MappedTenso
         # torch refuses a tensor whose shape, stride or offset reaches past its storage here.
         first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise ArchiveError(f"{label}: not a readable torch checkpoint: {first_line}") from None
-    return MappedTensors(_require_state_dict(loaded, label), mapping, start + size, label)
+    # mmap.size() is an fstat of the descriptor the mapping keeps.
+    return MappedTensors(_require_state_dict(loaded, label), [MappedSource(label, start + size, mapping.size)])

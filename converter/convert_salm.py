@@ -138,8 +138,8 @@ def plan_salm(source: ResolvedSource, salm_config: dict[str, Any], options: Any,
     llm_config = llm.llm_config()
     state = mapped_state_dict(folder)
     is_llm = re.compile(preset.llm["keys"])
-    llm_state = {key: tensor for key, tensor in state.items() if is_llm.match(key)}
-    audio_state = {key: tensor for key, tensor in state.items() if key not in llm_state}
+    llm_state = state.subset(key for key in state if is_llm.match(key))
+    audio_state = state.subset(key for key in state if key not in llm_state)
 
     values = _derive(preset.config, "config", salm_config, state, ())
     for section in preset.audio["sections"]:

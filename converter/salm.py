@@ -9,7 +9,7 @@ The LLM's files come from, in order: `--llm-source PATH`; the files NeMo 3.0 sav
 
 from __future__ import annotations
 
-import json
+import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,7 +19,9 @@ from typing import Any
 import torch
 from huggingface_hub import snapshot_download
 
+from .checkpoint_zip import MappedSource, MappedTensors
 from .errors import ArchiveError, ModelFolderError, SourceError
+from .untrusted import folder_file, read_json
 from .model.cpu.mapped import map_safetensors
 from .source import _REPO_ID, _HubRequest, _hub_download, _hub_errors
 
@@ -38,10 +40,7 @@ def read_salm_config(folder: Path) -> dict[str, Any] | None:
     path = folder / SALM_CONFIG
     if not path.is_file():
         return None
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArchiveError(f"{path}: not readable JSON: {exc}") from None
+    config = read_json(path, ArchiveError)  # bounded in size and depth: a checkpoint folder comes from anywhere
     return config if isinstance(config, dict) and "pretrained_llm" in config and "perception" in config else None
 
 
@@ -49,11 +48,12 @@ def weight_files(folder: Path) -> list[Path]:
     """The checkpoint's safetensors: one file, or the shards its index names."""
     index = folder / SALM_INDEX
     if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ArchiveError(f"{index}: not a safetensors index: {exc}") from None
-        files = [folder / name for name in names]
+        data = read_json(index, ArchiveError)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+            raise ArchiveError(f"{index}: not a safetensors index (no weight_map of tensor names to file names)")
+        # Each a regular file inside the folder: an index may name any path (untrusted.py).
+        files = [folder_file(folder, name, SALM_INDEX, ArchiveError) for name in sorted(set(weight_map.values()))]
     else:
         files = [folder / SALM_WEIGHTS]
     for file in files:
@@ -70,16 +70,21 @@ def _as_torch(view: Any) -> torch.Tensor:
     return tensor.view(torch.bfloat16) if str(view.dtype) == "mlx.core.bfloat16" else tensor
 
 
-def mapped_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint as a torch view of its mapped file (no copy until used)."""
+def mapped_state_dict(folder: Path) -> MappedTensors:
+    """Every tensor of the checkpoint as a torch view of its mapped file (no copy until used); a file cut
+    short while mapped is an ArchiveError at the next lookup instead of a SIGBUS (checkpoint_zip.py)."""
     tensors: dict[str, torch.Tensor] = {}
+    sources = []
     for file in weight_files(folder):
+        handle = file.open("rb")  # held by the check below for its fstat; closed with the state dict
+        sources.append(MappedSource(str(file), os.fstat(handle.fileno()).st_size,
+                                    lambda handle=handle: os.fstat(handle.fileno()).st_size))
         try:
             mapped = map_safetensors(file)
         except ModelFolderError as exc:
             raise ArchiveError(str(exc)) from None
         tensors.update((key, _as_torch(view)) for key, view in mapped.items())
-    return tensors
+    return MappedTensors(tensors, sources)
 
 
 @dataclass(frozen=True)
@@ -92,10 +97,7 @@ class LlmSource:
 
     def llm_config(self) -> dict[str, Any]:
         path = self.config_folder / "config.json"
-        try:
-            config = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise SourceError(f"{path}: the LLM's config is not readable JSON: {exc}") from None
+        config = read_json(path, SourceError)
         if not isinstance(config, dict):
             raise SourceError(f"{path}: the LLM's config is not a JSON object")
         return config

@@ -73,13 +73,13 @@ from pathlib import Path
 from canary_convert.convert import ConvertOptions, SilentReporter, convert
 from canary_convert.errors import CanaryConvertError
 
-source, out = Path(sys.argv[1]), Path(sys.argv[2])
+source, out, cut = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 
 class CutsTheSource(SilentReporter):
     @contextmanager
     def task(self, description, total_bytes, total_items):
-        if description == "write":  # the weights are mapped and about to be read
-            os.truncate(source, source.stat().st_size // 2)
+        if description.startswith("write") and cut.stat().st_size > 1:  # weights mapped, about to be read
+            os.truncate(cut, cut.stat().st_size // 2)
         with super().task(description, total_bytes, total_items) as advance:
             yield advance
 
@@ -95,7 +95,7 @@ def test_source_truncated_while_mapped_is_an_error_not_sigbus(checkpoint: Path, 
     source = tmp_path / "m.nemo"
     source.write_bytes(checkpoint.read_bytes())
     size = source.stat().st_size
-    result = subprocess.run([sys.executable, "-c", _TRUNCATE, str(source), str(tmp_path / "mlx")],
+    result = subprocess.run([sys.executable, "-c", _TRUNCATE, str(source), str(tmp_path / "mlx"), str(source)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 1, (result.returncode, result.stderr[-2000:])  # not -7 (SIGBUS)
     assert result.stdout.strip().startswith(f"ArchiveError: {source}:model_weights.ckpt: the file shrank to "
@@ -152,3 +152,19 @@ def test_partial_folders_of_killed_runs_are_removed_by_the_next(checkpoint: Path
     assert result.returncode == 0, result.stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == [".mlx.partial-0123abcd.keep",
                                                                  ".other.partial-0123abcd", "mlx"]
+
+
+def test_salm_weights_truncated_while_mapped_are_an_error_not_sigbus(tmp_path: Path) -> None:
+    # canary-qwen's source kind: a folder of safetensors, mapped without a copy (converter/salm.py).
+    from salm_factory import VARIANTS as SALM_VARIANTS
+    from salm_factory import build as build_salm
+
+    folder, llm_folder = build_salm(SALM_VARIANTS["salm-tied-r8"], tmp_path / "salm")
+    weights = folder / "model.safetensors"
+    size = weights.stat().st_size
+    result = subprocess.run([sys.executable, "-c", _TRUNCATE, str(folder), str(tmp_path / "mlx"), str(weights)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, (result.returncode, result.stderr[-2000:])  # not -7 (SIGBUS)
+    assert result.stdout.strip() == (f"ArchiveError: {weights}: the file shrank to {size // 2} bytes while being "
+                                     f"read (the checkpoint ends at byte {size}); was it overwritten or truncated?")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["salm", "salm-llm"]
