@@ -50,6 +50,24 @@ def test_full_disk_is_one_line_and_leaves_nothing(checkpoint: Path, small_disk: 
     assert list(small_disk.iterdir()) == []
 
 
+def test_full_temporary_folder_for_a_tar_gz_is_one_line(checkpoint: Path, tmp_path: Path, small_disk: Path) -> None:
+    # A tar.gz's weights are decompressed into TMPDIR before they are mapped; that disk may be the full one.
+    import tarfile
+
+    source = tmp_path / "m.nemo"
+    with tarfile.open(checkpoint) as plain, tarfile.open(source, "w:gz") as packed:
+        for info in plain:
+            packed.addfile(info, plain.extractfile(info) if info.isfile() else None)
+    result = run_cli(str(source), str(tmp_path / "mlx"), env=dict(os.environ, TMPDIR=str(small_disk)))
+    assert result.returncode == 1
+    line = _one_line_error(result.stderr)
+    assert line.startswith(f"error: {small_disk}/canary-convert-") and line.endswith(
+        f": the disk refused a write while decompressing {source}:model_weights.ckpt (No space left on device); "
+        f"set TMPDIR to a folder with room"), line
+    assert list(small_disk.iterdir()) == []
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["disk", "m.nemo"]
+
+
 def _limit_file_size() -> None:
     # Writes past 100 KB fail with EFBIG instead of raising SIGXFSZ (an ignored signal stays ignored across exec).
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
