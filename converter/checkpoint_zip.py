@@ -219,7 +219,8 @@ def map_checkpoint(path: Path, start: int, size: int, label: str) -> MappedTenso
             records = {info.filename: info for info in archive.infolist()}
             pickle_name = _pickle_record(archive, label)
             prefix = pickle_name[: -len("data.pkl")]
-            if prefix + "byteorder" in records and archive.read(prefix + "byteorder") != b"little":
+            byteorder = records.get(prefix + "byteorder")  # sized before it is read: any record may be a bomb
+            if byteorder is not None and (byteorder.file_size > len(b"little") or archive.read(byteorder) != b"little"):
                 raise ArchiveError(f"{label}: big-endian checkpoints are not supported")
             storages = _StorageMap(mapping, start, size, records, prefix, label)
             data = archive.read(pickle_name)
@@ -234,7 +235,7 @@ def map_checkpoint(path: Path, start: int, size: int, label: str) -> MappedTenso
         first_line = str(exc).strip().splitlines()[0]
         raise UnsafeArchiveError(f"{label}: refused by torch's weights-only loader: {first_line}") from None
     except (RuntimeError, EOFError, struct.error, TypeError, AttributeError, ValueError, IndexError, KeyError,
-            OverflowError, RecursionError, MemoryError) as exc:
+            OverflowError, RecursionError) as exc:
         # torch refuses a tensor whose shape, stride or offset reaches past its storage here.
         first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise ArchiveError(f"{label}: not a readable torch checkpoint: {first_line}") from None
