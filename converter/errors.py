@@ -43,6 +43,10 @@ class SourceError(CanaryConvertError):
     """The SOURCE argument does not resolve to a readable checkpoint."""
 
 
+class HubFileMissingError(SourceError):
+    """The Hub repo exists but lacks the file asked for (a repo of another layout may still convert)."""
+
+
 class HubUnreachableError(SourceError):
     """The Hugging Face Hub could not be reached and the file is not in the local cache."""
 

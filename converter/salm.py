@@ -4,7 +4,7 @@ safetensors weights, and the LLM's tokenizer and config, which the checkpoint on
 The weights are mapped, never copied whole: each tensor is a view of the mapped file until it is used.
 The LLM's files come from, in order: `--llm-source PATH`; the files NeMo 3.0 saves beside the checkpoint
 (the tokenizer at its root, `llm_backbone/config.json`); `pretrained_llm` when it is a local folder; else
-`pretrained_llm` as a Hub repo, through huggingface_hub's cache (config and tokenizer files only).
+`pretrained_llm` as a Hub repo, through huggingface_hub's cache (config and tokenizer files only, by name).
 """
 
 from __future__ import annotations
@@ -17,20 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import snapshot_download
+from huggingface_hub.errors import EntryNotFoundError
 
 from .checkpoint_zip import MappedSource, MappedTensors
 from .errors import ArchiveError, ModelFolderError, SourceError
 from .untrusted import folder_file, read_json
 from .model.cpu.mapped import map_safetensors
-from .source import _REPO_ID, _HubRequest, _hub_download, _hub_errors
+from .source import _REPO_ID, SPEECH_LLM_CONFIG as SALM_CONFIG, SPEECH_LLM_INDEX as SALM_INDEX
+from .source import SPEECH_LLM_WEIGHTS as SALM_WEIGHTS, _HubRequest, _hub_download, _hub_errors
 
-SALM_CONFIG = "config.json"
-SALM_WEIGHTS = "model.safetensors"
-SALM_INDEX = "model.safetensors.index.json"
 LLM_BACKBONE = "llm_backbone"  # NeMo 3.0's HFHubMixin: the LLM's config saved beside the checkpoint
 TOKENIZER_CONFIG = "tokenizer_config.json"
-# What the LLM folder contributes: its config and tokenizer (its weights are the checkpoint's).
+# What the LLM folder contributes: its config and tokenizer (its weights are the checkpoint's); the config first.
 LLM_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
              "merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
 
@@ -127,11 +125,16 @@ def resolve_llm(folder: Path, config: Mapping[str, Any], llm_source: str | None 
         raise SourceError(f"{folder / SALM_CONFIG}: pretrained_llm {name!r} is neither a folder nor a Hub repo id; "
                           "pass --llm-source PATH (a folder with the LLM's config.json and tokenizer files)")
     instead = f"pass --llm-source PATH, a folder holding {name}'s config.json and tokenizer files"
-    with _hub_errors(_HubRequest(name, None, "the file", instead, "config.json")):
-        # One probe first: an unreachable Hub fails in seconds instead of after huggingface_hub's retries.
-        _hub_download(name, "config.json", None, tqdm_class)
-    with _hub_errors(_HubRequest(name, None, "the repo", instead)):
-        path = Path(snapshot_download(name, allow_patterns=list(LLM_FILES), tqdm_class=tqdm_class))
+    path = None
+    for file in LLM_FILES:
+        # The first file is probed once: an unreachable Hub fails in seconds, not after huggingface_hub's retries.
+        with _hub_errors(_HubRequest(name, None, "the file", instead, file)):
+            try:
+                path = _hub_download(name, file, None, tqdm_class).parent
+            except EntryNotFoundError:
+                continue  # a tokenizer has some of these files, not all
+    if path is None:
+        raise SourceError(f"{name}: the Hub repo has none of an LLM's config and tokenizer files; {instead}")
     _require_llm_folder(path, f"the Hub repo {name}")
     commit = path.name if path.parent.name == "snapshots" else None
     return LlmSource(path, path, {"kind": "hub", "id": name, "commit": commit, "path": str(path)})

@@ -42,10 +42,14 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from .errors import HubUnreachableError, ModelFolderError, SourceError, UsageError
+from .errors import HubFileMissingError, HubUnreachableError, ModelFolderError, SourceError, UsageError
 from .manifest import CONVERSION_FILE, FileRecord, manifest_problems, read_record, recorded_manifest
 
 CARD_NAME = "README.md"  # a Hub repo's model card
+# A speech-LLM repo (NeMo speechlm2, e.g. nvidia/canary-qwen-2.5b): SALM's config and safetensors, no .nemo.
+SPEECH_LLM_CONFIG = "config.json"
+SPEECH_LLM_WEIGHTS = "model.safetensors"
+SPEECH_LLM_INDEX = "model.safetensors.index.json"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -117,7 +121,7 @@ def _hub_errors(request: _HubRequest) -> Iterator[None]:
     except RevisionNotFoundError:
         raise SourceError(f"{where}: the repo has no revision {request.revision!r}") from None
     except EntryNotFoundError:
-        raise SourceError(f"{where}: the repo has no file {request.filename}") from None
+        raise HubFileMissingError(f"{where}: the repo has no file {request.filename}") from None
     except HfHubHTTPError as exc:
         raise SourceError(f"{where}: the Hub refused the download: {exc}") from None
     except HFValidationError as exc:
@@ -129,14 +133,68 @@ def _hub_errors(request: _HubRequest) -> Iterator[None]:
 
 
 def _download(repo_id: str, revision: str | None, tqdm_class: Any) -> ResolvedSource:
+    """A Hub repo's checkpoint: `<name>.nemo`, or a speech-LLM's folder (config.json + safetensors, as
+    nvidia/canary-qwen-2.5b holds it), taken from the cache first when its config.json is cached."""
+    with _hub_errors(_HubRequest(repo_id, revision, "the file", "", SPEECH_LLM_CONFIG)):  # a malformed id
+        cached = try_to_load_from_cache(repo_id, SPEECH_LLM_CONFIG, revision=revision)
+    if isinstance(cached, str) and _is_speech_llm_config(Path(cached)):
+        return _download_speech_llm(repo_id, revision, tqdm_class)
     filename = hub_filename(repo_id)
     request = _HubRequest(repo_id, revision, "the file",
-                          f"download {filename} elsewhere and pass its path: canary-convert ./{filename} OUT", filename)
-    with _hub_errors(request):
-        local = _hub_download(repo_id, filename, revision, tqdm_class)
+                          f"download {filename} elsewhere and pass its path: canary-convert ./{filename} OUT (for a "
+                          "speech-LLM such as canary-qwen, its folder of config.json and model.safetensors)", filename)
+    try:
+        with _hub_errors(request):
+            local = _hub_download(repo_id, filename, revision, tqdm_class)
+    except HubFileMissingError:
+        with _hub_errors(_HubRequest(repo_id, revision, "the file", request.instead, SPEECH_LLM_CONFIG)):
+            try:
+                config = _hub_download(repo_id, SPEECH_LLM_CONFIG, revision, tqdm_class)
+            except EntryNotFoundError:
+                config = None
+        if config is None or not _is_speech_llm_config(config):
+            raise
+        return _download_speech_llm(repo_id, revision, tqdm_class)
+    return _resolved_hub(local, repo_id, revision)
+
+
+def _resolved_hub(local: Path, repo_id: str, revision: str | None) -> ResolvedSource:
     # The cache keeps files at .../snapshots/<commit>/<filename>.
     commit = local.parent.name if local.parent.parent.name == "snapshots" else None
     return ResolvedSource(kind="hub", path=local, repo_id=repo_id, revision=revision, commit=commit)
+
+
+def _is_speech_llm_config(path: Path) -> bool:
+    """Whether a repo's config.json is NeMo speechlm2 SALM's (it names `pretrained_llm` and `perception`)."""
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(config, dict) and "pretrained_llm" in config and "perception" in config
+
+
+def _download_speech_llm(repo_id: str, revision: str | None, tqdm_class: Any) -> ResolvedSource:
+    """The speech-LLM repo's config.json and weights (one file, or an index and its shards), as a folder of
+    the cache's snapshot."""
+    instead = "download the repo elsewhere and pass its folder: canary-convert ./FOLDER OUT"
+    with _hub_errors(_HubRequest(repo_id, revision, "the file", instead, SPEECH_LLM_CONFIG)):
+        config = _hub_download(repo_id, SPEECH_LLM_CONFIG, revision, tqdm_class)
+    names = [SPEECH_LLM_WEIGHTS]
+    with _hub_errors(_HubRequest(repo_id, revision, "the file", instead, SPEECH_LLM_INDEX)):
+        try:
+            index = _hub_download(repo_id, SPEECH_LLM_INDEX, revision, tqdm_class)
+        except EntryNotFoundError:
+            index = None
+    if index is not None:
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise SourceError(f"{repo_id}/{SPEECH_LLM_INDEX}: not a safetensors index: {exc}") from None
+    for name in names:
+        with _hub_errors(_HubRequest(repo_id, revision, "the file", instead, name)):
+            _hub_download(repo_id, name, revision, tqdm_class)
+    resolved = _resolved_hub(config, repo_id, revision)
+    return ResolvedSource(kind="hub", path=config.parent, repo_id=repo_id, revision=revision, commit=resolved.commit)
 
 
 def _hub_download(repo_id: str, filename: str, revision: str | None, tqdm_class: Any = None) -> Path:

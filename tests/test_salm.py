@@ -330,3 +330,46 @@ def test_canary_transcribe_runs_a_speech_llm_folder(references: dict[str, Refere
     assert record["text"] == transcript.text and record["tokens"] == transcript.tokens
     refused = subprocess.run(command + ["--source-lang", "en"], capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "--prompt instead" in refused.stderr
+
+
+def test_a_hub_repo_converts_through_the_cache_and_then_offline(references: dict[str, Reference],
+                                                                tmp_path: Path) -> None:
+    """`canary-convert ORG/NAME OUT` for a repo laid out like nvidia/canary-qwen-2.5b (config.json and
+    model.safetensors, no .nemo), its pretrained_llm a Hub repo of config and tokenizer files only; then the
+    same offline from the cache alone."""
+    from hub_server import HubServer, loopback_env
+
+    reference = references["salm-tied-r8"]
+    llm_folder = Path(reference.model.cfg.pretrained_llm)
+    config = _config(reference.folder)
+    config["pretrained_llm"] = "tiny/qwen3-llm"
+    salm_files = {"config.json": json.dumps(config).encode(),
+                  "model.safetensors": (reference.folder / "model.safetensors").read_bytes()}
+    llm_files = {path.name: path.read_bytes() for path in llm_folder.iterdir()}
+    canary_convert = str(Path(sys.executable).parent / "canary-convert")
+    with HubServer() as hub:
+        repo = hub.add_repo("tiny/canary-qwen", salm_files, lfs=True)
+        hub.add_repo("tiny/qwen3-llm", llm_files)
+        env = loopback_env(tmp_path / "hf", hub.url)
+        result = subprocess.run([canary_convert, "tiny/canary-qwen", str(tmp_path / "online")], capture_output=True,
+                                text=True, env=env, timeout=300)
+        assert result.returncode == 0, result.stderr
+        record = json.loads((tmp_path / "online" / "conversion.json").read_text())
+        assert record["source"]["id"] == "tiny/canary-qwen" and record["source"]["commit"] == repo.commit
+        assert record["llm_source"]["id"] == "tiny/qwen3-llm"
+        assert record["source"]["sha256"] == "sha256:" + repo.etag("model.safetensors")  # the cache's own digest
+        hub.clear_requests()
+        offline = loopback_env(tmp_path / "hf", hub.url, offline=True)
+        result = subprocess.run([canary_convert, "tiny/canary-qwen", str(tmp_path / "offline")], capture_output=True,
+                                text=True, env=offline, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert hub.requests == []
+    ours = mx.load(str(tmp_path / "offline" / "llm" / "model.safetensors"))
+    again = mx.load(str(tmp_path / "online" / "llm" / "model.safetensors"))
+    assert all(mx.array_equal(ours[key], again[key]).item() for key in ours)
+    empty = loopback_env(tmp_path / "hf-empty", hub.url, offline=True)
+    started = time.perf_counter()
+    result = subprocess.run([canary_convert, "tiny/canary-qwen", str(tmp_path / "none")], capture_output=True,
+                            text=True, env=empty, timeout=120)
+    assert time.perf_counter() - started < 30 and result.returncode == 1
+    assert "cannot be reached" in result.stderr and "config.json and model.safetensors" in " ".join(result.stderr.split())
