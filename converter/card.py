@@ -16,6 +16,7 @@ from .parity import ParityReport
 CARD_FILE = "README.md"
 UNKNOWN_LICENCE = "unknown"
 _TAGS = ["mlx", "canary", "nemo", "speech", "asr", "automatic-speech-recognition", "speech-translation"]
+_CANARY_ONLY_TAGS = ("canary", "speech-translation")  # the other families (CTC, transducers) neither translate
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,8 @@ def _front_matter(facts: CardFacts) -> dict[str, Any]:
             matter["base_model_relation"] = "quantized"
     matter["language"] = list(facts.languages)
     matter["pipeline_tag"] = "automatic-speech-recognition"
-    matter["tags"] = _TAGS + [record["family"]] + (["mlx-audio"] if record["options"].get("layout") == "mlx-audio" else [])
+    tags = _TAGS if facts.config.get("model_type") == "canary" else [tag for tag in _TAGS if tag not in _CANARY_ONLY_TAGS]
+    matter["tags"] = tags + [record["family"]] + (["mlx-audio"] if record["options"].get("layout") == "mlx-audio" else [])
     return matter
 
 
@@ -98,14 +100,24 @@ def _architecture(record: Mapping[str, Any], facts: CardFacts) -> list[str]:
 
 
 def _head(config: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """The card rows of the family's head: a Transformer decoder (Canary) or a CTC head."""
+    """The card rows of the family's head: a Transformer decoder (Canary), a transducer (with a hybrid's CTC head)
+    or a CTC head."""
     if "decoder" in config:
         decoder = config["decoder"]
         return [("decoder", f"{decoder['num_layers']} Transformer layers, width {decoder['hidden_size']}, "
                             f"{decoder['num_attention_heads']} heads, up to {decoder['max_sequence_length']} positions")]
+    rows = []
+    if "joint" in config:
+        prediction, durations = config["prediction"], config["decoding"]["durations"]
+        kind = f"TDT (durations {durations})" if durations else "RNN-T"
+        rows += [("prediction network", f"{prediction['pred_rnn_layers']} LSTM layers, width {prediction['pred_hidden']}, "
+                                        f"{prediction['vocab_size']} tokens and the blank"),
+                 ("joint", f"{kind}, width {config['joint']['joint_hidden']}, greedy decoding (NeMo's greedy_batch, "
+                           f"at most {config['decoding']['max_symbols']} symbols per frame)")]
     if "ctc" in config:
-        return [("head", f"CTC over {config['ctc']['num_classes'] - 1} tokens and the blank, greedy decoding")]
-    return []
+        rows.append(("auxiliary CTC head" if rows else "head",
+                     f"CTC over {config['ctc']['num_classes'] - 1} tokens and the blank, greedy decoding"))
+    return rows
 
 
 def _provenance(record: Mapping[str, Any], command: str) -> list[str]:

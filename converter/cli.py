@@ -405,7 +405,8 @@ def transcribe_command(
     target_lang: Annotated[Optional[str], typer.Option(help="Output language (default: the spoken one given, else the checkpoint's default).")] = None,
     task: Annotated[Optional[str], typer.Option(help="transcribe or translate (or NeMo's asr, ast, s2t_translation); default: from the languages.")] = None,
     pnc: Annotated[Optional[bool], typer.Option("--pnc/--no-pnc", help="Punctuation and capitals (default: the checkpoint's, else on).")] = None,
-    timestamps: Annotated[Optional[bool], typer.Option("--timestamps", help="Word and segment times (canary2 models with frame tokens).")] = None,
+    timestamps: Annotated[Optional[bool], typer.Option("--timestamps", help="Word and segment times (canary2 models with frame tokens, transducers).")] = None,
+    decoder: Annotated[Optional[str], typer.Option(help="A hybrid transducer's head: transducer (NeMo's default) or ctc.")] = None,
     beam_size: Annotated[Optional[int], typer.Option(help="Beam size (default: the checkpoint's).")] = None,
     greedy: Annotated[bool, typer.Option("--greedy", help="Greedy search instead of beam search.")] = False,
     batch_size: Annotated[int, typer.Option(help="Clips (or chunks of a long file) decoded together.")] = 4,
@@ -430,7 +431,8 @@ def transcribe_command(
         loaded = load_model(model, revision)
         if hasattr(loaded, "llm"):  # a speech-LLM: prompted in words, greedy, in windows of the model's length
             canary_only = {"--source-lang": source_lang, "--target-lang": target_lang, "--task": task, "--pnc": pnc,
-                           "--timestamps": timestamps, "--beam-size": beam_size, "--greedy": greedy or None}
+                           "--timestamps": timestamps, "--beam-size": beam_size, "--greedy": greedy or None,
+                           "--decoder": decoder}
             if given := [flag for flag, value in canary_only.items() if value is not None]:
                 raise UsageError(f"{', '.join(given)}: Canary options; a speech-LLM takes --prompt instead")
             with warnings.catch_warnings():
@@ -447,7 +449,7 @@ def transcribe_command(
                 given = {name: value for name, value in (
                     ("source_lang", source_lang), ("target_lang", target_lang), ("task", task), ("pnc", pnc),
                     ("timestamp", timestamps), ("strategy", "greedy" if greedy else None), ("beam_size", beam_size),
-                    ("chunk_seconds", chunk_seconds)) if value is not None}
+                    ("chunk_seconds", chunk_seconds), ("decoder", decoder)) if value is not None}
                 results = loaded.transcribe(audio, batch_size=batch_size, chunking=chunking,
                                             progress=_ChunkProgress(bar), **given)
     except CanaryConvertError as exc:

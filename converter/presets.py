@@ -85,7 +85,14 @@ class Preset:
         return layout
 
     def matches(self, nemo_config: Mapping[str, Any]) -> bool:
-        return all(lookup(nemo_config, key, None) == want for key, want in self.detect.items())
+        """Every `detect` field has its value; `{present: true|false}` asks only whether the field is set."""
+        return all(_detects(lookup(nemo_config, key, None), want) for key, want in self.detect.items())
+
+
+def _detects(value: Any, want: Any) -> bool:
+    if isinstance(want, dict) and set(want) == {"present"}:
+        return (value is not None) == bool(want["present"])
+    return value == want
 
 
 def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

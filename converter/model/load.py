@@ -14,6 +14,7 @@ from ..blas import warn_if_slow
 from .llm.config import SpeechLLMConfig
 from .llm.speechllm import SpeechLLM, load_speech_llm
 from .ctc.model import CTCModel
+from .transducer.model import TransducerModel
 from ..errors import ModelFolderError
 from .config import SpeechConfig
 from .speech import SpeechModel
@@ -34,6 +35,7 @@ Stored = TypeVar("Stored", mx.array, MappedTensor)
 MODEL_TYPES: dict[str, type[SpeechModel]] = {
     "canary": CanaryModel,
     "ctc": CTCModel,
+    "transducer": TransducerModel,
 }
 
 
