@@ -29,6 +29,7 @@ def to_record(transcript: Transcript) -> dict[str, Any]:
         "seconds": round(transcript.seconds, 3),
         "truncated": transcript.truncated,
         "over_window": transcript.over_window,
+        "sparse_chunks": list(transcript.sparse_chunks),
         "warnings": list(transcript.warnings),
         "timestamps": transcript.timestamps,
         "segments": [_timed(segment) for segment in transcript.segments],

@@ -13,6 +13,7 @@ import soundfile
 
 from canary_convert import load_model
 from canary_convert.convert import ConvertOptions, convert
+from canary_convert.errors import TranscriptWarning
 from canary_convert.model.quantized import QuantizeOptions
 from canary_convert.model.app.audio_io import load_audio
 from canary_convert.parity import compare_tokens, restore_nemo
@@ -113,3 +114,23 @@ def test_long_recording(converted: dict[str, Path], tmp_path: Path, lang: str) -
     srt = subprocess.run([*cli, "--format", "srt"], capture_output=True, text=True, check=True).stdout
     times = re.findall(r"^(\d\d:\d\d:\d\d,\d{3}) --> (\d\d:\d\d:\d\d,\d{3})$", srt, flags=re.M)
     assert len(times) == len(audio.spans) and times == sorted(times)
+
+
+def test_a_long_recording_on_chunks_the_model_cannot_read_warns(converted: dict[str, Path], tmp_path: Path) -> None:
+    """NeMo's 40 s chunks are too long for a model trained on 2 s utterances: a dozen words for three minutes.
+    The transcript must say so (stderr, JSON, TranscriptWarning) and name the way out."""
+    audio = build_long_audio(EXAMPLE, "en")
+    path = tmp_path / "long.wav"
+    soundfile.write(path, audio.samples, 16000, subtype="FLOAT")
+    cli = [str(Path(sys.executable).parent / "canary-transcribe"), str(path), "--model", str(converted["float32"]),
+           "--source-lang", "en", "--format", "json"]
+    done = subprocess.run(cli, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)[0]
+    assert len(result["text"].split()) < 40 and len(result["chunks"]) == 5  # 40 s chunks: the silent loss
+    assert result["sparse_chunks"] == [0, 1, 2, 3, 4]
+    [warning] = result["warnings"]
+    assert "5 of 5 chunks have far fewer words than speech" in warning and "try --chunking pauses" in warning
+    assert f"warning: {warning}" in " ".join(done.stderr.split())
+    with pytest.warns(TranscriptWarning, match="far fewer words than speech"):
+        load_model(converted["float32"]).transcribe(audio.samples, source_lang="en")

@@ -143,6 +143,12 @@ def speech_runs(levels: np.ndarray, rule: PauseRule) -> list[Span]:
     return [run for run in runs if run.size >= blip]
 
 
+def speech_seconds(runs: list[Span], start: float, stop: float, frame_seconds: float) -> float:
+    """Seconds of speech (`speech_runs`, in frames) inside [start, stop) seconds of the file."""
+    first, last = start / frame_seconds, stop / frame_seconds
+    return sum(max(0.0, min(run.stop, last) - max(run.start, first)) for run in runs) * frame_seconds
+
+
 def _split_long(run: Span, levels: np.ndarray, limit: int) -> list[Span]:
     """An utterance longer than the window, cut at the quietest frame of each window's last quarter."""
     pieces, start = [], run.start

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import mlx.core as mx
@@ -32,6 +32,8 @@ from .chunking import (
     parallel_chunks,
     parallel_windows,
     pause_chunks,
+    speech_runs,
+    speech_seconds,
 )
 from .merge import merge_chunk_tokens
 from ..speech import AudioBatch, BatchDecoder, Decoded
@@ -109,12 +111,15 @@ class ChunkOutput:
 @dataclass(frozen=True)
 class LongFormOutput:
     """Every chunk in order; `groups` lists the chunks that NeMo merges together (its one-hour windows),
-    and `frame_offsets` the encoder-frame offset of each chunk (fixed chunks: NeMo's timestamp shift)."""
+    `frame_offsets` the encoder-frame offset of each chunk (fixed chunks: NeMo's timestamp shift), and
+    `speech` the seconds of speech in each chunk by the pause rule's detector (what its transcript is
+    weighed against, transcribe.py's sparse chunks)."""
 
     method: str
     chunks: list[ChunkOutput]
     groups: list[list[int]]
     frame_offsets: list[int] | None = None
+    speech: list[float] = field(default_factory=list)
 
 
 def _batches(items: Sequence[Span], size: int) -> Iterator[list[Span]]:
@@ -222,9 +227,9 @@ def _levels(source: AudioSource, frame: int) -> np.ndarray:
                            for start in range(0, max(source.num_samples, 1), block)])
 
 
-def _pauses(model: SpeechModel, source: AudioSource, window: float, rule: PauseRule, **run: object) -> LongFormOutput:
+def _pauses(model: SpeechModel, source: AudioSource, window: float, rule: PauseRule, levels: np.ndarray,
+            **run: object) -> LongFormOutput:
     rate = source.sample_rate
-    levels = _levels(source, round(rule.frame_seconds * rate))
     spans = pause_chunks(levels, rule, window, source.num_samples, rate)
     outputs, groups = _run(model, [spans], lambda _, batch: _sample_batch(model, source, batch, None), 1 / rate, **run)
     return LongFormOutput("pauses", outputs, groups)
@@ -232,13 +237,19 @@ def _pauses(model: SpeechModel, source: AudioSource, window: float, rule: PauseR
 
 def transcribe_chunks(model: SpeechModel, source: AudioSource, method: str, window: float, decode_batch: BatchDecoder,
                       batch_size: int, rule: PauseRule, progress: Progress | None = None) -> LongFormOutput:
-    """Cut `source` by `method` and decode every chunk (in order) with the head's `decode_batch`."""
+    """Cut `source` by `method` and decode every chunk (in order) with the head's `decode_batch`, with each
+    chunk's seconds of speech."""
     run = dict(decode_batch=decode_batch, batch_size=batch_size, progress=progress)
+    levels = _levels(source, round(rule.frame_seconds * source.sample_rate))  # one read, in blocks
     if method == "frames":
-        return _frames(model, source, window, **run)
-    if method == "parallel":
-        return _parallel(model, source, window, **run)
-    return _pauses(model, source, window, rule, **run)
+        output = _frames(model, source, window, **run)
+    elif method == "parallel":
+        output = _parallel(model, source, window, **run)
+    else:
+        output = _pauses(model, source, window, rule, levels, **run)
+    runs = speech_runs(levels, rule)
+    return replace(output, speech=[speech_seconds(runs, chunk.start, chunk.end, rule.frame_seconds)
+                                   for chunk in output.chunks])
 
 
 def merged_tokens(output: LongFormOutput, subsampling_factor: int) -> list[tuple[list[int], list[int]]]:

@@ -67,7 +67,8 @@ class Transcript:
     after the overlaps are merged); `token_frames`, where the head places each token (a CTC model: the
     encoder frame that emits it; inputs decoded whole only). `words` and `segments` carry times when the
     model gives them (`timestamps`: frame tokens, or canary-1b-v2's aligner); `chunks` always do. `truncated`: some piece ended on the length budget, not end-of-text;
-    `over_window`: decoded in one piece although longer than the window. `warnings` says it in words.
+    `over_window`: decoded in one piece although longer than the window. `sparse_chunks`: the chunks whose
+    transcript is far shorter than their speech (`SPARSE_TOKENS_PER_SECOND`). `warnings` says it in words.
     """
 
     source: str
@@ -80,6 +81,7 @@ class Transcript:
     timestamps: bool = False
     truncated: bool = False
     over_window: bool = False
+    sparse_chunks: tuple[int, ...] = ()
     warnings: tuple[str, ...] = ()
     token_frames: tuple[int, ...] = ()
 
@@ -115,9 +117,39 @@ class TextReader:
         return text, words, unknown
 
 
+# A chunk whose transcript has fewer text tokens than this per second of detected speech has lost words
+# (a model that cannot read chunks this long). Normal speech is 2.5 or more: slow English at 2 words/s
+# on canary-1b-v2's 16k BPE (~1.3 tokens a word), more with the smaller aggregate vocabularies; the example
+# model's correct transcripts are 5.8 to 9.9; its 40 s chunks of the 3-minute demo file, 0.3 to 0.9.
+SPARSE_TOKENS_PER_SECOND = 1.0
+# Chunks with less speech than this are not judged (a word or two against a short noise is no evidence).
+SPARSE_MIN_SPEECH_SECONDS = 4.0
+
+
+def sparse_chunks(tokenizer: Tokenizer, output: LongFormOutput) -> tuple[int, ...]:
+    """The chunks whose transcript is far shorter than their speech (see SPARSE_TOKENS_PER_SECOND)."""
+    special = set(tokenizer.special_tokens.values())
+    sparse = []
+    for index, (piece, speech) in enumerate(zip(output.chunks, output.speech)):
+        text_tokens = sum(1 for token in piece.decoded.tokens if token < tokenizer.vocab_size and token not in special)
+        if speech >= SPARSE_MIN_SPEECH_SECONDS and text_tokens < SPARSE_TOKENS_PER_SECOND * speech:
+            sparse.append(index)
+    return tuple(sparse)
+
+
+def _sparse_warning(name: str, chunks: Sequence[Chunk], sparse: Sequence[int], output: LongFormOutput) -> str:
+    first = chunks[sparse[0]]
+    advice = ("try a shorter --chunk-seconds" if output.method == "pauses"
+              else "try --chunking pauses (chunking='pauses'), with --chunk-seconds")
+    return (f"{name}: {len(sparse)} of {len(chunks)} chunks have far fewer words than speech (the first, "
+            f"{first.start:.1f}-{first.end:.1f} s: {len(first.text.split())} words for "
+            f"{output.speech[sparse[0]]:.1f} s of speech); the model may not read chunks this long: {advice} "
+            "near the length of the clips it was trained on")
+
+
 def _warnings(name: str, chunks: Sequence[Chunk], unknown: list[int], vocab_size: int,
-              over_window: float | None, seconds: float) -> tuple[str, ...]:
-    found = []
+              over_window: float | None, seconds: float, sparse: str | None = None) -> tuple[str, ...]:
+    found = [sparse] if sparse else []
     if over_window is not None:
         found.append(f"{name}: {seconds:.1f} s is longer than the {over_window:g} s window and chunking is off: "
                      "the model may stop early or lose words")
@@ -182,10 +214,12 @@ def join_chunks(reader: TextReader, output: LongFormOutput, name: str, seconds: 
             texts += [chunks[index].text for index in sorted(set(owners))]
     # NeMo joins the texts of its hour windows (and we those of end-to-end chunks) stripped, by one space.
     text = " ".join(text.strip() for text in texts if text)
+    sparse = sparse_chunks(reader.tokenizer, output)
     return Transcript(
         source=name, text=text, tokens=tokens, seconds=seconds, chunks=tuple(chunks), words=tuple(words),
         segments=tuple(segments), timestamps=reader.timestamps, truncated=any(not chunk.ended for chunk in chunks),
-        warnings=_warnings(name, chunks, unknown, reader.tokenizer.vocab_size, None, seconds),
+        sparse_chunks=sparse, warnings=_warnings(name, chunks, unknown, reader.tokenizer.vocab_size, None, seconds,
+                                                 sparse and _sparse_warning(name, chunks, sparse, output)),
     )
 
 
