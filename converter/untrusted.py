@@ -75,6 +75,18 @@ def folder_file(folder: Path, name: object, what: str | None = None, error: Erro
     return Path(folder) / safe
 
 
+def folder_dir(folder: Path, name: object, what: str | None = None, error: ErrorClass = ModelFolderError) -> Path:
+    """`folder / name` for a sub-folder the folder names (a speech-LLM's `llm_folder`): a plain relative name of
+    a directory inside the folder, links followed (its files are the manifest's to check)."""
+    path = Path(folder) / safe_name(folder, name, what, error)
+    target = path.resolve()
+    if not target.is_relative_to(Path(folder).resolve()):
+        raise error(f"{_where(folder, name, what)}: leads outside the folder (to {target})")
+    if not target.is_dir():
+        raise error(f"{_where(folder, name, what)}: not a folder")
+    return path
+
+
 def json_depth_ok(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
     """Whether `value` nests no deeper than `limit` (checked without recursion)."""
     stack = [(value, 1)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from canary_convert.convert import ConvertOptions, convert
 from canary_convert.errors import ModelFolderError
 from canary_convert.goldens import GOLDENS_FILE, GoldensError, read_goldens, goldens_digest, stage_distance
 from canary_convert.manifest import hash_file
-from canary_convert.untrusted import MAX_JSON_BYTES, folder_file, read_json
+from canary_convert.untrusted import MAX_JSON_BYTES, folder_dir, folder_file, read_json
 from conftest import run_cli_measured
 
 # A verify of the tiny model takes ~5 s and ~450 MiB here (MLX, NeMo-free); a hostile file may add little.
@@ -179,6 +180,19 @@ def test_the_hub_cache_links_stay_readable(tmp_path: Path) -> None:
     (snapshot / "stolen.json").symlink_to(other / "def")
     with pytest.raises(ModelFolderError, match="stolen.json: leads outside the folder"):
         folder_file(snapshot, "stolen.json")
+
+
+def test_a_named_sub_folder_stays_inside(tmp_path: Path) -> None:
+    # A speech-LLM folder names the folder mlx_lm.load() reads (config.json llm_folder).
+    folder = tmp_path / "folder"
+    (folder / "llm").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (folder / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    assert folder_dir(folder, "llm") == folder / "llm"
+    for name, says in (("../elsewhere", "not a plain file name"), ("/tmp", "not a plain file name"),
+                       ("linked", "leads outside the folder"), ("absent", "not a folder")):
+        with pytest.raises(ModelFolderError, match=f"config.json llm_folder names '{re.escape(name)}': {says}"):
+            folder_dir(folder, name, "config.json llm_folder")
 
 
 # --- item 3: the folder cannot switch verify off ----------------------------------------------------------------

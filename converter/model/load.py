@@ -22,7 +22,7 @@ from .cpu.mapped import MappedTensor, map_safetensors
 from .quantized import quantize_modules
 from .cpu.widened import widen_products
 from .tokenizer import load_tokenizer, tokenizer_files
-from ..untrusted import folder_file, read_json
+from ..untrusted import folder_dir, folder_file, read_json
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -135,7 +135,8 @@ def parameter_shapes(config: SpeechConfig, quantized: Collection[str] = ()) -> d
 
 def _load_speech_llm(folder: Path) -> SpeechLLM:
     """A speech-LLM folder: our audio half from its safetensors, the LLM through mlx_lm.load()."""
-    config = SpeechLLMConfig.from_file(folder / CONFIG_FILE)
+    config = SpeechLLMConfig.from_file(folder_file(folder, CONFIG_FILE))
+    folder_dir(folder, config.llm_folder, f"{CONFIG_FILE} llm_folder")  # mlx_lm.load reads what it names
     weights: dict[str, mx.array] = {}
     for file in weight_files(folder):
         weights.update(mx.load(str(file), format="safetensors"))
@@ -151,24 +152,27 @@ def load_model(path: str | Path) -> Any:
     the folder's `model_type` chooses the model (LOADERS, else MODEL_TYPES' SpeechModel class)."""
     folder = Path(path)
     try:
-        model_type = read_json(folder_file(folder, CONFIG_FILE)).get("model_type")
-        if model_type in LOADERS:
-            return LOADERS[model_type](folder)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError) as exc:
-        raise ModelFolderError(f"{folder}: not a loadable canary-convert MLX folder: {exc}") from None
-    try:
-        config = read_config(folder_file(folder, CONFIG_FILE))
-        model = model_class(config.model_type)(config, load_tokenizer(folder, config.tokenizer))
-        weights = read_tensors(folder, config)
-        if config.quantization is not None:
-            quantize_modules(model, config.quantization, weights.keys())
-        model.load_weights(list(weights.items()), strict=True)
-        widen_products(model)
+        config = read_json(folder_file(folder, CONFIG_FILE))
+        model_type = config.get("model_type") if isinstance(config, dict) else None
+        model = LOADERS[model_type](folder) if isinstance(model_type, str) and model_type in LOADERS \
+            else _load_speech_model(folder)
     except ModelFolderError as exc:  # names the file at fault already, after the folder
         raise ModelFolderError(f"{folder}: not a loadable canary-convert MLX folder: "
                                f"{str(exc).removeprefix(f'{folder}: ')}") from None
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError) as exc:
         raise ModelFolderError(f"{folder}: not a loadable canary-convert MLX folder: {exc}") from None
-    model.eval()
     warn_if_slow()
+    return model
+
+
+def _load_speech_model(folder: Path) -> Any:
+    """A folder of one of MODEL_TYPES' SpeechModel classes (a Canary model, a CTC model, ...)."""
+    config = read_config(folder_file(folder, CONFIG_FILE))
+    model = model_class(config.model_type)(config, load_tokenizer(folder, config.tokenizer))
+    weights = read_tensors(folder, config)
+    if config.quantization is not None:
+        quantize_modules(model, config.quantization, weights.keys())
+    model.load_weights(list(weights.items()), strict=True)
+    widen_products(model)
+    model.eval()
     return model

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ...errors import ModelFolderError
+from ...untrusted import read_json
 from ..config import EncoderConfig, PreprocessorConfig, _from_dict
 
 
@@ -58,7 +60,10 @@ class SpeechLLMConfig:
 
     @classmethod
     def from_file(cls, path: Path) -> SpeechLLMConfig:
-        return cls.from_dict(json.loads(path.read_text()))
+        data = read_json(path)  # bounded: the folder may come from anywhere
+        if not isinstance(data, dict):
+            raise ModelFolderError(f"{path}: not a JSON object")
+        return cls.from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
