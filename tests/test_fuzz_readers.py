@@ -1,6 +1,7 @@
 """Property-based: the readers of a folder's JSON files (goldens, manifest, index, config.json) raise only the
 project's errors, in bounded time, on any input: random JSON, random bytes, and the committed example's own
-files with one value replaced or one key removed (the inputs that get furthest into the checks)."""
+files with one value replaced or one key removed (the inputs that get furthest into the checks).
+The archive, pickle and rule readers have theirs in test_fuzz.py."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from canary_convert.errors import CanaryConvertError, ModelFolderError
@@ -21,14 +22,13 @@ from canary_convert.manifest import manifest_problems, read_record, recorded_man
 from canary_convert.model.config import ModelConfig
 from canary_convert.model.load import INDEX_FILE, weight_files
 from conftest import REPO
+from test_fuzz import FUZZ  # the readers' settings: 60 examples, FUZZ_EXAMPLES=2000 for a deeper search
 
 EXAMPLE = REPO / "examples" / "tiny-canary"
 GOLDENS = json.loads((EXAMPLE / "goldens.json").read_text())
 CONFIG = GOLDENS["config"]  # the example's config.json, as recorded with its goldens
 # Each example's own reading time is milliseconds; a hostile one may not take more than this.
 SECONDS_PER_EXAMPLE = 2.0
-FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                        HealthCheck.too_slow])
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
@@ -69,6 +69,15 @@ def mutated(draw: st.DrawFn, document: Any, paths: list[tuple]) -> Any:
     return copied
 
 
+def _fresh_folder(tmp_path: Path, present: str) -> Path:
+    """An empty folder (each hypothesis example starts afresh) holding one file, `present`."""
+    folder = tmp_path / "folder"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    (folder / present).write_text("{}")
+    return folder
+
+
 def _only_ours(read, error: type[CanaryConvertError]) -> None:
     started = time.monotonic()
     try:
@@ -98,10 +107,7 @@ def test_goldens_anything(tmp_path: Path, data: bytes) -> None:
 @FUZZ
 @given(data=st.binary(max_size=200) | json_values.map(lambda value: json.dumps({"manifest": value}).encode()))
 def test_conversion_record_and_manifest(tmp_path: Path, data: bytes) -> None:
-    folder = tmp_path / "folder"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir()
-    (folder / "config.json").write_text("{}")
+    folder = _fresh_folder(tmp_path, "config.json")
     (folder / "conversion.json").write_bytes(data)
 
     def read() -> None:
@@ -113,10 +119,7 @@ def test_conversion_record_and_manifest(tmp_path: Path, data: bytes) -> None:
 @FUZZ
 @given(data=st.binary(max_size=200) | json_values.map(lambda value: json.dumps({"weight_map": value}).encode()))
 def test_index(tmp_path: Path, data: bytes) -> None:
-    folder = tmp_path / "folder"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir()
-    (folder / "model.safetensors").write_bytes(b"")
+    folder = _fresh_folder(tmp_path, "model.safetensors")
     (folder / INDEX_FILE).write_bytes(data)
     started = time.monotonic()
     try:
