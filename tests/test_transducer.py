@@ -88,6 +88,9 @@ def test_detected_family_and_config(checkpoints: dict, converted: dict, variant:
     assert config["prediction"] == {"pred_hidden": spec.pred_hidden, "pred_rnn_layers": spec.pred_layers,
                                     "vocab_size": spec.vocab}
     assert ("ctc" in config) == spec.hybrid
+    # The joint's output layer is joint_net.2 behind a dropout (NVIDIA's releases), joint_net.1 without one.
+    mapped = {tensor.source_key for tensor in plan_only(str(checkpoints[variant]), ConvertOptions()).plan.tensors}
+    assert f"joint.joint_net.{2 if spec.dropout else 1}.weight" in mapped
     record = json.loads((converted[variant] / "conversion.json").read_text())
     assert record["validation"]["round_trip"] == "exact"
     card = (converted[variant] / "README.md").read_text()

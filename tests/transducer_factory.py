@@ -44,13 +44,14 @@ class TransducerSpec:
     pred_layers: int = 1
     joint_hidden: int = 56
     vocab: int = 48
+    dropout: float = 0.0  # NVIDIA's releases train with 0.2: the joint's output layer is then joint_net.2, not .1
     seed: int = 0
 
 
 VARIANTS = {
     spec.name: spec
     for spec in (
-        TransducerSpec("tdt-80", durations=(0, 1, 2, 3, 4), pred_layers=2, seed=11),
+        TransducerSpec("tdt-80", durations=(0, 1, 2, 3, 4), pred_layers=2, dropout=0.2, seed=11),
         TransducerSpec("rnnt-128", features=128, d_model=40, enc_heads=5, pred_hidden=32, joint_hidden=24,
                        subsampling_factor=4, vocab=40, seed=12),
         TransducerSpec("tdt-ctc-80", durations=(0, 1, 2, 3, 4), hybrid=True, d_model=36, enc_heads=3,
@@ -106,10 +107,10 @@ def nemo_config(spec: TransducerSpec, tokenizer: dict[str, Any]) -> dict[str, An
         "decoder": {"_target_": "nemo.collections.asr.modules.RNNTDecoder", "normalization_mode": None,
                     "random_state_sampling": False, "blank_as_pad": True,
                     "prednet": {"pred_hidden": spec.pred_hidden, "pred_rnn_layers": spec.pred_layers,
-                                "t_max": None, "dropout": 0.0}},
+                                "t_max": None, "dropout": spec.dropout}},
         "joint": {"_target_": "nemo.collections.asr.modules.RNNTJoint", "log_softmax": None,
                   "preserve_memory": False, "fuse_loss_wer": False, "fused_batch_size": 4,
-                  "jointnet": {"joint_hidden": spec.joint_hidden, "activation": "relu", "dropout": 0.0},
+                  "jointnet": {"joint_hidden": spec.joint_hidden, "activation": "relu", "dropout": spec.dropout},
                   **({"num_extra_outputs": len(spec.durations)} if tdt else {})},
         "decoding": {"strategy": "greedy_batch", **({"model_type": "tdt", "durations": list(spec.durations)}
                                                     if tdt else {}),

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-import unicodedata
 from typing import Any
 
 import mlx.core as mx
@@ -14,20 +12,9 @@ from ..app.longform import LongFormOptions
 from ..app.transcribe import AudioInput, FileProgress, Transcript, transcribe, warn
 from ..config import CTCConfig
 from ..speech import AudioBatch, BatchDecoder, Decoded, SpeechModel
+from ..subwords import SubwordText
 from ..tokenizer import Tokenizer
 from .greedy import greedy_batch
-
-
-def _space_before_punctuation(tokenizer: Tokenizer) -> re.Pattern[str] | None:
-    """A whitespace and then one of the vocabulary's punctuation marks (NeMo's extract_punctuation_from_vocab:
-    characters of Unicode category P in pieces that are not special, word-initial or blank)."""
-    pieces = [tokenizer.id_to_piece(index) for index in range(tokenizer.vocab_size)]
-    special = re.compile(r"^\[.*\]$|^<.*>$|^##|^▁|^\s*$")
-    marks = sorted({char for piece in pieces if not special.match(piece) for char in piece
-                    if unicodedata.category(char).startswith("P")})
-    if not marks:
-        return None
-    return re.compile(r"(\s)(" + "|".join(re.escape(mark) for mark in marks) + ")")
 
 
 class CTCHead(nn.Module):
@@ -53,14 +40,13 @@ class CTCModel(SpeechModel):
     def __init__(self, config: CTCConfig, tokenizer: Tokenizer | None = None):
         super().__init__(config, tokenizer)
         self.decoder = CTCHead(config.encoder.d_model, config.ctc.num_classes)
-        self._punctuation = _space_before_punctuation(tokenizer) if tokenizer is not None else None
+        self._subwords = SubwordText.of(tokenizer) if tokenizer is not None else None
 
     def decode_text(self, ids: list[int]) -> str:
         """NeMo's CTC text: the tokenizer's decoding, then one space before a punctuation mark of the
         vocabulary removed (CTCBPEDecoding's decode_tokens_to_str_with_strip_punctuation)."""
-        assert self.tokenizer is not None
-        text = self.tokenizer.decode(ids)
-        return self._punctuation.sub(r"\2", text) if self._punctuation is not None else text
+        assert self._subwords is not None
+        return self._subwords.text(ids)
 
     def stage_logprobs(self, encoded: mx.array, enc_lengths: mx.array) -> mx.array:
         """Per-frame log-probabilities (B, T'', V+1) over the vocabulary and the blank (the last class)."""

@@ -14,11 +14,11 @@ from ..app.transcribe import AudioInput, FileProgress, Transcript, transcribe, w
 from ..ctc.greedy import greedy_batch as ctc_greedy_batch
 from ..ctc.model import CTCHead
 from ..speech import AudioBatch, BatchDecoder, Decoded, FrameWord, SpeechModel
+from ..subwords import SubwordText
 from ..tokenizer import Tokenizer
 from .config import TransducerConfig
 from .decoding import TransducerHypothesis, greedy_batch
 from .network import Joint, PredictionNetwork
-from .timestamps import SubwordText
 
 # The heads `transcribe(decoder=...)` chooses between: the transducer (NeMo's default) and the hybrid's CTC head.
 TRANSDUCER, CTC = "transducer", "ctc"
@@ -36,10 +36,7 @@ class TransducerModel(SpeechModel):
         self.joint = Joint(config.joint, config.encoder.d_model, config.prediction.pred_hidden, config.num_outputs)
         if config.ctc is not None:
             self.ctc = CTCHead(config.encoder.d_model, config.ctc.num_classes)
-        self._subwords = None
-        if tokenizer is not None:
-            pieces = [tokenizer.id_to_piece(index) for index in range(tokenizer.vocab_size)]
-            self._subwords = SubwordText(pieces, tokenizer.decode)
+        self._subwords = SubwordText.of(tokenizer) if tokenizer is not None else None
 
     @property
     def heads(self) -> tuple[str, ...]:

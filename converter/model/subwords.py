@@ -1,6 +1,7 @@
-"""Token, word and segment offsets of a transducer hypothesis, as NeMo 3.0's `transcribe(timestamps=True)`
-gives them (parts/submodules/rnnt_decoding.py `compute_rnnt_timestamps`, parts/utils/timestamp_utils.py
-`get_words_offsets` and `get_segment_offsets`), for SentencePiece vocabularies.
+"""NeMo's text and timestamps for SentencePiece vocabularies, shared by the heads that emit one token at a time
+(CTC, transducers): the transcript's text (a space before a punctuation mark of the vocabulary removed), and a
+transducer hypothesis's token and word offsets as NeMo 3.0's `transcribe(timestamps=True)` gives them
+(parts/submodules/rnnt_decoding.py `compute_rnnt_timestamps`, parts/utils/timestamp_utils.py `get_words_offsets`).
 
 - A token starts at the frame it was emitted on and ends one frame later (RNNT) or `duration` frames later
   (TDT); a TDT punctuation token is moved to the end of the token before it.
@@ -16,6 +17,8 @@ import re
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from .tokenizer import Tokenizer
 
 # NeMo's default word_seperator (RNNTDecodingConfig).
 WORD_SEPARATOR = " "
@@ -60,6 +63,11 @@ class SubwordText:
         # NeMo removes one whitespace before a punctuation mark of the vocabulary.
         self._space_before = (re.compile(r"(\s)(" + "|".join(re.escape(p) for p in sorted(self.punctuation)) + ")")
                               if self.punctuation else None)
+
+    @classmethod
+    def of(cls, tokenizer: Tokenizer) -> SubwordText:
+        """The rules for a converted folder's tokenizer (its pieces, and its own decoding of ids)."""
+        return cls([tokenizer.id_to_piece(index) for index in range(tokenizer.vocab_size)], tokenizer.decode)
 
     def text(self, ids: Sequence[int]) -> str:
         """NeMo's decode_tokens_to_str_with_strip_punctuation."""
