@@ -21,9 +21,10 @@ import mlx.core as mx
 import torch
 from mlx.utils import tree_flatten
 
-from . import __version__
+from . import __version__, llm_goldens
 from .card import CARD_FILE, _provenance, choose_licence
 from .errors import UnsupportedModelError
+from .goldens import GOLDENS_FILE
 from .manifest import CONVERSION_FILE, FileRecord, build_manifest
 from .model.llm.config import SpeechLLMConfig
 from .model.llm.speechllm import AudioEncoder, SpeechLLM
@@ -224,7 +225,9 @@ def convert_salm(source: ResolvedSource, salm_config: dict[str, Any], out: Path,
         _write_tokenizer(conversion.llm, conversion.config.audio_locator_tag, llm_folder)
         write_json(staging / CONFIG_FILE, conversion.config.to_dict())
         with reporter.task("validate", 0, 1):
-            conversion.validation = _validate(staging, conversion)
+            conversion.validation, model = _validate(staging, conversion)
+        with reporter.task("goldens", 0, 1):
+            llm_goldens.write(staging / GOLDENS_FILE, llm_goldens.record(model))
         record = _record(conversion, options, digest.result())
         (staging / CARD_FILE).write_text(_card(conversion, record, out.name))
         hashed = {f"{part.folder}/{name}" if part.folder else name: entry
@@ -236,7 +239,7 @@ def convert_salm(source: ResolvedSource, salm_config: dict[str, Any], out: Path,
     return conversion
 
 
-def _validate(folder: Path, conversion: SalmConversion) -> ValidationReport:
+def _validate(folder: Path, conversion: SalmConversion) -> tuple[ValidationReport, SpeechLLM]:
     """The strict load (both halves, the LLM through mlx_lm.load) and each part's exact round trip."""
     from .model.load import load_model
 
@@ -249,7 +252,7 @@ def _validate(folder: Path, conversion: SalmConversion) -> ValidationReport:
         errors += check_round_trip(target, part.stored, part.sources(), part.quantization, files)
     parameters = len(tree_flatten(model.audio.parameters())) + len(tree_flatten(model.llm.parameters()))
     stored = sum(len(part.stored) for part in conversion.parts)
-    return ValidationReport(parameters, stored, sorted(errors, key=lambda error: error.rel_l2, reverse=True))
+    return ValidationReport(parameters, stored, sorted(errors, key=lambda error: error.rel_l2, reverse=True)), model
 
 
 def _record(conversion: SalmConversion, options: Any, sha256: str) -> dict[str, Any]:

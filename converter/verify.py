@@ -19,7 +19,7 @@ from xml.etree import ElementTree
 import mlx.core as mx
 import numpy as np
 
-from . import __version__
+from . import __version__, llm_goldens
 from .errors import EXIT_ERROR, EXIT_OK, EXIT_VALIDATION, ModelFolderError, UsageError
 from .goldens import (
     GOLDENS_FILE,
@@ -48,6 +48,7 @@ from .untrusted import finite_number, folder_file, read_json
 from .manifest import CONVERSION_FILE, NOT_CONVERTED, hash_file, manifest_problems, read_record, recorded_manifest
 from .model.aed.canary import CanaryModel
 from .model.speech import SpeechModel
+from .model.llm.speechllm import SpeechLLM
 from .model.aed.decoding import DecodingOptions
 from .model.load import CONFIG_FILE, INDEX_FILE, files_read, load_model, read_config, read_tensors, weight_files
 from .model.aed.prompts import PromptOptions
@@ -361,6 +362,9 @@ def verify_folder(folder: Path, target: str, device: str, goldens_path: Path | N
     load, model = check_load(folder)
     report.checks.append(load)
     path = goldens_path or folder / GOLDENS_FILE
+    if isinstance(model, SpeechLLM):
+        report.checks.append(_speech_llm_goldens(path, model))
+        return report
     try:
         goldens = read_goldens(path)
     except GoldensError as exc:
@@ -373,6 +377,23 @@ def verify_folder(folder: Path, target: str, device: str, goldens_path: Path | N
     clips = load_clips(audio, model.config.preprocessor.sample_rate)
     report.checks += verify_goldens(goldens, model, tolerances, clips, folder)
     return report
+
+
+def _speech_llm_goldens(path: Path, model: SpeechLLM) -> Check:
+    """A speech-LLM folder's goldens (llm_goldens.py): its own schema, run again."""
+    try:
+        goldens = read_json(path, GoldensError)
+    except GoldensError as exc:
+        return Check("goldens", "error", str(exc), path.name)
+    if not llm_goldens.is_speech_llm_goldens(goldens):
+        return Check("goldens", "error", f"{path}: not a speech-LLM golden file", path.name)
+    failures, advisories = llm_goldens.problems(goldens, model)
+    if failures:
+        return Check("goldens", "fail", "; ".join(failures), path.name)
+    if advisories:
+        return Check("goldens", "advisory", "; ".join(advisories), path.name)
+    signals = len(goldens["signals"])
+    return Check("goldens", "pass", f"audio embeddings, log-probs and greedy tokens of {signals} test signals as recorded")
 
 
 # --- verify --update ----------------------------------------------------------------------------------------

@@ -373,3 +373,46 @@ def test_a_hub_repo_converts_through_the_cache_and_then_offline(references: dict
                             text=True, env=empty, timeout=120)
     assert time.perf_counter() - started < 30 and result.returncode == 1
     assert "cannot be reached" in result.stderr and "config.json and model.safetensors" in " ".join(result.stderr.split())
+
+
+def test_verify_checks_the_manifest_the_load_and_the_goldens(references: dict[str, Reference], tmp_path: Path) -> None:
+    from canary_convert import llm_goldens
+    from canary_convert.verify import verify_folder
+
+    model = _converted(references["salm-untied-r4"], tmp_path / "mlx")
+    report = verify_folder(tmp_path / "mlx", "mlx", "cpu")
+    assert [(check.name, check.status) for check in report.checks] == [
+        ("manifest", "pass"), ("strict load", "pass"), ("goldens", "pass")]
+    goldens = json.loads((tmp_path / "mlx" / "goldens.json").read_text())
+    assert goldens["prompt_ids"] == model.prompt_ids() and all(signal["tokens"] for signal in goldens["signals"])
+    # A 1% change to one LLM weight: the goldens see it.
+    layer = model.llm.model.layers[0].mlp.down_proj
+    layer.weight = layer.weight * 1.01
+    failures, _ = llm_goldens.problems(goldens, model)
+    assert any("log-probs" in failure for failure in failures), failures
+    # A changed byte in the LLM's weights: the manifest names the file.
+    weights = tmp_path / "mlx" / "llm" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    manifest = verify_folder(tmp_path / "mlx", "mlx", "cpu").checks[0]
+    assert manifest.status == "fail" and "llm/model.safetensors" in manifest.detail
+
+
+def test_a_bfloat16_checkpoint_merges_in_float32_then_stores_bfloat16(tmp_path: Path) -> None:
+    """The Hub's checkpoint is bfloat16: the merge widens W, A and B to float32, and the stored bfloat16 weight
+    is that merge rounded once (the round trip compares with it exactly)."""
+    spec = VARIANTS["salm-tied-r8"]
+    folder = tmp_path / "bf16"
+    model = build_model(spec, tmp_path / "bf16-llm").to(torch.bfloat16)  # a model of its own: the fixture's stays
+    model.save_pretrained(str(folder))
+    peft = model.llm.base_model.model.model.layers[0].self_attn.v_proj
+    wide = [tensor.detach().float() for tensor in (peft.base_layer.weight, peft.lora_B["default"].weight,
+                                                    peft.lora_A["default"].weight)]
+    merged = wide[0] + spec.lora_alpha / spec.lora_rank * (wide[1] @ wide[2])
+    convert(str(folder), tmp_path / "mlx", ConvertOptions(dtype="bfloat16"))
+    stored = mx.load(str(tmp_path / "mlx" / "llm" / "model.safetensors"))["model.layers.0.self_attn.v_proj.weight"]
+    assert stored.dtype == mx.bfloat16
+    ours = torch.from_numpy(np.array(stored.astype(mx.float32)))
+    assert torch.equal(ours, merged.to(torch.bfloat16).float())
+    assert load_model(tmp_path / "mlx").generate(mx.zeros((3, spec.hidden), dtype=mx.bfloat16), 2).tokens

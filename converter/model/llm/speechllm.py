@@ -119,7 +119,7 @@ class SpeechLLM:
         from mlx_lm.generate import generate_step
 
         budget = max_new_tokens or self.config.generation.max_new_tokens
-        stop = set(self.tokenizer.eos_token_ids)
+        stop = {self.tokenizer.eos_token_id}  # NeMo's GenerationConfig: the tokenizer's EOS alone
         tokens: list[int] = []
         # The ids beside the embeddings only size the prompt: mlx-lm reads the embeddings.
         prompt = mx.zeros((embeddings.shape[0],), dtype=mx.int32)
