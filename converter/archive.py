@@ -39,6 +39,7 @@ ARTIFACT_PREFIX = "nemo:"
 # billions. 100,000 nodes take OmegaConf about 2 s.
 MAX_CONFIG_BYTES = 1 << 20
 MAX_CONFIG_NODES = 100_000  # scalars, lists and mappings, each alias counted as the nodes it stands for
+MAX_MEMBERS = 10_000  # files in a .nemo or its folder (NeMo writes a few dozen); each costs memory to list
 _SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser when PyYAML has it: 10x faster
 
 
@@ -247,7 +248,12 @@ def open_archive(path: Path) -> NemoArchive:
         with path.open("rb") as handle:
             compressed = handle.read(6).startswith(_COMPRESSED_MAGIC)
         tar = tarfile.open(path, mode="r:*")
-        infos = tar.getmembers()
+        infos = []
+        while (info := tar.next()) is not None:
+            infos.append(info)
+            if len(infos) > MAX_MEMBERS:
+                tar.close()
+                raise ArchiveError(f"{path}: more than {MAX_MEMBERS} members; refusing to list them all")
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         raise ArchiveError(f"{path}: not a readable .nemo archive (tar or tar.gz): {one_line(exc)}") from None
     archive = NemoArchive(path=path, members={}, compressed=compressed, _tar=tar)
@@ -278,6 +284,8 @@ def _open_folder(path: Path) -> NemoArchive:
             if file_path.is_symlink() or not file_path.is_file():
                 raise UnsafeArchiveError(f"{path}: {name!r} is a link or special file; refusing to read it")
             members[name] = file_path.stat().st_size
+            if len(members) > MAX_MEMBERS:
+                raise ArchiveError(f"{path}: more than {MAX_MEMBERS} files; refusing to list them all")
     archive = NemoArchive(path=path, members=members)
     _require_core_members(archive)
     return archive

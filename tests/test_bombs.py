@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from canary_convert.archive import CONFIG_MEMBER, MAX_CONFIG_BYTES, MAX_CONFIG_NODES, WEIGHTS_MEMBER
+from canary_convert.archive import CONFIG_MEMBER, MAX_CONFIG_BYTES, MAX_CONFIG_NODES, MAX_MEMBERS, WEIGHTS_MEMBER
 from canary_convert.checkpoint_zip import MAX_PICKLE_BYTES
 from conftest import run_cli
 
@@ -222,3 +222,13 @@ def test_config_larger_than_the_bound_is_refused_unread(checkpoint: Path, tmp_pa
         size = archive.members[CONFIG_MEMBER]
         with pytest.raises(ArchiveError, match=f"model_config.yaml holds {size} bytes, more than the 1 MiB"):
             archive.config()
+
+
+def test_archive_of_too_many_members_is_refused_while_listing(checkpoint: Path, tmp_path: Path) -> None:
+    # Each member is a 512-byte header that costs a TarInfo to list: a million of them is half a GB of tar.
+    members = _members(checkpoint)
+    members.update({f"pad/{index}": b"" for index in range(MAX_MEMBERS + 1)})
+    source = _write_tar(tmp_path / "m.nemo", members)
+    read = _read_in_child(source)
+    assert read["error"] == ["ArchiveError", f"{source}: more than {MAX_MEMBERS} members; refusing to list them all"]
+    assert read["grown"] < READ_BOUND_BYTES, read
