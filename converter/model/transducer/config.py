@@ -38,7 +38,7 @@ class TransducerDecodingConfig:
     allowed per frame, and the TDT durations (empty for RNNT)."""
 
     strategy: str
-    max_symbols: int
+    max_symbols: int | None  # None: no limit (NeMo reads greedy.max_symbols: null so)
     durations: list[int] = field(default_factory=list)
 
 
