@@ -177,6 +177,34 @@ def test_greedy_labels_frames_and_durations_match_nemo_decoding(nemo_models: dic
     assert emitted > 20
 
 
+@pytest.mark.parametrize("variant", TDT + ["rnnt-ctc-128"])
+def test_search_on_varied_states_matches_nemo(nemo_models: dict, converted: dict, variant: str) -> None:
+    """Random encoder states (wider than a random encoder gives) drive every rule of the search: TDT durations 0
+    to 4 (a blank of duration 0 moves one frame), several labels on a frame, and rows of other lengths."""
+    import torch
+
+    nemo, model = nemo_models[variant], load_model(converted[variant])
+    _nemo_transcribe(nemo, SIGNALS[:1])  # leaves NeMo's decoding with timestamps (and TDT durations) on
+    generator = torch.Generator().manual_seed(7)
+    encoded = 3.0 * torch.randn((4, model.config.encoder.d_model, 60), generator=generator)
+    lengths = torch.tensor([60, 41, 17, 1])
+    with torch.no_grad():
+        hypotheses = nemo.decoding.rnnt_decoder_predictions_tensor(encoder_output=encoded, encoded_lengths=lengths,
+                                                                   return_hypotheses=True)
+    ours = model.greedy(mx.array(encoded.transpose(1, 2).numpy()), mx.array(lengths.numpy()))
+    seen_durations: set[int] = set()
+    for hypothesis, mine in zip(hypotheses, ours, strict=True):
+        assert mine.tokens == hypothesis.y_sequence.tolist()
+        assert mine.frames == [int(frame) for frame in hypothesis.timestamp["timestep"]]
+        if VARIANTS[variant].durations:
+            assert mine.durations == [int(duration) for duration in hypothesis.token_duration]
+            seen_durations.update(mine.durations)
+    if VARIANTS[variant].durations:
+        assert len(seen_durations) >= 3, seen_durations
+    # Some frame holds more than one label.
+    assert any(len(mine.frames) > len(set(mine.frames)) for mine in ours)
+
+
 @pytest.mark.parametrize("batch_size", [1, 4])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_transcribe_matches_nemo(nemo_models: dict, converted: dict, variant: str, batch_size: int) -> None:
