@@ -235,7 +235,7 @@ def convert(source_arg: str, out: Path, options: ConvertOptions,
     """Convert SOURCE into the MLX folder OUT, validate it, and publish it atomically."""
     reporter = reporter or SilentReporter()
     if (salm := _speech_llm(source_arg, options, reporter)) is not None:
-        return convert_salm(*salm, out, options, options.llm_source, reporter)
+        return convert_salm(*salm, out, options, options.llm_source, reporter, source_arg)
     if options.parity:
         require_nemo()
     with _opened(source_arg, options, reporter) as (archive, source, state_dict):

@@ -204,11 +204,12 @@ def _write_tokenizer(llm: LlmSource, tag: str, folder: Path) -> None:
 
 
 def convert_salm(source: ResolvedSource, salm_config: dict[str, Any], out: Path, options: Any,
-                 llm_source: str | None = None, reporter: Any = None) -> SalmConversion:
+                 llm_source: str | None = None, reporter: Any = None, source_arg: str | None = None) -> SalmConversion:
     """Convert a SALM checkpoint folder into OUT, prove both halves, and publish OUT atomically."""
     from .convert import SilentReporter
 
     reporter = reporter or SilentReporter()
+    source_arg = source_arg or str(source.path)
     files = weight_files(source.path)
     digest = SourceDigest(files[0])
     conversion = plan_salm(source, salm_config, options, llm_source, reporter.download_tqdm())
@@ -229,7 +230,8 @@ def convert_salm(source: ResolvedSource, salm_config: dict[str, Any], out: Path,
         with reporter.task("goldens", 0, 1):
             llm_goldens.write(staging / GOLDENS_FILE, llm_goldens.record(model))
         record = _record(conversion, options, digest.result())
-        (staging / CARD_FILE).write_text(_card(conversion, record, out.name))
+        (staging / CARD_FILE).write_text(_card(conversion, record, out.name, options.command(source_arg, out.name),
+                                               options.license, options.upload_repo))
         hashed = {f"{part.folder}/{name}" if part.folder else name: entry
                   for part in conversion.parts for name, entry in part.files.items()}
         conversion.manifest = build_manifest(staging, hashed)
@@ -284,11 +286,13 @@ def _record(conversion: SalmConversion, options: Any, sha256: str) -> dict[str, 
     }
 
 
-def _card(conversion: SalmConversion, record: dict[str, Any], folder: str) -> str:
+def _card(conversion: SalmConversion, record: dict[str, Any], folder: str, command: str, licence_flag: str | None,
+          repo_id: str | None) -> str:
     import yaml
 
     source, preset = conversion.source, conversion.preset
-    licence = choose_licence(None, source_card_licence(source), source.repo_id, preset.licenses)
+    licence = choose_licence(licence_flag, source_card_licence(source), source.repo_id, preset.licenses)
+    name = repo_id.split("/", 1)[1] if repo_id else folder
     llm = conversion.preset.llm
     title = record.get("base_model") or PurePath(source.path).name
     matter = {"library_name": "mlx", "license": licence.id, "language": ["en"],
@@ -301,10 +305,15 @@ def _card(conversion: SalmConversion, record: dict[str, Any], folder: str) -> st
         f"# {title} for MLX", "", preset.summary, "",
         f"Converted to [MLX](https://github.com/ml-explore/mlx) with canary-convert {__version__}, "
         f"{record['options']['dtype']}" + (f", {record['options']['quantize']['bits']}-bit" if record['options']['quantize'] else "") + ".", "",
-        "## Use", "", "```sh", "pip install 'canary-convert[llm]'", f"canary-transcribe speech.wav --model {folder}",
-        "```", "",
-        f"The LLM is an mlx-lm folder (`{conversion.language_model.folder}/`) that `mlx_lm.load()` reads as it is.", "",
-        "## How it was made", "", *_provenance(record, f"canary-convert {title} {folder}"),
+        "## Use", "", "```sh", "pip install 'canary-convert[llm]'",
+        *([f"hf download {repo_id} --local-dir {name}"] if repo_id else []),
+        f"canary-transcribe speech.wav --model {name}", "```", "", "```python", "from canary_convert import load_model",
+        "", f'model = load_model("{name}")', 'print(model.transcribe("speech.wav")[0].text)', "```", "",
+        f"The LLM is an mlx-lm folder (`{conversion.language_model.folder}/`, the LoRA adapters merged, the tokenizer "
+        f"with `{conversion.config.audio_locator_tag}`) that `mlx_lm.load()` reads as it is; long audio is "
+        f"transcribed in windows of at most {conversion.config.generation.chunk_seconds:g} s (NeMo trained on up to "
+        "40 s).", "",
+        "## How it was made", "", *_provenance(record, command),
         f"- LLM mapping `{record['llm_mapping']['file']}` ({record['llm_mapping']['digest']})",
         f"- LoRA: r {lora['r']}, alpha {lora['alpha']:g}, on {', '.join(lora['targets'])}: {lora['merge']}" if lora
         else "- no LoRA adapters", "",
@@ -313,7 +322,9 @@ def _card(conversion: SalmConversion, record: dict[str, Any], folder: str) -> st
         "parameter arrays)",
         f"- round trip: each of the {record['validation']['tensors']} stored tensors equals its source (a merged "
         "weight: the float32 merge) at the stored dtype", "",
-        "## Licence", "", f"`{licence.id}`: {licence.origin}. The LLM part is derived from "
-        f"{conversion.llm_config.get('_name_or_path') or 'Qwen3'}: {llm.get('licence_note', '')}.", "",
+        "`goldens.json` holds this folder's audio embeddings, log-probs and greedy tokens on canary-convert's test "
+        "signals; `canary-convert verify` checks the manifest, loads the folder and runs them again:", "",
+        "```sh", f"canary-convert verify {repo_id or folder} --device cpu", "```", "",
+        "## Licence", "", f"`{licence.id}`: {licence.origin}. {llm['licence_note']}", "",
     ]
     return f"---\n{yaml.safe_dump(matter, sort_keys=False)}---\n\n" + "\n".join(body)
