@@ -14,6 +14,9 @@ import soundfile
 from canary_convert import load_model
 from canary_convert.convert import ConvertOptions, convert
 from canary_convert.errors import TranscriptWarning
+from canary_convert.model.app.longform import ChunkOutput, LongFormOutput
+from canary_convert.model.app.transcribe import SPARSE_MIN_SPEECH_SECONDS, SPARSE_TOKENS_PER_SECOND, sparse_chunks
+from canary_convert.model.speech import Decoded
 from canary_convert.model.quantized import QuantizeOptions
 from canary_convert.model.app.audio_io import load_audio
 from canary_convert.parity import compare_tokens, restore_nemo
@@ -134,3 +137,18 @@ def test_a_long_recording_on_chunks_the_model_cannot_read_warns(converted: dict[
     assert f"warning: {warning}" in " ".join(done.stderr.split())
     with pytest.warns(TranscriptWarning, match="far fewer words than speech"):
         load_model(converted["float32"]).transcribe(audio.samples, source_lang="en")
+
+
+def test_the_sparse_chunk_threshold(converted: dict[str, Path]) -> None:
+    """Fewer than SPARSE_TOKENS_PER_SECOND text tokens per second of speech, with SPARSE_MIN_SPEECH_SECONDS of
+    speech or more, and only then; prompt tokens do not count as text."""
+    tokenizer = load_model(converted["float32"]).tokenizer
+    word = tokenizer.encode("one", "en")[0]
+    special = next(iter(tokenizer.special_tokens.values()))
+
+    def chunk(tokens: list[int]) -> ChunkOutput:
+        return ChunkOutput(0.0, 40.0, Decoded(tokens=tokens, ended=True))
+
+    output = LongFormOutput("frames", [chunk([word] * 9), chunk([word] * 10), chunk([]), chunk([word] * 9 + [special] * 5)],
+                            [[0, 1, 2, 3]], speech=[10.0, 10.0, SPARSE_MIN_SPEECH_SECONDS - 0.1, 10.0])
+    assert SPARSE_TOKENS_PER_SECOND == 1.0 and sparse_chunks(tokenizer, output) == (0, 3)
