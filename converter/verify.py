@@ -34,6 +34,7 @@ from .goldens import (
     head_decodings,
     gaps,
     golden_modes,
+    golden_prompts,
     goldens_digest,
     load_clips,
     read_goldens,
@@ -234,7 +235,10 @@ def golden_options(golden: Mapping[str, Any], model: CanaryModel) -> tuple[Promp
     """The prompt and decoding options a golden record was made with."""
     options = replace(golden_modes(model)["greedy"], strategy=golden["strategy"], beam_size=golden["beam_size"],
                       length_penalty=golden["length_penalty"])
-    return PromptOptions(**golden["prompt"]), options
+    prompt = PromptOptions(**golden["prompt"])
+    if prompt not in golden_prompts(model):  # the folder's goldens choose nothing the tool would not record
+        raise GoldensError(f"{GOLDENS_FILE}: prompt {golden['prompt']} is not one canary-convert records for this model")
+    return prompt, options
 
 
 def check_decoding(group_name: str, golden: Mapping[str, Any], now: list[list[int]], model: SpeechModel,

@@ -290,6 +290,10 @@ def _no_tolerances(goldens: dict) -> None:
     del goldens["tolerances"]
 
 
+def _long_prompt(goldens: dict) -> None:
+    goldens["groups"]["test-signals"]["decoding"][0]["prompt"]["decoder_context"] = "x" * 100_000
+
+
 def _fewer_utterances(goldens: dict) -> None:
     goldens["groups"]["test-signals"]["decoding"][0]["tokens"].pop()
 
@@ -308,6 +312,7 @@ def _fewer_utterances(goldens: dict) -> None:
      "groups.test-signals.decoding[1].mode: ('beam4', 'beam', 1000000) is not one of the recorded modes"),
     (lambda f: _edit_goldens(f, _no_tolerances), 1, GOLDENS_FILE, "goldens.json: no 'tolerances'"),
     (lambda f: _edit_goldens(f, _fewer_utterances), 1, GOLDENS_FILE, "decoding[0].gaps: "),
+    (lambda f: _edit_goldens(f, _long_prompt), 1, GOLDENS_FILE, "is not one canary-convert records for this model"),
     (lambda f: ((f / INDEX).write_text("{not json"), _record(f, INDEX)), 3, INDEX, "not valid JSON"),
     (lambda f: ((f / INDEX).write_text(_nested(100_000)), _record(f, INDEX)), 3, INDEX, "nested more than 32"),
     (lambda f: ((f / INDEX).write_text('{"weight_map": [1]}'), _record(f, INDEX)), 3, INDEX,
@@ -315,7 +320,7 @@ def _fewer_utterances(goldens: dict) -> None:
     (lambda f: ((f / "config.json").write_text(_nested(100_000)), _record(f, "config.json")), 3, "config.json",
      "nested more than 32"),
 ], ids=["goldens-deep", "goldens-40-deep", "conversion-deep", "conversion-huge", "conversion-dev-zero",
-        "position-out-of-range", "beam-1e6", "missing-key", "fewer-rows", "index-not-json", "index-deep",
+        "position-out-of-range", "beam-1e6", "missing-key", "fewer-rows", "unrecorded-prompt", "index-not-json", "index-deep",
         "index-wrong-shape", "config-deep"])
 def test_malformed_files_are_one_line_naming_file_and_key(converted: Path, tmp_path: Path, damage, code: int,
                                                          file: str, says: str) -> None:
