@@ -425,3 +425,18 @@ def test_a_bfloat16_checkpoint_merges_in_float32_then_stores_bfloat16(tmp_path: 
     ours = torch.from_numpy(np.array(stored.astype(mx.float32)))
     assert torch.equal(ours, merged.to(torch.bfloat16).float())
     assert load_model(tmp_path / "mlx").generate(mx.zeros((3, spec.hidden), dtype=mx.bfloat16), 2).tokens
+
+
+def test_dry_run_prints_both_plans_and_writes_nothing(references: dict[str, Reference], tmp_path: Path) -> None:
+    folder = references["salm-tied-r8"].folder
+    result = subprocess.run([str(Path(sys.executable).parent / "canary-convert"), str(folder), str(tmp_path / "out"),
+                             "--dry-run"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert f"plan: {folder} (canary-qwen, salm-audio.yaml -> ./)" in lines
+    assert f"plan: {folder} (canary-qwen, salm-llm.yaml -> llm/)" in lines
+    merged = [line.split() for line in lines if "+ 2 * B @ A" in line]  # alpha 16 / r 8 (tabs, shown as spaces)
+    assert sorted(row[1] for row in merged) == sorted(f"model.layers.{n}.self_attn.{p}_proj.weight"
+                                                      for n in range(2) for p in "qv")
+    assert "24 tensors mapped, 0 dropped, 8 LoRA factors merged" in lines
+    assert not (tmp_path / "out").exists()
