@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any
 
-import mlx.core as mx
 import torch
 from mlx.utils import tree_flatten
 
@@ -99,9 +98,10 @@ def _lora(preset: Preset, config: dict[str, Any]) -> dict[str, Any] | None:
     targets = lora.get("target_modules") or []
     targets = [targets] if isinstance(targets, str) else list(targets)
     known = preset.llm["lora_targets"]
-    if not targets or (unknown := sorted(set(targets) - set(known))):
-        raise UnsupportedModelError(f"{preset.name}: LoRA target_modules {targets!r} are not all linear layers the "
-                                    f"mapping merges ({', '.join(known)})")
+    unknown = sorted(set(targets) - set(known))
+    if not targets or unknown:
+        raise UnsupportedModelError(f"{preset.name}: LoRA target_modules {targets!r}: {', '.join(unknown) or 'none'} "
+                                    f"outside the linear layers the mapping merges ({', '.join(known)})")
     rank, alpha = int(lora["r"]), float(lora.get("lora_alpha", 8))
     return {"r": rank, "alpha": alpha, "scale": alpha / rank, "targets": sorted(targets),
             "merge": "W + alpha/r * B @ A in float32, then stored at the folder's dtype"}

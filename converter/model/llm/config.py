@@ -6,7 +6,6 @@ The preset (configs/canary-qwen.yaml) derives every value from the SALM checkpoi
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
