@@ -134,7 +134,7 @@ def test_cli_prints_text_and_json(nemo_models: dict, converted: dict, tmp_path: 
     [
         (["{wav}", "--model", "{model}", "--source-lang", "fr"], 2, "'fr'"),
         (["{missing}", "--model", "{model}"], 1, "no such audio file"),
-        (["{wav}", "--model", "{missing}"], 1, "not a loadable canary-convert MLX folder"),
+        (["{wav}", "--model", "{missing}"], 1, "nope: no such folder (and not a Hugging Face repo id"),
         (["{text}", "--model", "{model}"], 1, "install ffmpeg"),
         (["{wav}", "--model", "{model}", "--beam-size", "0"], 2, "beam_size must be at least 1, got 0"),
     ],
