@@ -70,7 +70,8 @@ def _front_matter(facts: CardFacts) -> dict[str, Any]:
     matter["language"] = list(facts.languages)
     matter["pipeline_tag"] = "automatic-speech-recognition"
     tags = _TAGS if facts.config.get("model_type") == "canary" else [tag for tag in _TAGS if tag not in _CANARY_ONLY_TAGS]
-    matter["tags"] = tags + [record["family"]] + (["mlx-audio"] if record["options"].get("layout") == "mlx-audio" else [])
+    layout = record["options"].get("layout")
+    matter["tags"] = tags + [record["family"]] + ([layout] if layout in ("mlx-audio", "parakeet-mlx") else [])
     return matter
 
 
@@ -184,6 +185,23 @@ def _usage(facts: CardFacts) -> list[str]:
                   "mlx-audio computes its own mel features and prompt: they differ from NeMo's (see canary-convert's "
                   "README, \"Folders for mlx-audio\"), so its transcripts can differ from NeMo's where "
                   "canary-convert's model gives NeMo's tokens."]
+    if (facts.config.get("layout") or {}).get("name") == "parakeet-mlx":
+        lines += ["", "The folder is in parakeet-mlx's layout too, so parakeet-mlx (0.6.0) loads it as it is:", "",
+                  "```sh", "pip install parakeet-mlx==0.6.0  # it reads audio files through FFmpeg, which must be on PATH",
+                  f"parakeet-mlx speech.wav --model {target} --output-format txt --fp32", "```", "", "```python",
+                  "import mlx.core as mx", "from parakeet_mlx import from_pretrained", "",
+                  f'model = from_pretrained("{target}", dtype=mx.float32)',
+                  'print(model.transcribe("speech.wav", dtype=mx.float32).text)', "```", "",
+                  "parakeet-mlx computes its own mel features (its window, padding, magnitude and normalisation "
+                  "differ from NeMo's), so its transcripts can differ from NeMo's where canary-convert's model "
+                  "gives NeMo's tokens. Given canary-convert's features (NeMo's), its encoder and greedy search "
+                  "give NeMo's tokens:", "", "```python", "import mlx.core as mx", "import soundfile",
+                  "from canary_convert import load_model", "from parakeet_mlx import from_pretrained", "",
+                  f'ours, theirs = load_model("{target}"), from_pretrained("{target}", dtype=mx.float32)',
+                  'audio, _ = soundfile.read("speech.wav", dtype="float32")  # mono, at the model\'s sample rate',
+                  "features, frames = ours.preprocess(mx.array(audio[None]), mx.array([audio.size]))",
+                  "result = theirs.generate(features.transpose(0, 2, 1)[:, : int(frames[0])])[0]",
+                  "print(result.text)", "```"]
     return lines
 
 

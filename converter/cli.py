@@ -139,7 +139,7 @@ def _plan_rows(plan: Any, quantization: Any) -> list[tuple[str, str, str, str]]:
         if tensor.pinned_dtype is not None:
             labels.append(f"keep {str(tensor.pinned_dtype).removeprefix('torch.')}")
         if tensor.merge is not None:
-            labels.append(f"+ {tensor.merge.scale:g} * B @ A (LoRA, float32)")
+            labels.append(tensor.merge.describe())
         if quantization is not None and quantization.quantizes(tensor):
             q = quantization.options
             labels.append(f"quantize {q.bits}-bit {q.mode} (group {q.group_size})")
@@ -183,7 +183,7 @@ def _print_plan_table(title: str, plan: Any, quantization: Any, ignored: Any) ->
         out.print(title, highlight=False)
         for row in _plan_rows(plan, quantization):
             out.print("\t".join(row), highlight=False, markup=False)
-    folded = f", {len(plan.folded)} LoRA factors merged" if plan.folded else ""
+    folded = f", {len(plan.folded)} folded into merges" if plan.folded else ""
     out.print(f"{len(plan.tensors)} tensors mapped, {len(plan.dropped)} dropped{folded}")
     for note in plan.notes():
         out.print(f"note: {note}")
@@ -235,7 +235,7 @@ def convert_command(
     base_model: Annotated[Optional[str], typer.Option(help="The Hub repo a local SOURCE came from, for the model card.")] = None,
     parity: Annotated[bool, typer.Option("--parity", help="Also compare with NeMo itself (needs nemo-toolkit).")] = False,
     parity_audio: Annotated[Optional[list[Path]], typer.Option(help="Extra audio for --parity (repeatable).")] = None,
-    layout: Annotated[str, typer.Option(help="Whose parameter names: mlx (canary-convert's) or mlx-audio (loads in mlx-audio too).")] = "mlx",
+    layout: Annotated[str, typer.Option(help="Whose parameter names: mlx (canary-convert's), mlx-audio (Canary; loads in mlx-audio too) or parakeet-mlx (Parakeet TDT; loads in parakeet-mlx 0.6.0 too).")] = "mlx",
     upload_repo: Annotated[Optional[str], typer.Option(metavar="ORG/NAME", help="After a successful conversion, publish OUT to this Hub repo.")] = None,
     private: Annotated[bool, typer.Option("--private", help="With --upload-repo: create the repo private.")] = False,
     upload_revision: Annotated[Optional[str], typer.Option(help="With --upload-repo: commit to this branch.")] = None,

@@ -25,9 +25,9 @@ from .model.tokenizer import load_tokenizer
 from .parity import ParityReport, require_nemo, run_parity
 from .layouts import library_parameter_shapes
 from .model.config import LayoutConfig
-from .presets import OWN_LAYOUT, Derived, detect_preset, derive_config
+from .presets import OWN_LAYOUT, Derived, detect_preset, derive_config, foreign_paths
 from .quantize import QuantizationPlan, check_quantized_tree, module_path, plan_quantization
-from .rules import Plan, load_rules, plan_conversion
+from .rules import Plan, SumMerge, load_rules, plan_conversion
 from .convert_salm import SalmConversion, convert_salm, plan_salm
 from .salm import read_salm_config
 from .source import ResolvedSource, SourceDigest, resolve_source, source_card_licence
@@ -154,6 +154,9 @@ def _plan(archive: NemoArchive, source: ResolvedSource, state_dict: dict[str, to
     nemo_config = archive.config()
     preset = detect_preset(nemo_config)
     layout = preset.layout(options.layout, nemo_config)
+    if layout is not None and options.quantize is not None and layout.quantize_refused:
+        raise UsageError(f"--layout {layout.name} --quantize: {layout.quantize_refused}; convert in float (--dtype) "
+                         "for that library, or quantize in canary-convert's own layout")
     derived = derive_config(preset, nemo_config, state_dict, archive.artifacts(nemo_config), layout,
                            set(archive.members))
     if options.parity and not model_class(derived.config.model_type).nemo_parity:
@@ -171,7 +174,7 @@ def _plan(archive: NemoArchive, source: ResolvedSource, state_dict: dict[str, to
         quantization = plan_quantization(plan, options.quantize)
         record = quantization.record()
         derived = replace(derived, config=replace(derived.config, quantization=record, quantization_config=record))
-    stored = output_tensors(plan.tensors, state_dict, DTYPES[options.dtype], quantization)
+    stored = output_tensors(plan.tensors, plan.sources(state_dict), DTYPES[options.dtype], quantization)
     if quantization is not None:
         in_weight_files = {tensor.key: tensor.shape for tensor in stored if not tensor.plan.rule.file}
         check_quantized_tree(in_weight_files, library_parameter_shapes(layout.name, derived.config_json(),
@@ -190,14 +193,18 @@ def _layout_record(derived: Derived, own: Plan, stored: list[OutputTensor]) -> L
     assert derived.layout is not None
     bundled = {tensor.source_key: tensor.target_key for tensor in own.tensors}
     rename: dict[str, str | None] = {}
+    added: dict[str, str] = {}
     for tensor in stored:
         name = bundled.get(tensor.plan.source_key)
         rename[tensor.key] = name if name is None or tensor.part is None else f"{module_path(name)}.{tensor.part}"
+        # A stored sum (SumMerge) stands in for both of the bundled model's tensors: the twin reads as zeros.
+        if isinstance(tensor.plan.merge, SumMerge) and name is not None:
+            added[bundled[tensor.plan.merge.twin_key]] = name
     ours = derived.config.to_dict()
     return LayoutConfig(name=derived.layout.name, mapping=derived.layout.mapping,
-                        foreign_keys=sorted(set(derived.foreign) - set(ours)),
+                        foreign_keys=sorted(foreign_paths(ours, derived.foreign)),
                         side_files=sorted({tensor.plan.rule.file for tensor in stored if tensor.plan.rule.file}),
-                        rename=rename)
+                        rename=rename, added=added)
 
 
 @contextmanager
@@ -245,7 +252,8 @@ def convert(source_arg: str, out: Path, options: ConvertOptions,
         stored = conversion.stored
         with staged_output(out, options.force) as staging:
             with reporter.task("write", sum(t.nbytes for t in stored), len(stored)) as advance:
-                hashed = write_weights(staging, stored, TensorBytes(state_dict, conversion.quantization),
+                sources = conversion.plan.sources(state_dict)  # merged tensors (a summed bias) as stored
+                hashed = write_weights(staging, stored, TensorBytes(sources, conversion.quantization),
                                        options.max_shard_bytes, lambda _key, nbytes: advance(nbytes))
             conversion.files = list(hashed)
             for relative, member in conversion.derived.tokenizer_files.items():
@@ -253,7 +261,7 @@ def convert(source_arg: str, out: Path, options: ConvertOptions,
                 archive.copy_member(member, staging / relative)
             write_json(staging / CONFIG_FILE, conversion.derived.config_json())
             with reporter.task("validate", 0, 1):
-                conversion.validation, model = validate_folder(staging, stored, state_dict, conversion.quantization)
+                conversion.validation, model = validate_folder(staging, stored, sources, conversion.quantization)
             if options.parity:
                 conversion.parity = run_parity(source.path, model, options.parity_audio)
             clips = load_clips(options.parity_audio, model.config.preprocessor.sample_rate)

@@ -16,7 +16,7 @@ import yaml
 
 from .archive import Artifact
 from .errors import CanaryConvertError, RulesFileError, UnsupportedModelError, UsageError
-from .model.config import ConfigValueError, SpeechConfig
+from .model.config import ConfigValueError, SpeechConfig, without_paths
 from .model.load import config_from_dict
 
 _MISSING = object()
@@ -46,6 +46,7 @@ class Layout:
     why: str
     tokenizer_folder: str
     config: dict[str, Any]
+    quantize_refused: str = ""  # why `--quantize` cannot serve that library (empty: it can)
 
 
 # canary-convert's own layout: the bundled model's names, mappings/canary.yaml, the tokenizer under tokenizer/.
@@ -164,7 +165,8 @@ def presets() -> tuple[Preset, ...]:
                     licenses=dict(entry.get("licenses", {})),
                     layouts={layout: Layout(name=layout, mapping=spec["mapping"], requires=dict(spec.get("requires", {})),
                                             why=str(spec.get("why", "")), tokenizer_folder=spec["tokenizer_folder"],
-                                            config=dict(spec.get("config", {})))
+                                            config=dict(spec.get("config", {})),
+                                            quantize_refused=str(spec.get("quantize_refused", "")))
                              for layout, spec in entry.get("layouts", {}).items()},
                     kind=str(entry.get("kind", "aed")),
                     audio=dict(entry.get("audio", {})),
@@ -290,6 +292,18 @@ def _bad_value(preset: Preset, layout: Layout | None, exc: ConfigValueError) -> 
     return RulesFileError(f"{preset.file}: the derived config does not fit config.json: {exc}")
 
 
+def foreign_paths(ours: Mapping[str, Any], theirs: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """The dotted paths of `theirs` that `ours` lacks: the entries only the other library reads (the rest
+    set values of ours, which the bundled model must accept)."""
+    paths = []
+    for key, value in theirs.items():
+        if key not in ours:
+            paths.append(prefix + key)
+        elif isinstance(value, dict) and isinstance(ours[key], dict):
+            paths += foreign_paths(ours[key], value, f"{prefix}{key}.")
+    return paths
+
+
 def derive_config(
     preset: Preset, nemo_config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], artifacts: list[Artifact],
     layout: Layout | None = None,
@@ -306,7 +320,7 @@ def derive_config(
         foreign = _derive(layout.config, f"layout {layout.name}", nemo_config, tensors, members)
     try:
         # Entries the layout sets in our own sections must still be valid for the bundled model.
-        config = config_from_dict(_deep_merge(values, {k: v for k, v in foreign.items() if k in values}))
+        config = config_from_dict(_deep_merge(values, without_paths(foreign, foreign_paths(values, foreign))))
     except ConfigValueError as exc:
         raise _bad_value(preset, layout, exc) from None
     except ValueError as exc:

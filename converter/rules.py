@@ -8,6 +8,8 @@ A mapping file may `include` another's rules (the FastConformer encoder's, share
 `prefix` its source keys carry in this checkpoint. A rule may `lora`-merge adapter factors into its weight:
 the stored tensor is W + scale * B @ A, computed in float32 (`Plan.sources` gives the merged view every
 later step reads), and the factors themselves are `folded` rules, each of which some merge must consume.
+A rule may also `add` a twin key's tensor to its own (parakeet-mlx's LSTM has one bias where torch has
+bias_ih and bias_hh): the stored tensor is the float32 sum, and the twin is a `folded` rule too.
 """
 
 from __future__ import annotations
@@ -101,7 +103,8 @@ class Rule:
     optional: bool
     file: str | None  # a side file for tensors only canary-convert's model reads (None: the weight files)
     lora: LoraSpec | None = None
-    folded: str | None = None  # why the key is consumed by another rule's merge (a LoRA factor)
+    add: str | None = None  # the template of a twin key whose tensor is added to this one's
+    folded: str | None = None  # why the key is consumed by another rule's merge (a LoRA factor, an added twin)
     prefix: str = ""  # the source keys' prefix an `include` gave this rule
     included_from: str | None = None  # the included file this rule comes from
     number: int = 0  # its place in its own file (1-based), where that differs from index + 1
@@ -139,7 +142,8 @@ def _prefixed_regex(written: str, prefix: str) -> re.Pattern[str]:
 # The rule fields that must have one type (None stands for absent where the field is optional).
 _FIELD_TYPES = (("match", str, "a string"), ("regex", str, "a string"), ("to", str, "a string"),
                 ("dtype", (str, type(None)), "a dtype name"), ("same_as", (str, type(None)), "a key template"),
-                ("file", str, "a file name"), ("optional", bool, "true or false"), ("transforms", list, "a list"))
+                ("file", str, "a file name"), ("optional", bool, "true or false"), ("transforms", list, "a list"),
+                ("add", str, "a key template"))
 
 
 def _check_template(template: str, pattern: re.Pattern[str], what: str) -> None:
@@ -155,7 +159,8 @@ def _parse_rule(index: int, raw: Any, label: str, prefix: str = "") -> Rule:
     where = f"{label}: rule {index + 1}"
     if not isinstance(raw, dict):
         raise RulesFileError(f"{where}: expected a mapping, got {raw!r}")
-    allowed = {"match", "regex", "to", "drop", "folded", "transforms", "dtype", "same_as", "optional", "file", "lora"}
+    allowed = {"match", "regex", "to", "drop", "folded", "transforms", "dtype", "same_as", "optional", "file", "lora",
+               "add"}
     if unknown := sorted(set(raw) - allowed):
         raise RulesFileError(f"{where}: unknown field(s) {', '.join(unknown)}")
     if ("match" in raw) == ("regex" in raw):
@@ -179,14 +184,19 @@ def _parse_rule(index: int, raw: Any, label: str, prefix: str = "") -> Rule:
         _check_template(target, pattern, f"{where}: target")
     if raw.get("same_as") is not None:
         _check_template(raw["same_as"], pattern, f"{where}: same_as")
+    if "add" in raw:
+        _check_template(raw["add"], pattern, f"{where}: add")
     dtype_name = raw.get("dtype")
     if dtype_name is not None and dtype_name not in _DTYPES:
         raise RulesFileError(f"{where}: dtype {dtype_name!r} is not one of {', '.join(_DTYPES)}")
     for kind in ("drop", "folded"):
         if kind in raw and not str(raw[kind]).strip():
             raise RulesFileError(f"{where}: a {kind} needs a reason")
-    if "lora" in raw and "to" not in raw:
-        raise RulesFileError(f"{where}: 'lora' merges factors into a renamed tensor; a drop stores nothing")
+    for merge in ("lora", "add"):
+        if merge in raw and "to" not in raw:
+            raise RulesFileError(f"{where}: '{merge}' merges into a renamed tensor; a drop stores nothing")
+    if "lora" in raw and "add" in raw:
+        raise RulesFileError(f"{where}: one merge per rule: 'lora' or 'add'")
     if "file" in raw and "to" not in raw:
         raise RulesFileError(f"{where}: 'file' names where a renamed tensor is stored; a drop stores nothing")
     return Rule(
@@ -201,6 +211,7 @@ def _parse_rule(index: int, raw: Any, label: str, prefix: str = "") -> Rule:
         optional=bool(raw.get("optional", False)),
         file=str(raw["file"]) if "file" in raw else None,
         lora=_parse_lora(raw["lora"], pattern, where) if "lora" in raw else None,
+        add=str(raw["add"]) if "add" in raw else None,
         folded=str(raw["folded"]) if "folded" in raw else None,
         prefix=prefix,
     )
@@ -313,7 +324,7 @@ class TensorPlan:
     transforms: tuple[Transform, ...]
     pinned_dtype: torch.dtype | None
     rule: Rule
-    merge: LoraMerge | None = None  # the adapter factors merged into this weight
+    merge: LoraMerge | SumMerge | None = None  # what is merged into this tensor (adapter factors, an added twin)
 
     def convert(self, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Apply the layout transforms, then cast to the stored dtype."""
@@ -336,17 +347,42 @@ class LoraMerge:
     b_key: str
     scale: float
 
+    @property
+    def factors(self) -> tuple[str, ...]:
+        return (self.a_key, self.b_key)
+
+    def describe(self) -> str:
+        return f"+ {self.scale:g} * B @ A (LoRA, float32)"
+
     def apply(self, weight: torch.Tensor, source: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The merged weight in float32 (as NeMo's serving plugin merges it), whatever the stored dtype."""
         a, b = source[self.a_key].to(torch.float32), source[self.b_key].to(torch.float32)
         return torch.addmm(weight.to(torch.float32), b, a, alpha=self.scale)
 
 
+@dataclass(frozen=True)
+class SumMerge:
+    """This tensor plus a twin of the same shape (torch's LSTM bias_ih + bias_hh as one bias)."""
+
+    twin_key: str
+
+    @property
+    def factors(self) -> tuple[str, ...]:
+        return (self.twin_key,)
+
+    def describe(self) -> str:
+        return f"+ {self.twin_key} (float32)"
+
+    def apply(self, tensor: torch.Tensor, source: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The sum in float32, whatever the stored dtype (rounded once, when stored)."""
+        return tensor.to(torch.float32) + source[self.twin_key].to(torch.float32)
+
+
 class MergedSource(Mapping[str, torch.Tensor]):
     """The source as the plan's targets see it: each LoRA-merged weight (float32) in place of its base
     weight, computed when read; every other tensor as the source holds it."""
 
-    def __init__(self, source: Mapping[str, torch.Tensor], merges: Mapping[str, LoraMerge]):
+    def __init__(self, source: Mapping[str, torch.Tensor], merges: Mapping[str, LoraMerge | SumMerge]):
         self._source = source
         self._merges = merges
 
@@ -376,7 +412,7 @@ class Plan:
     tensors: tuple[TensorPlan, ...]
     dropped: tuple[DroppedKey, ...]
     unmatched_rules: tuple[Rule, ...]
-    folded: tuple[DroppedKey, ...] = ()  # LoRA factors, each merged into a weight of `tensors`
+    folded: tuple[DroppedKey, ...] = ()  # LoRA factors and added twins, each merged into a tensor of `tensors`
 
     def notes(self) -> list[str]:
         return [f"{rule.describe()} matched no key" for rule in self.unmatched_rules if not rule.optional]
@@ -448,14 +484,17 @@ def plan_conversion(
         except (RuntimeError, IndexError) as exc:
             problems.append(f"{key} {tuple(tensor.shape)}: {rule.describe()} cannot apply its transforms: {exc}")
             continue
-        merge = None
-        if rule.lora is not None:
-            try:
+        merge: LoraMerge | SumMerge | None = None
+        try:
+            if rule.lora is not None:
                 merge = _lora_merge(key, tuple(tensor.shape), rule, groups, source, values or {})
-            except MappingError as exc:
-                problems.append(str(exc))
-                continue
-            merged_factors.update((merge.a_key, merge.b_key))
+            elif rule.add is not None:
+                merge = _sum_merge(key, tuple(tensor.shape), rule, groups, source)
+        except MappingError as exc:
+            problems.append(str(exc))
+            continue
+        if merge is not None:
+            merged_factors.update(merge.factors)
         tensors.append(
             TensorPlan(key, target, tuple(tensor.shape), tuple(meta.shape), rule.transforms, rule.dtype, rule, merge)
         )
@@ -463,8 +502,8 @@ def plan_conversion(
     if unknown:
         problems.insert(0, f"no rule in {mapping.file} for source key(s) {_name_keys(unknown)}")
     if stray := sorted(entry.key for entry in folded if entry.key not in merged_factors):
-        problems.append(f"adapter factor(s) that no merge consumes (their weight is not one the mapping merges): "
-                        f"{_name_keys(stray)}")
+        problems.append(f"folded factor(s) that no merge consumes (the tensor they belong to is not one the mapping "
+                        f"merges): {_name_keys(stray)}")
     for plan in tensors:
         want = (side_expected or {}).get(plan.target_key) if plan.rule.file else expected.get(plan.target_key)
         if want is None:
@@ -505,6 +544,18 @@ def _lora_merge(key: str, shape: tuple[int, ...], rule: Rule, groups: Mapping[st
         raise MappingError(f"{key} {shape}: LoRA factors {a_key} {a_shape} and {b_key} {b_shape} do not make "
                            "B @ A of its shape")
     return LoraMerge(a_key, b_key, float(values[rule.lora.scale]))
+
+
+def _sum_merge(key: str, shape: tuple[int, ...], rule: Rule, groups: Mapping[str, str],
+               source: Mapping[str, torch.Tensor]) -> SumMerge:
+    """The twin a rule adds to `key`, checked: present, of the same shape."""
+    assert rule.add is not None
+    twin = rule.source_key(rule.add, groups)
+    if twin not in source:
+        raise MappingError(f"{key}: {rule.describe()} adds {twin}, which the checkpoint lacks")
+    if tuple(source[twin].shape) != shape:
+        raise MappingError(f"{key} {shape}: {rule.describe()} adds {twin} of another shape {tuple(source[twin].shape)}")
+    return SumMerge(twin)
 
 
 def _check_tied(key: str, twin: str, source: Mapping[str, torch.Tensor]) -> None:

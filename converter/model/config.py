@@ -10,6 +10,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Collection
 from types import UnionType
 from typing import Any, ClassVar, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -70,6 +71,18 @@ def check_range(config: Any, name: str, low: int, high: int) -> None:
     value = getattr(config, name)
     if value is not None and not low <= value <= high:
         raise ConfigValueError(name, f"{value!r} is outside {low}..{high}")
+
+
+def without_paths(data: dict[str, Any], paths: Collection[str]) -> dict[str, Any]:
+    """`data` less the entries at these dotted paths (`joint.vocabulary`: the `vocabulary` of section `joint`)."""
+    kept = dict(data)
+    for path in paths:
+        head, _, rest = path.partition(".")
+        if not rest:
+            kept.pop(head, None)
+        elif isinstance(kept.get(head), dict):
+            kept[head] = without_paths(kept[head], [rest])
+    return kept
 
 
 def _from_dict(cls: type[T], data: dict[str, Any]) -> T:
@@ -246,9 +259,12 @@ class LayoutConfig:
 
     name: str
     mapping: str
-    foreign_keys: list[str]  # config.json entries that library reads and the bundled model does not
+    foreign_keys: list[str]  # config.json entries (dotted paths) that library reads and the bundled model does not
     side_files: list[str]  # tensor files only the bundled model reads (that library recomputes them)
     rename: dict[str, str | None]
+    # The bundled model's parameters the folder holds added into another (parakeet-mlx's LSTM bias is torch's
+    # bias_ih + bias_hh): each read as zeros, the sum standing in the parameter named beside it.
+    added: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -275,8 +291,10 @@ class SpeechConfig:
     def from_dict(cls: type[C], data: dict[str, Any]) -> C:
         """The config, leaving out the entries another library's layout added for that library."""
         layout = data.get("layout") or {}
-        foreign = set(layout.get("foreign_keys", [])) if isinstance(layout, dict) else set()
-        return _from_dict(cls, {key: value for key, value in data.items() if key not in foreign})
+        foreign = layout.get("foreign_keys", []) if isinstance(layout, dict) else []
+        if not isinstance(foreign, list) or not all(isinstance(path, str) for path in foreign):
+            raise ValueError("layout.foreign_keys: not a list of dotted names")
+        return _from_dict(cls, without_paths(data, foreign))
 
     @classmethod
     def from_file(cls: type[C], path: Path) -> C:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_flatten
 
 from .aed.canary import CanaryModel
@@ -102,7 +103,19 @@ def _under_model_names(config: SpeechConfig, tensors: dict[str, Stored]) -> dict
     rename = config.layout.rename
     if unknown := sorted(set(tensors) - set(rename)):
         raise ValueError(f"{len(unknown)} stored tensor(s) the {config.layout.name} layout does not list: {unknown[0]}")
-    return {rename[key]: value for key, value in tensors.items() if rename[key] is not None}
+    renamed = {rename[key]: value for key, value in tensors.items() if rename[key] is not None}
+    for name, into in config.layout.added.items():
+        if into not in renamed:
+            raise ValueError(f"layout.added: {name} is added into {into}, which the folder does not hold")
+        renamed[name] = _zeros_like(renamed[into])
+    return renamed
+
+
+def _zeros_like(tensor: Stored) -> Stored:
+    """A tensor of zeros shaped and typed as `tensor` (lazy array or mapped view alike)."""
+    if isinstance(tensor, MappedTensor):
+        return MappedTensor(np.zeros_like(tensor.view), tensor.dtype)
+    return mx.zeros_like(tensor)
 
 
 def read_tensors(folder: Path, config: SpeechConfig) -> dict[str, mx.array]:

@@ -1,0 +1,157 @@
+"""`--layout parakeet-mlx`: one folder that parakeet-mlx 0.6.0 loads strictly and canary-convert's model reads too.
+
+parakeet-mlx computes its own mel features, so the comparison feeds it ours (NeMo's, to 1e-5): its encoder must
+then give our states and its greedy search our tokens, which are NeMo's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import huggingface_hub.constants
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from parakeet_mlx import from_pretrained
+
+from canary_convert import load_model
+from canary_convert.convert import ConvertOptions, convert
+from canary_convert.errors import UsageError
+from canary_convert.model.quantized import QuantizeOptions
+from canary_convert.parity import reference_signals
+from canary_convert.verify import verify_folder
+from transducer_factory import VARIANTS, build
+
+# Signals of a second or more: NeMo's transcribe() pads shorter clips with silence, which parakeet-mlx does not.
+SIGNALS = reference_signals(16000)
+SERVED = ["tdt-80"]
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """from_pretrained asks the Hub first and falls back to the folder: offline, that ask fails at once."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import, so set it too
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("nemo-parakeet-mlx")
+    return {name: build(VARIANTS[name], folder / f"{name}.nemo") for name in SERVED}
+
+
+@pytest.fixture(scope="module")
+def folders(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]]:
+    """Per variant: the parakeet-mlx layout (float32 and bfloat16) and canary-convert's own layout."""
+    out = tmp_path_factory.mktemp("parakeet-mlx-folders")
+    return {name: {"parakeet-mlx": convert(str(path), out / f"{name}-pm", ConvertOptions(layout="parakeet-mlx")).out,
+                   "bfloat16": convert(str(path), out / f"{name}-pm-bf16",
+                                       ConvertOptions(layout="parakeet-mlx", dtype="bfloat16")).out,
+                   "own": convert(str(path), out / f"{name}-own", ConvertOptions()).out}
+            for name, path in checkpoints.items()}
+
+
+@pytest.fixture(scope="module")
+def nemo_tokens(checkpoints: dict[str, Path]) -> dict[str, list[list[int]]]:
+    """NeMo's own greedy tokens for each signal, transcribed one at a time (no padding from a batch)."""
+    from nemo.collections.asr.models import ASRModel
+    from nemo.utils import logging as nemo_logging
+
+    nemo_logging.setLevel(nemo_logging.ERROR)
+    tokens = {}
+    for name, path in checkpoints.items():
+        nemo = ASRModel.restore_from(str(path), map_location="cpu").eval()
+        hypotheses = nemo.transcribe(list(SIGNALS), batch_size=1, return_hypotheses=True, verbose=False)
+        tokens[name] = [hypothesis.y_sequence.tolist() for hypothesis in hypotheses]
+    return tokens
+
+
+def _stored_names(folder: Path) -> set[str]:
+    return set(mx.load(str(folder / "model.safetensors")))
+
+
+def _relative(a: mx.array, b: mx.array) -> float:
+    return float(mx.linalg.norm(a.astype(mx.float32) - b) / mx.linalg.norm(b))
+
+
+@pytest.mark.parametrize("variant", SERVED)
+def test_parakeet_mlx_loads_strictly_and_agrees_with_nemo(folders: dict, nemo_tokens: dict, variant: str) -> None:
+    folder = folders[variant]["parakeet-mlx"]
+    theirs, ours = from_pretrained(str(folder), dtype=mx.float32), load_model(folder)
+    assert type(theirs).__name__ == "ParakeetTDT"
+    parameters = dict(tree_flatten(theirs.parameters()))
+    # Strict both ways: model.safetensors holds exactly parakeet-mlx's parameters (load_weights is strict too).
+    assert set(parameters) == _stored_names(folder)
+    assert {value.dtype for value in parameters.values()} == {mx.float32}
+    assert theirs.durations == ours.config.decoding.durations and theirs.max_symbols == ours.config.decoding.max_symbols
+    assert theirs.vocabulary == [ours.tokenizer.id_to_piece(i) for i in range(ours.config.blank_id)]
+
+    mine = [result.tokens for result in ours.transcribe(SIGNALS, batch_size=1)]
+    assert mine == nemo_tokens[variant] and sum(map(len, mine)) > 50
+    for index, signal in enumerate(SIGNALS):
+        features, frames = ours.preprocess(mx.array(signal[None]), mx.array([signal.size]))
+        encoded, lengths = ours.encode(features, frames)
+        count, valid = int(frames[0]), int(lengths[0])
+        mel = features.transpose(0, 2, 1)[:, :count]
+        their_encoded, their_lengths = theirs.encoder(mel, mx.array([count]))
+        assert int(their_lengths[0]) == valid
+        assert _relative(their_encoded, encoded[:, :valid]) < 1e-5
+        # Its greedy TDT search, on our states and on its own: our tokens (NeMo's).
+        on_ours, _ = theirs.decode(encoded[:, :valid], lengths)
+        on_theirs, _ = theirs.decode(their_encoded, their_lengths)
+        assert [token.id for token in on_ours[0]] == mine[index]
+        assert [token.id for token in on_theirs[0]] == mine[index]
+        # The card's recipe: generate() on our features.
+        assert [token.id for token in theirs.generate(mel)[0].tokens] == mine[index]
+
+
+@pytest.mark.parametrize("variant", SERVED)
+def test_parakeet_mlx_loads_in_bfloat16(folders: dict, variant: str) -> None:
+    """Its default: the float32 folder cast at load, and a folder stored in bfloat16, both strictly; the encoder
+    within bfloat16's rounding of ours (measured 7e-3)."""
+    ours = load_model(folders[variant]["own"])
+    signal = SIGNALS[0]
+    features, frames = ours.preprocess(mx.array(signal[None]), mx.array([signal.size]))
+    encoded, lengths = ours.encode(features, frames)
+    for kind in ("parakeet-mlx", "bfloat16"):
+        folder = folders[variant][kind]
+        theirs = from_pretrained(str(folder))
+        parameters = dict(tree_flatten(theirs.parameters()))
+        assert set(parameters) == _stored_names(folder)
+        assert {value.dtype for value in parameters.values()} == {mx.bfloat16}
+        mel = features.transpose(0, 2, 1)[:, : int(frames[0])].astype(mx.bfloat16)
+        their_encoded, their_lengths = theirs.encoder(mel, frames)
+        assert int(their_lengths[0]) == int(lengths[0])
+        assert _relative(their_encoded, encoded) < 2e-2
+
+
+@pytest.mark.parametrize("variant", SERVED)
+def test_bundled_model_reads_the_parakeet_mlx_folder(folders: dict, variant: str) -> None:
+    """The same folder through canary-convert's model: the summed LSTM biases give the gates NeMo's two give,
+    so its transcripts (with timestamps) are the own layout's; verify passes on it."""
+    layout, own = folders[variant]["parakeet-mlx"], folders[variant]["own"]
+    theirs, ours = load_model(layout), load_model(own)
+    for mine, reference in zip(theirs.transcribe(SIGNALS, timestamp=True), ours.transcribe(SIGNALS, timestamp=True),
+                               strict=True):
+        assert (mine.text, mine.tokens, list(mine.token_frames)) == (reference.text, reference.tokens,
+                                                                     list(reference.token_frames))
+    assert verify_folder(layout, str(layout), "cpu").exit_code == 0
+    assert sorted(path.name for path in layout.iterdir()) == [
+        "README.md", "config.json", "conversion.json", "goldens.json", "model.safetensors", "nemo-buffers.tensors",
+        "tokenizer"]
+    config = json.loads((layout / "config.json").read_text())
+    assert config["target"] == "nemo.collections.asr.models.rnnt_bpe_models.EncDecRNNTBPEModel"
+    assert config["layout"]["added"] == {f"prediction.lstm.{n}.hidden.bias": f"prediction.lstm.{n}.input.bias"
+                                         for n in range(VARIANTS[variant].pred_layers)}
+    card = (layout / "README.md").read_text()
+    assert f'from_pretrained("{layout.name}", dtype=mx.float32)' in card and "- parakeet-mlx" in card
+    assert f"parakeet-mlx speech.wav --model {layout.name}" in card and "differ from NeMo's" in card
+
+
+def test_quantize_is_refused_for_parakeet_mlx(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    options = ConvertOptions(layout="parakeet-mlx", quantize=QuantizeOptions.create(8))
+    with pytest.raises(UsageError, match="parakeet-mlx 0.6.0 loads float weights only"):
+        convert(str(checkpoints["tdt-80"]), tmp_path / "q", options)
+    assert not (tmp_path / "q").exists()
