@@ -32,6 +32,10 @@ _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
 
 CONFIG_MEMBER = "model_config.yaml"
 WEIGHTS_MEMBER = "model_weights.ckpt"
+# canary-1b-v2 packs a second model, its CTC timestamp aligner, beside the main one (NeMo's
+# EncDecMultiTaskModel restores it from these two members; its tokenizer files are `nemo:` artifacts).
+ALIGNER_CONFIG_MEMBER = "timestamps_asr_model_config.yaml"
+ALIGNER_WEIGHTS_MEMBER = "timestamps_asr_model_weights.ckpt"
 ARTIFACT_PREFIX = "nemo:"
 
 # Bounds on model_config.yaml, checked before any YAML is turned into objects. NeMo writes some KB (a few
@@ -111,22 +115,28 @@ class NemoArchive:
         except (tarfile.TarError, EOFError, zlib.error) as exc:
             raise ArchiveError(f"{self.path}: member {name!r} is truncated or corrupt: {one_line(exc)}") from None
 
-    def config(self) -> dict[str, Any]:
-        """`model_config.yaml`, loaded safely (no Python tags) with its `${...}` interpolations resolved."""
-        size = self.members.get(CONFIG_MEMBER, 0)
+    def config(self, member: str = CONFIG_MEMBER) -> dict[str, Any]:
+        """`model_config.yaml` (or another model's config member, canary-1b-v2's aligner's), loaded safely (no
+        Python tags) with its `${...}` interpolations resolved."""
+        size = self.members.get(member, 0)
         if size > MAX_CONFIG_BYTES:
-            raise ArchiveError(f"{self.path}: {CONFIG_MEMBER} holds {size} bytes, more than the "
+            raise ArchiveError(f"{self.path}: {member} holds {size} bytes, more than the "
                                f"{MAX_CONFIG_BYTES >> 20} MiB a config may take")
-        raw = load_bounded_yaml(self.read_bytes(CONFIG_MEMBER), f"{self.path}: {CONFIG_MEMBER}")
+        raw = load_bounded_yaml(self.read_bytes(member), f"{self.path}: {member}")
         if not isinstance(raw, dict):
-            raise ArchiveError(f"{self.path}: {CONFIG_MEMBER} does not hold a mapping")
+            raise ArchiveError(f"{self.path}: {member} does not hold a mapping")
         try:
             return OmegaConf.to_container(OmegaConf.create(raw), resolve=True)  # type: ignore[return-value]
         except OmegaConfBaseException as exc:
-            raise ArchiveError(f"{self.path}: {CONFIG_MEMBER}: cannot resolve {one_line(exc)}") from None
+            raise ArchiveError(f"{self.path}: {member}: cannot resolve {one_line(exc)}") from None
         except RecursionError:
-            raise ArchiveError(f"{self.path}: {CONFIG_MEMBER}: its interpolations refer to each other in a loop "
+            raise ArchiveError(f"{self.path}: {member}: its interpolations refer to each other in a loop "
                                f"or nest too deeply") from None
+
+    @property
+    def has_aligner(self) -> bool:
+        """Whether the archive carries canary-1b-v2's timestamp aligner (both of its members)."""
+        return ALIGNER_CONFIG_MEMBER in self.members and ALIGNER_WEIGHTS_MEMBER in self.members
 
     def artifacts(self, config: dict[str, Any]) -> list[Artifact]:
         """Every `nemo:` reference in the config, each checked to exist in the archive."""
@@ -149,15 +159,16 @@ class NemoArchive:
         return found
 
     @contextmanager
-    def state_dict(self, on_bytes: Callable[[int], None] | None = None) -> Iterator[dict[str, torch.Tensor]]:
-        """The weights, memory-mapped: in place from a folder or a plain tar, from a temporary copy of the
-        member when the tar is compressed (one streaming pass: a compressed member cannot be mapped)."""
-        label = f"{self.path}:{WEIGHTS_MEMBER}"
-        if WEIGHTS_MEMBER not in self.members:
-            raise ArchiveError(f"{self.path}: member {WEIGHTS_MEMBER!r} is missing from the archive")
-        info = self._tar_members.get(WEIGHTS_MEMBER)
+    def state_dict(self, on_bytes: Callable[[int], None] | None = None,
+                   member: str = WEIGHTS_MEMBER) -> Iterator[dict[str, torch.Tensor]]:
+        """The weights (of `member`), memory-mapped: in place from a folder or a plain tar, from a temporary
+        copy of the member when the tar is compressed (one streaming pass: a compressed member cannot be mapped)."""
+        label = f"{self.path}:{member}"
+        if member not in self.members:
+            raise ArchiveError(f"{self.path}: member {member!r} is missing from the archive")
+        info = self._tar_members.get(member)
         if self._tar is None:
-            yield map_checkpoint(self.path / WEIGHTS_MEMBER, 0, self.members[WEIGHTS_MEMBER], label)
+            yield map_checkpoint(self.path / member, 0, self.members[member], label)
         elif not self.compressed and info is not None and not info.issparse():
             state = map_checkpoint(self.path, info.offset_data, info.size, label)
             if on_bytes is not None:
@@ -165,15 +176,15 @@ class NemoArchive:
             yield state
         else:
             with tempfile.TemporaryDirectory(prefix="canary-convert-") as scratch:
-                weights_path = Path(scratch) / WEIGHTS_MEMBER
+                weights_path = Path(scratch) / member
                 try:
-                    self.copy_member(WEIGHTS_MEMBER, weights_path, on_bytes)
+                    self.copy_member(member, weights_path, on_bytes)
                 except OSError as exc:
                     if exc.errno not in DISK_REFUSED:
                         raise
                     raise OutputError(f"{scratch}: the disk refused a write while decompressing {label} "
                                       f"({exc.strerror}); set TMPDIR to a folder with room") from None
-                yield map_checkpoint(weights_path, 0, self.members[WEIGHTS_MEMBER], label)
+                yield map_checkpoint(weights_path, 0, self.members[member], label)
 
     def close(self) -> None:
         if self._tar is not None:

@@ -93,6 +93,7 @@ def _architecture(record: Mapping[str, Any], facts: CardFacts) -> list[str]:
         ("encoder", f"{encoder['n_layers']} FastConformer layers, width {encoder['d_model']}, {encoder['n_heads']} heads, "
                     f"subsampling x{encoder['subsampling_factor']}, {config['preprocessor']['features']} mel features"),
         *_head(config),
+        *_aligner(record),
         ("parameters", f"{record['parameter_count']:,}"),
         ("languages", ", ".join(facts.languages) or "as the tokenizer's text"),
         ("weights", _precision(record)),
@@ -119,6 +120,16 @@ def _head(config: Mapping[str, Any]) -> list[tuple[str, str]]:
         rows.append(("auxiliary CTC head" if rows else "head",
                      f"CTC over {config['ctc']['num_classes'] - 1} tokens and the blank, greedy decoding"))
     return rows
+
+
+def _aligner(record: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """canary-1b-v2's timestamp model, converted into `aligner/` beside the Canary."""
+    aligner = record.get("aligner")
+    if not aligner:
+        return []
+    return [("timestamps", f"word and segment times by NeMo's forced alignment with the CTC model in "
+                           f"`{aligner['folder']}/` ({aligner['parameter_count']:,} parameters, its own tokenizer; "
+                           "`--timestamps`)")]
 
 
 def _provenance(record: Mapping[str, Any], command: str) -> list[str]:
@@ -185,6 +196,9 @@ def _usage(facts: CardFacts) -> list[str]:
                   "mlx-audio computes its own mel features and prompt: they differ from NeMo's (see canary-convert's "
                   "README, \"Folders for mlx-audio\"), so its transcripts can differ from NeMo's where "
                   "canary-convert's model gives NeMo's tokens."]
+        if facts.record.get("aligner"):
+            lines += ["", f"mlx-audio ignores `{facts.record['aligner']['folder']}/` (the timestamp model): word and "
+                      "segment times come from canary-convert's model (`canary-transcribe --timestamps`)."]
     if (facts.config.get("layout") or {}).get("name") == "parakeet-mlx":
         lines += ["", "The folder is in parakeet-mlx's layout too, so parakeet-mlx (0.6.0) loads it as it is:", "",
                   "```sh", "pip install parakeet-mlx==0.6.0  # it reads audio files through FFmpeg, which must be on PATH",

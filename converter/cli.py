@@ -158,7 +158,8 @@ def _stage_times(seconds: Mapping[str, float]) -> str:
 
 
 def _print_plan(conversion: Conversion) -> None:
-    """A rich table on a terminal; one tab-separated line per key when piped, so it greps cleanly."""
+    """A rich table on a terminal; one tab-separated line per key when piped, so it greps cleanly. A second
+    model in the archive (canary-1b-v2's aligner) gets its own plan after the main one."""
     if not hasattr(conversion, "derived"):  # a speech-LLM: one plan per folder
         for part in conversion.parts:
             _print_plan_table(f"plan: {conversion.source.path} ({conversion.preset.name}, {part.plan.mapping.file} "
@@ -167,6 +168,9 @@ def _print_plan(conversion: Conversion) -> None:
         return
     _print_plan_table(f"plan: {conversion.source.path} ({conversion.derived.preset.name}, {conversion.plan.mapping.file})",
                       conversion.plan, conversion.quantization, conversion.ignored_members)
+    if (aligner := conversion.aligner) is not None:  # canary-1b-v2's timestamp model, converted into its folder
+        _print_plan_table(f"plan: {conversion.source.path} {aligner.folder}/ ({aligner.derived.preset.name}, "
+                          f"{aligner.plan.mapping.file})", aligner.plan, aligner.quantization, ())
     Console(soft_wrap=True).print("dry run: nothing written")
 
 

@@ -6,7 +6,7 @@ import datetime as dt
 import math
 import shlex
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -14,11 +14,19 @@ from typing import Any, Protocol
 import torch
 
 from . import __version__
-from .archive import CONFIG_MEMBER, WEIGHTS_MEMBER, NemoArchive, open_archive
+from .archive import (
+    ALIGNER_CONFIG_MEMBER,
+    ALIGNER_WEIGHTS_MEMBER,
+    CONFIG_MEMBER,
+    WEIGHTS_MEMBER,
+    NemoArchive,
+    open_archive,
+)
 from .card import CARD_FILE, CardFacts, choose_licence, render_card
-from .errors import UsageError
+from .errors import CanaryConvertError, UsageError
 from .goldens import GOLDENS_FILE, load_clips, record_goldens, write_goldens
 from .manifest import CONVERSION_FILE, FileRecord, build_manifest
+from .model.aed.canary import ALIGNER_FOLDER
 from .model.load import CONFIG_FILE, model_class, parameter_shapes
 from .model.quantized import QuantizeOptions
 from .model.tokenizer import load_tokenizer
@@ -142,18 +150,35 @@ class Conversion:
     manifest: dict[str, FileRecord] = field(default_factory=dict)  # every file of OUT but conversion.json
     validation: ValidationReport | None = None
     parity: ParityReport | None = None
+    aligner: ModelPart | None = None  # canary-1b-v2's timestamp aligner, written into OUT/aligner/
+
+
+@dataclass
+class ModelPart:
+    """A second model written into a subfolder of OUT beside the main one, through the same pipeline:
+    canary-1b-v2's CTC timestamp aligner (`aligner/`), read from its own archive members."""
+
+    folder: str
+    derived: Derived
+    plan: Plan
+    stored: list[OutputTensor]
+    quantization: QuantizationPlan | None = None
+    files: list[str] = field(default_factory=list)
+    validation: ValidationReport | None = None
 
 
 def _ignored_members(archive: NemoArchive, used: set[str]) -> list[str]:
-    """Members the conversion does not need (canary-1b-v2's timestamp model, unused vocab files)."""
+    """Members the conversion does not need (unused vocab files)."""
     return sorted(set(archive.members) - used - {CONFIG_MEMBER, WEIGHTS_MEMBER})
 
 
-def _plan(archive: NemoArchive, source: ResolvedSource, state_dict: dict[str, torch.Tensor],
-          options: ConvertOptions) -> Conversion:
-    nemo_config = archive.config()
+def _plan_model(nemo_config: dict[str, Any], state_dict: dict[str, torch.Tensor], archive: NemoArchive,
+                options: ConvertOptions, layout_name: str = OWN_LAYOUT
+                ) -> tuple[Derived, Plan, list[OutputTensor], QuantizationPlan | None]:
+    """One model's plan: its preset and config.json, the mapping proven against the bundled model (and the
+    layout's library), what is stored and what is quantized."""
     preset = detect_preset(nemo_config)
-    layout = preset.layout(options.layout, nemo_config)
+    layout = preset.layout(layout_name, nemo_config)
     if layout is not None and options.quantize is not None and layout.quantize_refused:
         raise UsageError(f"--layout {layout.name} --quantize: {layout.quantize_refused}; convert in float (--dtype) "
                          "for that library, or quantize in canary-convert's own layout")
@@ -182,9 +207,24 @@ def _plan(archive: NemoArchive, source: ResolvedSource, state_dict: dict[str, to
                              if layout is not None else parameter_shapes(derived.config, quantization.quantized))
     if layout is not None:
         derived = replace(derived, config=replace(derived.config, layout=_layout_record(derived, own, stored)))
-    ignored = _ignored_members(archive, set(derived.tokenizer_files.values()))
-    return Conversion(source=source, derived=derived, plan=plan, stored=stored, ignored_members=ignored,
-                      quantization=quantization)
+    return derived, plan, stored, quantization
+
+
+def _plan(archive: NemoArchive, source: ResolvedSource, state_dict: dict[str, torch.Tensor],
+          options: ConvertOptions, aligner_state: dict[str, torch.Tensor] | None = None) -> Conversion:
+    derived, plan, stored, quantization = _plan_model(archive.config(), state_dict, archive, options, options.layout)
+    used = set(derived.tokenizer_files.values())
+    aligner = None
+    if aligner_state is not None:
+        # The aligner keeps canary-convert's own names whatever --layout says: mlx-audio ignores it.
+        try:
+            part = _plan_model(archive.config(ALIGNER_CONFIG_MEMBER), aligner_state, archive, options)
+        except CanaryConvertError as exc:  # the same error, saying it is the aligner's
+            raise type(exc)(f"the timestamp aligner ({ALIGNER_CONFIG_MEMBER}): {exc}") from None
+        aligner = ModelPart(ALIGNER_FOLDER, *part)
+        used |= set(aligner.derived.tokenizer_files.values()) | {ALIGNER_CONFIG_MEMBER, ALIGNER_WEIGHTS_MEMBER}
+    return Conversion(source=source, derived=derived, plan=plan, stored=stored,
+                      ignored_members=_ignored_members(archive, used), quantization=quantization, aligner=aligner)
 
 
 def _layout_record(derived: Derived, own: Plan, stored: list[OutputTensor]) -> LayoutConfig:
@@ -207,14 +247,22 @@ def _layout_record(derived: Derived, own: Plan, stored: list[OutputTensor]) -> L
                         rename=rename, added=added)
 
 
+@dataclass
+class _Opened:
+    archive: NemoArchive
+    source: ResolvedSource
+    state_dict: dict[str, torch.Tensor]
+    aligner_state: dict[str, torch.Tensor] | None  # the aligner's weights, when the archive carries one
+
+
 @contextmanager
-def _opened(source_arg: str, options: ConvertOptions, reporter: Reporter) -> Iterator[tuple[NemoArchive, ResolvedSource, dict[str, torch.Tensor]]]:
+def _opened(source_arg: str, options: ConvertOptions, reporter: Reporter) -> Iterator[_Opened]:
     source = resolve_source(source_arg, options.revision, tqdm_class=reporter.download_tqdm())
-    with open_archive(source.path) as archive:
-        size = archive.members[WEIGHTS_MEMBER]
-        with reporter.task("read", size, 1) as advance:
-            with archive.state_dict(on_bytes=advance) as state_dict:
-                yield archive, source, state_dict
+    with open_archive(source.path) as archive, ExitStack() as stack:
+        members = [WEIGHTS_MEMBER] + ([ALIGNER_WEIGHTS_MEMBER] if archive.has_aligner else [])
+        with reporter.task("read", sum(archive.members[member] for member in members), len(members)) as advance:
+            states = [stack.enter_context(archive.state_dict(on_bytes=advance, member=member)) for member in members]
+        yield _Opened(archive, source, states[0], states[1] if len(states) > 1 else None)
 
 
 def _speech_llm(source_arg: str, options: ConvertOptions, reporter: Reporter) -> tuple[ResolvedSource, dict[str, Any]] | None:
@@ -233,8 +281,8 @@ def plan_only(source_arg: str, options: ConvertOptions, reporter: Reporter | Non
     """Everything but writing: the `--dry-run` plan, with every coverage check already done."""
     if (salm := _speech_llm(source_arg, options, reporter or SilentReporter())) is not None:
         return plan_salm(*salm, options, options.llm_source)
-    with _opened(source_arg, options, reporter or SilentReporter()) as (archive, source, state_dict):
-        return _plan(archive, source, state_dict, options)
+    with _opened(source_arg, options, reporter or SilentReporter()) as opened:
+        return _plan(opened.archive, opened.source, opened.state_dict, options, opened.aligner_state)
 
 
 def convert(source_arg: str, out: Path, options: ConvertOptions,
@@ -245,22 +293,31 @@ def convert(source_arg: str, out: Path, options: ConvertOptions,
         return convert_salm(*salm, out, options, options.llm_source, reporter, source_arg)
     if options.parity:
         require_nemo()
-    with _opened(source_arg, options, reporter) as (archive, source, state_dict):
+    with _opened(source_arg, options, reporter) as opened:
+        archive, source, state_dict = opened.archive, opened.source, opened.state_dict
         # A folder has no archive to hash; its weights file identifies it.
         digest = SourceDigest(source.path / WEIGHTS_MEMBER if source.kind == "folder" else source.path)
-        conversion = _plan(archive, source, state_dict, options)
+        conversion = _plan(archive, source, state_dict, options, opened.aligner_state)
         stored = conversion.stored
         with staged_output(out, options.force) as staging:
-            with reporter.task("write", sum(t.nbytes for t in stored), len(stored)) as advance:
-                sources = conversion.plan.sources(state_dict)  # merged tensors (a summed bias) as stored
-                hashed = write_weights(staging, stored, TensorBytes(sources, conversion.quantization),
-                                       options.max_shard_bytes, lambda _key, nbytes: advance(nbytes))
+            sources = conversion.plan.sources(state_dict)  # merged tensors (a summed bias) as stored
+            hashed = _write_model(archive, staging, conversion.derived, stored,
+                                  TensorBytes(sources, conversion.quantization), options, reporter)
             conversion.files = list(hashed)
-            for relative, member in conversion.derived.tokenizer_files.items():
-                (staging / relative).parent.mkdir(parents=True, exist_ok=True)
-                archive.copy_member(member, staging / relative)
-            write_json(staging / CONFIG_FILE, conversion.derived.config_json())
+            aligner = conversion.aligner
+            aligner_sources = None
+            if aligner is not None:
+                assert opened.aligner_state is not None
+                aligner_sources = aligner.plan.sources(opened.aligner_state)
+                part = _write_model(archive, staging / aligner.folder, aligner.derived, aligner.stored,
+                                    TensorBytes(aligner_sources, aligner.quantization), options, reporter)
+                aligner.files = [f"{aligner.folder}/{name}" for name in part]
+                hashed |= {f"{aligner.folder}/{name}": record for name, record in part.items()}
             with reporter.task("validate", 0, 1):
+                if aligner is not None:
+                    assert aligner_sources is not None
+                    aligner.validation, _ = validate_folder(staging / aligner.folder, aligner.stored,
+                                                            aligner_sources, aligner.quantization)
                 conversion.validation, model = validate_folder(staging, stored, sources, conversion.quantization)
             if options.parity:
                 conversion.parity = run_parity(source.path, model, options.parity_audio)
@@ -274,6 +331,20 @@ def convert(source_arg: str, out: Path, options: ConvertOptions,
             write_json(staging / CONVERSION_FILE, record)
         conversion.out = out
         return conversion
+
+
+def _write_model(archive: NemoArchive, folder: Path, derived: Derived, stored: list[OutputTensor],
+                 tensor_bytes: TensorBytes, options: ConvertOptions, reporter: Reporter) -> dict[str, FileRecord]:
+    """One model's weight files, tokenizer files and config.json into `folder`; the weight files' records."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with reporter.task("write", sum(t.nbytes for t in stored), len(stored)) as advance:
+        hashed = write_weights(folder, stored, tensor_bytes, options.max_shard_bytes,
+                               lambda _key, nbytes: advance(nbytes))
+    for relative, member in derived.tokenizer_files.items():
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        archive.copy_member(member, folder / relative)
+    write_json(folder / CONFIG_FILE, derived.config_json())
+    return hashed
 
 
 def _card(conversion: Conversion, options: ConvertOptions, record: dict[str, Any], staging: Path, source_arg: str,
@@ -291,23 +362,40 @@ def _provenance(conversion: Conversion, options: ConvertOptions, sha256: str) ->
     source = conversion.source
     record = source.provenance()
     record["sha256"] = sha256
-    plan = conversion.plan
     return {
         "converter": {"name": "canary-convert", "version": __version__},
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "source": record,
-        "family": conversion.derived.preset.name,
-        "preset": conversion.derived.preset.file,
-        "mapping": {"name": plan.mapping.name, "file": plan.mapping.file, "digest": plan.mapping.digest},
         "base_model": source.repo_id or options.base_model,
         "options": options.to_dict(),
-        "tensors": len(plan.tensors),
-        "parameter_count": sum(math.prod(t.target_shape) for t in plan.tensors
-                               if not t.target_key.startswith(_FRONT_END)),
-        "files": conversion.files,
-        "dropped": [{"key": d.key, "reason": d.reason} for d in plan.dropped],
-        "notes": plan.notes(),
+        **_model_record(conversion.derived, conversion.plan, conversion.files),
         "ignored_members": conversion.ignored_members,
         "validation": conversion.validation.to_dict() if conversion.validation else None,
         "parity": conversion.parity.to_dict() if conversion.parity else None,
+        **({"aligner": _part_record(conversion.aligner)} if conversion.aligner is not None else {}),
+    }
+
+
+def _model_record(derived: Derived, plan: Plan, files: list[str]) -> dict[str, Any]:
+    """What conversion.json says of one model: its family, preset, mapping, tensors and files."""
+    return {
+        "family": derived.preset.name,
+        "preset": derived.preset.file,
+        "mapping": {"name": plan.mapping.name, "file": plan.mapping.file, "digest": plan.mapping.digest},
+        "tensors": len(plan.tensors),
+        "parameter_count": sum(math.prod(t.target_shape) for t in plan.tensors
+                               if not t.target_key.startswith(_FRONT_END)),
+        "files": files,
+        "dropped": [{"key": d.key, "reason": d.reason} for d in plan.dropped],
+        "notes": plan.notes(),
+    }
+
+
+def _part_record(part: ModelPart) -> dict[str, Any]:
+    """conversion.json's record of a model written beside the main one (canary-1b-v2's aligner)."""
+    return {
+        "folder": part.folder,
+        "members": [ALIGNER_CONFIG_MEMBER, ALIGNER_WEIGHTS_MEMBER],
+        **_model_record(part.derived, part.plan, part.files),
+        "validation": part.validation.to_dict() if part.validation else None,
     }

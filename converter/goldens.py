@@ -316,6 +316,9 @@ def record_goldens(model: SpeechModel, clips: Sequence[tuple[str, np.ndarray, st
     groups["test-signals"]["signals"] = {"generator": "canary_convert.parity.reference_signals",
                                          "sample_rate": sample_rate, "sha256": signals_digest(signals)}
     dtype = str(model.compute_dtype).removeprefix("mlx.core.")
+    # A model carried in a subfolder (canary-1b-v2's aligner) gets goldens of its own, on the same signals.
+    parts = {name: record_goldens(part, clips, None, device, folder / name if folder is not None else None)
+             for name, part in model.attached().items()}
     goldens = {
         "schema": SCHEMA, "version": SCHEMA_VERSION,
         "made_by": {"canary_convert": __version__, "mlx": mx.__version__, "platform": platform.platform(),
@@ -324,6 +327,7 @@ def record_goldens(model: SpeechModel, clips: Sequence[tuple[str, np.ndarray, st
         "tolerances": asdict(Tolerances.for_dtype(dtype)),
         "config": model.config.to_dict(),
         "groups": groups,
+        **({"parts": parts} if parts else {}),
     }
     goldens["digest"] = goldens_digest(goldens)
     return goldens
@@ -444,7 +448,13 @@ def check_goldens(goldens: Mapping[str, Any], path: Path) -> None:
     its stage, and only the decoding modes this tool records (greedy, beam 4: no beam of a million)."""
     shape = _Shape(path)
     shape.object(goldens, "", ("schema", "version", "digest", "made_by", "max_new_tokens", "tolerances",
-                                    "config", "groups"))
+                                    "config", "groups"), ("parts",))
+    # The goldens of a model the folder carries in a subfolder (canary-1b-v2's aligner) have the same shape.
+    for name, part in shape.object(goldens.get("parts", {}), "parts", optional=None).items():
+        try:
+            check_goldens(part, path)
+        except GoldensError as exc:
+            raise GoldensError(f"{exc} (in parts.{name})") from None
     shape.object(goldens["made_by"], "made_by", optional=None)
     shape.integer(goldens["max_new_tokens"], "max_new_tokens")
     tolerances = shape.object(goldens["tolerances"], "tolerances", TOLERANCE_NAMES)

@@ -334,6 +334,17 @@ def verify_goldens(goldens: Mapping[str, Any], model: SpeechModel, tolerances: T
                     greedy_now = tokens
             if "reference" in group:
                 checks += check_reference(group_name, group, now, model, greedy_now)
+    # The models the folder carries in subfolders (canary-1b-v2's aligner), each against its own goldens.
+    attached = model.attached()
+    for name, part_goldens in goldens.get("parts", {}).items():
+        if name not in attached:
+            checks.append(Check(f"{name}: load", "fail", f"the goldens hold {name}/, which the folder does not load",
+                                name))
+            continue
+        part_checks = verify_goldens(part_goldens, attached[name], tolerances, clips,
+                                     folder / name if folder is not None else None)
+        checks += [replace(check, name=f"{name}: {check.name}", file=f"{name}/{check.file}" if check.file else name)
+                   for check in part_checks]
     return checks
 
 

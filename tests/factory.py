@@ -251,7 +251,7 @@ CTC_VARIANTS = {
 }
 # canary-1b-v2's aligner in miniature: its own tokenizer (unlike the Canary's), punctuation pieces, another
 # feature count and subsampling than the Canary it rides with.
-ALIGNER = TinyCTCSpec("aligner-sub8", features=28, d_model=32, enc_heads=2, subsampling_factor=8, vocab=56,
+ALIGNER = TinyCTCSpec("aligner-sub4", features=28, d_model=32, enc_heads=2, subsampling_factor=4, vocab=56,
                       punctuation=True, seed=12)
 PUNCTUATED = ["Hello, world. This is a test!", "Is the cat on the mat? Yes.", "One, two, three. Four five six!"]
 
@@ -296,51 +296,6 @@ def build_ctc(spec: TinyCTCSpec, out: Path) -> Path:
         model.eval()
         out.parent.mkdir(parents=True, exist_ok=True)
         model.save_to(str(out))
-    return out
-
-
-def _tiny_ctc_model(out: Path) -> Path:
-    """The smallest NeMo CTC model (characters, one conv block): what canary-1b-v2 carries for timestamps."""
-    from omegaconf import OmegaConf
-    from nemo.collections.asr.models import EncDecCTCModel
-
-    labels = list(" abcdefghijklmnopqrstuvwxyz'")
-    config = {
-        "sample_rate": 16000, "labels": labels,
-        "preprocessor": {"_target_": "nemo.collections.asr.modules.AudioToMelSpectrogramPreprocessor",
-                         "sample_rate": 16000, "features": 16, "n_fft": 512},
-        "encoder": {"_target_": "nemo.collections.asr.modules.ConvASREncoder", "feat_in": 16, "activation": "relu",
-                    "jasper": [{"filters": 8, "repeat": 1, "kernel": [3], "stride": [1], "dilation": [1],
-                                "dropout": 0.0, "residual": False}]},
-        "decoder": {"_target_": "nemo.collections.asr.modules.ConvASRDecoder", "feat_in": 8,
-                    "num_classes": len(labels), "vocabulary": labels},
-    }
-    EncDecCTCModel(OmegaConf.create(config)).save_to(str(out))
-    return out
-
-
-def with_timestamps_model(canary: Path, out: Path) -> Path:
-    """A copy of a tiny Canary `.nemo` that carries a timestamps model as canary-1b-v2 does: the CTC model's
-    config and weights as `timestamps_asr_model_config.yaml` / `_weights.ckpt` beside the Canary's own
-    members, and `restore_timestamps_model` left at NeMo's default (true), so NeMo's restore_from loads it."""
-    import tarfile
-
-    import yaml
-
-    with tempfile.TemporaryDirectory(prefix="tiny-canary-ts-") as scratch:
-        folder = Path(scratch) / "nemo"
-        folder.mkdir()
-        with tarfile.open(canary) as tar:
-            tar.extractall(folder, filter="data")
-        with tarfile.open(_tiny_ctc_model(Path(scratch) / "ctc.nemo")) as tar:
-            for member, name in (("model_config.yaml", "timestamps_asr_model_config.yaml"),
-                                 ("model_weights.ckpt", "timestamps_asr_model_weights.ckpt")):
-                (folder / name).write_bytes(tar.extractfile(f"./{member}").read())
-        config = yaml.safe_load((folder / "model_config.yaml").read_text())
-        config.pop("restore_timestamps_model")
-        (folder / "model_config.yaml").write_text(yaml.safe_dump(config))
-        with tarfile.open(out, "w:") as tar:  # NeMo's own .nemo layout: an uncompressed tar of "./" members
-            tar.add(folder, arcname=".")
     return out
 
 

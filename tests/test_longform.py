@@ -11,6 +11,7 @@ silently.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import warnings
@@ -32,7 +33,7 @@ from canary_convert.model.app.longform import frame_features
 from canary_convert.model.aed.prompts import PromptOptions, build_prompt
 from canary_convert.parity import nemo_prompt_slots, reference_signals, restore_nemo
 from conftest import REPO
-from factory import VARIANTS, with_timestamps_model
+from factory import ALIGNER, VARIANTS, build_ctc, with_aligner
 from long_inputs import build_long_audio, long_signal, nemo_frame_batch, write
 
 EXAMPLE = REPO / "examples" / "tiny-canary"
@@ -86,7 +87,8 @@ def test_example_fixed_chunks_match_nemo(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def with_ts(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("timestamps-model")
-    nemo_file = with_timestamps_model(checkpoints["canary2-bpe-sub16"], folder / "canary-ts.nemo")
+    aligner = build_ctc(ALIGNER, folder / "aligner.nemo")
+    nemo_file = with_aligner(checkpoints["canary2-bpe-sub16"], aligner, folder / "canary-ts.nemo")
     return nemo_file, convert(str(nemo_file), folder / "mlx", ConvertOptions()).out
 
 
@@ -105,13 +107,17 @@ def test_overlapping_chunks_match_nemo(with_ts: tuple[Path, Path], tmp_path: Pat
     assert [(c.start, c.end) for c in result.chunks] == [(0.0, 35.0), (34.0, 69.0), (68.0, 100.0)]
 
 
-def test_timestamps_of_a_checkpoint_with_a_timestamps_model_are_refused(with_ts: tuple[Path, Path], tmp_path: Path) -> None:
-    _, folder = with_ts
-    with pytest.raises(UsageError, match="separate CTC timestamps model"):
+def test_timestamps_of_a_folder_without_its_aligner_are_refused(with_ts: tuple[Path, Path], tmp_path: Path) -> None:
+    # A canary-1b-v2 folder converted before the aligner was (no aligner/): timestamps need a new conversion.
+    _, converted = with_ts
+    folder = tmp_path / "old"
+    shutil.copytree(converted, folder)
+    shutil.rmtree(folder / "aligner")
+    with pytest.raises(UsageError, match="convert it again"):
         load_model(folder).transcribe(long_signal(3.0), source_lang="en", timestamp=True)
     wav = write(tmp_path / "a.wav", long_signal(3.0))
     result = subprocess.run([CLI, str(wav), "--model", str(folder), "--timestamps"], capture_output=True, text=True)
-    assert result.returncode == 2 and "does not convert yet" in " ".join(result.stderr.split())
+    assert result.returncode == 2 and "convert it again" in " ".join(result.stderr.split())
 
 
 def test_over_long_input_without_chunking_is_flagged(checkpoints: dict[str, Path], converted: dict[str, Path],

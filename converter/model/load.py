@@ -187,5 +187,6 @@ def _load_speech_model(folder: Path) -> Any:
         quantize_modules(model, config.quantization, weights.keys())
     model.load_weights(list(weights.items()), strict=True)
     widen_products(model)
+    model.attach(folder)
     model.eval()
     return model

@@ -18,6 +18,7 @@ from __future__ import annotations
 from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import mlx.core as mx
@@ -141,6 +142,15 @@ class SpeechModel(nn.Module):
         """Features (B, n_mels, T') -> encoder states (B, T'', d_model) and their lengths."""
         # Run the encoder in its weights' dtype (features are float32 whatever the weights are).
         return self.encoder(features.astype(self.compute_dtype), lengths)
+
+    def attach(self, folder: Path) -> None:
+        """Load what the folder keeps beside the weights for this family (canary-1b-v2: its aligner); called
+        by load_model after the strict load. Nothing by default."""
+
+    def attached(self) -> dict[str, SpeechModel]:
+        """Models this one carries in subfolders of its folder, by subfolder (canary-1b-v2: `aligner`): the
+        goldens record them and verify checks them as parts of the folder."""
+        return {}
 
     def decode_text(self, ids: list[int]) -> str:
         """Token ids -> text as NeMo's decoding writes it for this head (the tokenizer's own decoding here)."""

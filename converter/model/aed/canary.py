@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import ClassVar
 
 import mlx.core as mx
@@ -11,6 +12,8 @@ import numpy as np
 
 from ...errors import UsageError
 from ..config import ModelConfig
+from ..ctc.align import TimestampAligner
+from ..ctc.model import CTCModel
 from ..speech import AudioBatch, BatchDecoder, Decoded, SpeechModel
 from .decoder import KVCache, TextDecoder
 from .decoding import DecodingOptions, decode as decode_search
@@ -21,6 +24,8 @@ from ..tokenizer import Tokenizer
 from ..app.longform import LongFormOptions
 from ..app.transcribe import AudioInput, FileProgress, Transcript, transcribe, warn
 
+# Where a canary-1b-v2 folder keeps its timestamp aligner (a CTC model folder of its own).
+ALIGNER_FOLDER = "aligner"
 # Teacher-forced log-probabilities (parity, goldens) score the BOS token then this many fixed text tokens.
 TEACHER_FORCED_TOKENS = 20
 
@@ -50,12 +55,27 @@ class CanaryModel(SpeechModel):
         if config.encoder_decoder_proj:
             self.encoder_decoder_proj = nn.Linear(config.encoder.d_model, config.decoder.hidden_size)
         self.decoder = TextDecoder(config.decoder)
+        # canary-1b-v2's timestamp model (folder's aligner/), attached by `attach`; not part of the tree.
+        self.aligner: TimestampAligner | None = None
+
+    def attach(self, folder: Path) -> None:
+        """Load the aligner a canary-1b-v2 folder carries in `aligner/` (load.py calls this after the weights)."""
+        from ..load import CONFIG_FILE, load_model
+
+        if self.config.timestamps_asr_model and (folder / ALIGNER_FOLDER / CONFIG_FILE).is_file():
+            aligner = load_model(folder / ALIGNER_FOLDER)
+            if not isinstance(aligner, CTCModel):
+                raise ValueError(f"{folder / ALIGNER_FOLDER}: the timestamp aligner is a {aligner.config.family} model, not CTC")
+            self.aligner = TimestampAligner(aligner)
 
     @property
     def nemo_long_form(self) -> str:
         # NeMo's transcribe() chunks by itself (overlapping chunks) only when the checkpoint restored a
         # timestamps model; otherwise FrameBatchMultiTaskAED's fixed chunks are its long-audio path.
         return "parallel" if self.config.timestamps_asr_model else "frames"
+
+    def attached(self) -> dict[str, SpeechModel]:
+        return {ALIGNER_FOLDER: self.aligner.model} if self.aligner is not None else {}
 
     def encode(self, features: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
         """Features (B, n_mels, T') -> encoder states (B, T'', H_dec) in the decoder's width, and their lengths."""
@@ -172,24 +192,39 @@ class CanaryModel(SpeechModel):
         """Encode a batch and search it with one prompt for every row (NeMo's transcribe() batches)."""
         assert self.tokenizer is not None
         tokenizer = self.tokenizer
+        aligner = self._timestamp_aligner() if prompt.timestamp else None
+        if aligner is not None:
+            # NeMo's transcribe() asks the Canary for no frame tokens when its aligner gives the times.
+            prompt = replace(prompt, timestamp=False)
         prompt_ids = build_prompt(self.config.prompt_format, tokenizer, prompt)
-        if prompt.timestamp:
-            self._check_timestamps()
 
         def decode_batch(batch: AudioBatch) -> list[Decoded]:
             encoded, enc_lengths = self.encode(batch.features, batch.frames)
-            return decode_search(self, encoded, enc_lengths, [prompt_ids] * batch.features.shape[0], decoding,
-                                 tokenizer.eos_id, tokenizer.pad_id)
+            decoded = decode_search(self, encoded, enc_lengths, [prompt_ids] * batch.features.shape[0], decoding,
+                                    tokenizer.eos_id, tokenizer.pad_id)
+            if aligner is None:
+                return decoded
+            if batch.samples is None or batch.sample_counts is None:
+                raise UsageError("the timestamp aligner needs the audio of each chunk; use chunking 'nemo' or 'pauses'")
+            # NeMo aligns each hypothesis' text (the tokens the tokenizer knows, decoded) to the same audio.
+            texts = [tokenizer.decode([token for token in result.tokens if token < tokenizer.vocab_size])
+                     for result in decoded]
+            aligned = aligner.align(batch.samples, batch.sample_counts, texts)
+            return [replace(result, words=words) for result, (words, _) in zip(decoded, aligned)]
 
         return decode_batch
 
-    def _check_timestamps(self) -> None:
+    def _timestamp_aligner(self) -> TimestampAligner | None:
+        """The aligner that gives this checkpoint's timestamps (None: it writes frame tokens itself)."""
         assert self.tokenizer is not None
         if self.config.timestamps_asr_model:
-            raise UsageError(
-                f"{self.config.family}: NeMo takes this checkpoint's timestamps from its separate CTC timestamps "
-                "model (timestamps_asr_model), which canary-convert does not convert yet; transcribe without timestamps"
-            )
+            if self.aligner is None:
+                raise UsageError(
+                    f"{self.config.family}: NeMo takes this checkpoint's timestamps from its CTC timestamp model, "
+                    "which this folder lacks (converted by an older canary-convert): convert it again to get aligner/"
+                )
+            return self.aligner
         if not has_frame_tokens(self.tokenizer):
             raise UsageError("this checkpoint's tokenizer has no frame tokens (<|0|>, <|1|>, ...): it cannot emit "
                              "timestamps")
+        return None

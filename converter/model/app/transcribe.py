@@ -261,6 +261,11 @@ def transcribe(
     for index, item in enumerate(audio_items(audio)):
         with open_audio(item, sample_rate, item_name(item, index)) as source:
             if is_long(method, source.num_samples, sample_rate, window):
+                if timestamps and method == "parallel":
+                    # Each overlapping chunk is aligned on its own; their timed words are not merged yet (README,
+                    # "Timestamps of canary-1b-v2"), while chunks cut at pauses do not overlap.
+                    raise UsageError(f"{source.name}: {source.seconds:.1f} s is longer than the {window:g} s window: "
+                                     "timestamps of overlapping chunks are not merged; use chunking 'pauses'")
                 report = (lambda done, total, name=source.name: progress(name, done, total)) if progress else None
                 output = transcribe_chunks(model, source, method, window, decode_batch, batch_size,
                                            long_form.pause_rule, report)
