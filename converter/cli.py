@@ -400,6 +400,17 @@ def _write_outputs(results: list[Any], fmt: str, output_dir: Optional[Path]) -> 
         typer.echo(render(results[0], fmt), nl=False)
 
 
+def _context(text: Optional[str]) -> Optional[tuple[int, int]]:
+    """`--context 128,128` -> (128, 128)."""
+    if text is None:
+        return None
+    try:
+        left, right = (int(part) for part in text.split(","))
+    except ValueError:
+        raise UsageError(f"--context {text!r}: give LEFT,RIGHT frames, such as 128,128") from None
+    return left, right
+
+
 @transcribe_app.command()
 def transcribe_command(
     audio: Annotated[list[Path], typer.Argument(help="Audio files (WAV/FLAC; other formats need ffmpeg).")],
@@ -411,6 +422,8 @@ def transcribe_command(
     pnc: Annotated[Optional[bool], typer.Option("--pnc/--no-pnc", help="Punctuation and capitals (default: the checkpoint's, else on).")] = None,
     timestamps: Annotated[Optional[bool], typer.Option("--timestamps", help="Word and segment times (canary2 models with frame tokens, transducers).")] = None,
     decoder: Annotated[Optional[str], typer.Option(help="A hybrid transducer's head: transducer (NeMo's default) or ctc.")] = None,
+    attention: Annotated[str, typer.Option(help="Encoder self-attention: full, or local (NeMo's rel_pos_local_attn, for long inputs).")] = "full",
+    context: Annotated[Optional[str], typer.Option(help="Local attention's LEFT,RIGHT frames (equal; NVIDIA's recipe: 128,128).")] = None,
     beam_size: Annotated[Optional[int], typer.Option(help="Beam size (default: the checkpoint's).")] = None,
     greedy: Annotated[bool, typer.Option("--greedy", help="Greedy search instead of beam search.")] = False,
     batch_size: Annotated[int, typer.Option(help="Clips (or chunks of a long file) decoded together.")] = 4,
@@ -433,6 +446,10 @@ def transcribe_command(
         if fmt in ("srt", "vtt") and len(audio) > 1 and output_dir is None:
             raise UsageError(f"--format {fmt} with several inputs needs --output-dir (one subtitle file each)")
         loaded = load_model(model, revision)
+        if attention != "full" or context is not None:
+            if not hasattr(loaded, "use_attention"):
+                raise UsageError("--attention and --context are for FastConformer models, not a speech-LLM")
+            loaded.use_attention(attention, _context(context))
         if hasattr(loaded, "llm"):  # a speech-LLM: prompted in words, greedy, in windows of the model's length
             canary_only = {"--source-lang": source_lang, "--target-lang": target_lang, "--task": task, "--pnc": pnc,
                            "--timestamps": timestamps, "--beam-size": beam_size, "--greedy": greedy or None,

@@ -253,6 +253,40 @@ def test_cli_transcribes_with_the_chosen_head(nemo_models: dict, converted: dict
     assert refused.returncode != 0 and "decoder" in refused.stderr + refused.stdout
 
 
+def test_local_attention_on_ten_minutes_matches_nemo(checkpoints: dict, converted: dict, tmp_path: Path) -> None:
+    """NVIDIA's long-audio recipe, change_attention_model("rel_pos_local_attn", [128, 128]): on a 10-minute input
+    (and a 6-minute one padded beside it) the encoder states and the tokens with their frames are NeMo's."""
+    import torch
+    from nemo.collections.asr.models import ASRModel
+
+    nemo = ASRModel.restore_from(str(checkpoints["tdt-ctc-80"]), map_location="cpu").eval()
+    nemo.change_attention_model("rel_pos_local_attn", [128, 128])
+    model = load_model(converted["tdt-ctc-80"])
+    model.use_attention("local", (128, 128))
+    signals = reference_signals(16000, (600.0, 360.0))
+    reference, reference_frames = nemo_features(nemo, signals)
+    with torch.no_grad():
+        encoded, lengths = nemo.encoder(audio_signal=torch.from_numpy(reference),
+                                        length=torch.from_numpy(reference_frames))
+    ours = np.array(model.encode(mx.array(reference), mx.array(reference_frames))[0])
+    encoded = encoded.transpose(1, 2).numpy()
+    for row, valid in enumerate(lengths.tolist()):
+        assert np.linalg.norm(ours[row, :valid] - encoded[row, :valid]) / np.linalg.norm(encoded[row, :valid]) <= 1e-5
+    hypotheses = _nemo_transcribe(nemo, signals, batch_size=2)
+    results = model.transcribe(signals, batch_size=2)
+    for hypothesis, result in zip(hypotheses, results, strict=True):
+        assert result.tokens == hypothesis.y_sequence.tolist() and len(result.tokens) > 100
+        assert list(result.token_frames) == [int(frame) for frame in hypothesis.timestamp["timestep"]]
+    with pytest.raises(UsageError, match="equal"):
+        model.use_attention("local", (128, 64))
+    clip = tmp_path / "clip.wav"
+    soundfile.write(clip, signals[1][: 16000 * 20], 16000, subtype="FLOAT")
+    done = subprocess.run([str(Path(sys.executable).parent / "canary-transcribe"), str(clip), "--model",
+                           str(converted["tdt-ctc-80"]), "--attention", "local", "--context", "128,128"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+
 def test_verify_passes_and_records_each_head(converted: dict) -> None:
     folder = converted["rnnt-ctc-128"]
     goldens = json.loads((folder / "goldens.json").read_text())

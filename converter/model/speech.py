@@ -25,6 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..errors import UsageError
 from .config import SpeechConfig
 from .fastconformer.audio import AudioPreprocessor
 from .fastconformer.encoder import ConformerEncoder
@@ -137,6 +138,24 @@ class SpeechModel(nn.Module):
             batch, counts = pad_batch(clips)
             audio, lengths = mx.array(batch), mx.array(counts)
         return self.preprocessor(mx.array(audio), mx.array(lengths))
+
+    def use_attention(self, attention: str, context: tuple[int, int] | None = None) -> None:
+        """The encoder's self-attention: "full" (as trained) or "local" with (left, right) frames of context,
+        NeMo's change_attention_model("rel_pos_local_attn", [left, right]) for long inputs (memory linear in
+        the length; only equal contexts, see ConformerEncoder.use_local_attention)."""
+        if attention == "full":
+            if context is not None:
+                raise UsageError("--context goes with --attention local")
+            self.encoder.use_local_attention(None)
+        elif attention == "local":
+            if context is None:
+                raise UsageError("--attention local needs --context LEFT,RIGHT (NVIDIA's recipe: 128,128)")
+            try:
+                self.encoder.use_local_attention(context)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+        else:
+            raise UsageError(f"--attention {attention!r}: choose full or local")
 
     def encode(self, features: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
         """Features (B, n_mels, T') -> encoder states (B, T'', d_model) and their lengths."""

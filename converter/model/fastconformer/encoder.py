@@ -15,7 +15,7 @@ import numpy as np
 
 from ..cpu.activations import attention, product, sigmoid, silu
 from ..config import EncoderConfig
-from ..masks import additive_mask, valid_mask
+from ..masks import MASK_VALUE, additive_mask, valid_mask
 
 # torch.nn.LayerNorm and BatchNorm1d defaults, which NeMo's conformer uses unchanged.
 NORM_EPS = 1e-5
@@ -113,6 +113,18 @@ def relative_positions(length: int, d_model: int) -> np.ndarray:
     return pe
 
 
+def local_relative_positions(left: int, right: int, d_model: int) -> np.ndarray:
+    """NeMo's LocalAttRelPositionalEncoding rows: offsets left ... -right, as (left+right+1, d_model), the same
+    values as relative_positions gives those offsets."""
+    table = relative_positions(max(left, right) + 1, d_model)
+    centre = max(left, right)  # the row of offset 0
+    return table[centre - left: centre + right + 1]
+
+
+# Queries per block of local attention: the scores held at once are (block, block + left + right) per head.
+LOCAL_BLOCK = 256
+
+
 class RelPositionMultiHeadAttention(nn.Module):
     """Transformer-XL attention as in NeMo: (q+u)k^T + rel_shift((q+v)p^T), scaled by 1/sqrt(d_head).
 
@@ -163,6 +175,46 @@ class RelPositionMultiHeadAttention(nn.Module):
         out = out.transpose(0, 2, 1, 3).reshape(b, t, h * dk)
         if valid is not None:
             # NeMo zeroes the weights of masked pairs after the softmax: padded query rows become all zero.
+            out = out * valid
+        return self.linear_out(out)
+
+
+    def local(self, x: mx.array, pos_emb: mx.array, key_padding: mx.array | None, valid: mx.array | None,
+              context: tuple[int, int]) -> mx.array:
+        """NeMo's rel_pos_local_attn (RelPositionMultiHeadAttentionLongformer, no global tokens): each query
+        attends to keys `left` before to `right` after it; pos_emb holds offsets left ... -right.
+
+        NeMo computes it in overlapping chunks; here blocks of queries take their band of keys, so the memory
+        stays linear in the length: the same scores, and the same -10000 on padded keys. key_padding (B, 1, 1, T)
+        is additive, valid (B, T, 1) zeroes padded queries (both None without padding).
+        """
+        left, right = context
+        b, t, _ = x.shape
+        h, dk = self.n_heads, self.d_head
+        scale = 1 / math.sqrt(dk)
+        q = self.linear_q(x).reshape(b, t, h, dk)
+        k = self.linear_k(x).reshape(b, t, h, dk).transpose(0, 2, 1, 3)
+        v = self.linear_v(x).reshape(b, t, h, dk).transpose(0, 2, 1, 3)
+        p = self.linear_pos(pos_emb).reshape(1, -1, h, dk).transpose(0, 2, 1, 3)  # (1, h, left+right+1, dk)
+        q_u = (q + self.pos_bias_u).transpose(0, 2, 1, 3)
+        q_v = (q + self.pos_bias_v).transpose(0, 2, 1, 3)
+        width = left + right + 1
+        blocks = []
+        for start in range(0, t, LOCAL_BLOCK):
+            end = min(start + LOCAL_BLOCK, t)
+            first, last = max(0, start - left), min(t, end + right)
+            # Column c of q_v p^T is offset left - c, the key `query - left + c`.
+            columns = mx.arange(first, last)[None, :] - mx.arange(start, end)[:, None] + left
+            in_band = (columns >= 0) & (columns < width)
+            by_offset = product(q_v[:, :, start:end], p.transpose(0, 1, 3, 2)).astype(x.dtype)
+            positional = mx.take_along_axis(by_offset, mx.broadcast_to(mx.clip(columns, 0, width - 1),
+                                                                        (b, h, end - start, last - first)), axis=-1)
+            bias = mx.where(in_band, positional * scale, mx.array(MASK_VALUE, dtype=x.dtype))
+            if key_padding is not None:
+                bias = bias + key_padding[..., first:last]
+            blocks.append(attention(q_u[:, :, start:end], k[:, :, first:last], v[:, :, first:last], scale, bias))
+        out = mx.concatenate(blocks, axis=2).transpose(0, 2, 1, 3).reshape(b, t, h * dk)
+        if valid is not None:
             out = out * valid
         return self.linear_out(out)
 
@@ -257,9 +309,13 @@ class ConformerLayer(nn.Module):
         self.feed_forward2 = FeedForward(d, d_ff, bias)
         self.norm_out = nn.LayerNorm(d, eps=NORM_EPS)
 
-    def __call__(self, x: mx.array, pos_emb: mx.array, att_mask: mx.array | None, valid: mx.array | None) -> mx.array:
+    def __call__(self, x: mx.array, pos_emb: mx.array, att_mask: mx.array | None, valid: mx.array | None,
+                 context: tuple[int, int] | None = None) -> mx.array:
         x = x + 0.5 * self.feed_forward1(self.norm_feed_forward1(x))
-        x = x + self.self_attn(self.norm_self_att(x), pos_emb, att_mask, valid)
+        if context is None:
+            x = x + self.self_attn(self.norm_self_att(x), pos_emb, att_mask, valid)
+        else:
+            x = x + self.self_attn.local(self.norm_self_att(x), pos_emb, att_mask, valid, context)
         x = x + self.conv(self.norm_conv(x), valid)
         x = x + 0.5 * self.feed_forward2(self.norm_feed_forward2(x))
         return self.norm_out(x)
@@ -281,6 +337,22 @@ class ConformerEncoder(nn.Module):
         self.xscale = math.sqrt(config.d_model) if config.xscaling else None
         self.pre_encode = ConvSubsampling(config)
         self.layers = [ConformerLayer(config) for _ in range(config.n_layers)]
+        # (left, right) frames of local attention, NeMo's change_attention_model("rel_pos_local_attn", [left,
+        # right]); None: full attention, as the checkpoint was trained.
+        self.local_context: tuple[int, int] | None = None
+
+    def use_local_attention(self, context: tuple[int, int] | None) -> None:
+        """Attend to `context` = (left, right) frames around each frame (memory linear in the length), or to
+        every frame again (None). Only left == right: with unequal contexts NeMo's Longformer attention adds the
+        positional term to the wrong columns (multi_head_attention.py, ac[..., -(right+1):] assumes the window
+        is right), which would not be a banded attention to reproduce."""
+        if context is not None:
+            left, right = context
+            if not (left > 0 and left == right):
+                raise ValueError(f"local attention context {left},{right}: give two equal positive sizes, such as "
+                                 "128,128 (NVIDIA's recipe for Parakeet)")
+            context = (int(left), int(right))
+        self.local_context = context
 
     def __call__(self, features: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
         x = features.transpose(0, 2, 1)  # NeMo transposes (B, F, T) to (B, T, F) before subsampling
@@ -292,13 +364,19 @@ class ConformerEncoder(nn.Module):
         if self.xscale is not None:
             x = x * self.xscale
         t = x.shape[1]
-        pos_emb = mx.array(relative_positions(t, self.d_model)).astype(x.dtype)
+        context = self.local_context
+        table = relative_positions(t, self.d_model) if context is None else local_relative_positions(*context, self.d_model)
+        pos_emb = mx.array(table).astype(x.dtype)
         att_mask = valid = None
         if padded:
             real = valid_mask(lengths, t)
-            # NeMo's att_mask: a pair is visible only when both its query and its key are real frames.
-            att_mask = additive_mask((real[:, :, None] & real[:, None, :])[:, None], x.dtype)
+            if context is None:
+                # NeMo's att_mask: a pair is visible only when both its query and its key are real frames.
+                att_mask = additive_mask((real[:, :, None] & real[:, None, :])[:, None], x.dtype)
+            else:
+                # Local attention masks padded keys; padded queries are zeroed afterwards.
+                att_mask = additive_mask(real[:, None, None, :], x.dtype)
             valid = real[:, :, None].astype(x.dtype)
         for layer in self.layers:
-            x = layer(x, pos_emb, att_mask, valid)
+            x = layer(x, pos_emb, att_mask, valid, context)
         return x, lengths
