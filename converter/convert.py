@@ -23,7 +23,7 @@ from .archive import (
     open_archive,
 )
 from .card import CARD_FILE, CardFacts, choose_licence, render_card
-from .errors import CanaryConvertError, UsageError
+from .errors import CanaryConvertError, MappingError, UsageError
 from .goldens import GOLDENS_FILE, load_clips, record_goldens, write_goldens
 from .manifest import CONVERSION_FILE, FileRecord, build_manifest
 from .model.aed.canary import ALIGNER_FOLDER
@@ -35,7 +35,7 @@ from .layouts import library_parameter_shapes
 from .model.config import LayoutConfig
 from .presets import OWN_LAYOUT, Derived, detect_preset, derive_config, foreign_paths
 from .quantize import QuantizationPlan, check_quantized_tree, module_path, plan_quantization
-from .rules import Plan, SumMerge, load_rules, plan_conversion
+from .rules import Plan, SumMerge, TensorPlan, load_rules, plan_conversion
 from .convert_salm import SalmConversion, convert_salm, plan_salm
 from .salm import read_salm_config
 from .source import ResolvedSource, SourceDigest, resolve_source, source_card_licence
@@ -232,11 +232,16 @@ def _layout_record(derived: Derived, own: Plan, stored: list[OutputTensor]) -> L
     bundled model, found by sending the same NeMo key through its own mapping (None: a tied copy it drops)."""
     assert derived.layout is not None
     bundled = {tensor.source_key: tensor.target_key for tensor in own.tensors}
+    own_plans = {tensor.source_key: tensor for tensor in own.tensors}
     rename: dict[str, str | None] = {}
     added: dict[str, str] = {}
+    reshape: dict[str, list[int]] = {}
     for tensor in stored:
         name = bundled.get(tensor.plan.source_key)
         rename[tensor.key] = name if name is None or tensor.part is None else f"{module_path(name)}.{tensor.part}"
+        mine = own_plans.get(tensor.plan.source_key)
+        if name is not None and tensor.part is None and mine is not None and mine.target_shape != tensor.shape:
+            reshape[name] = list(_same_order(tensor.plan, mine))
         # A stored sum (SumMerge) stands in for both of the bundled model's tensors: the twin reads as zeros.
         if isinstance(tensor.plan.merge, SumMerge) and name is not None:
             added[bundled[tensor.plan.merge.twin_key]] = name
@@ -244,7 +249,18 @@ def _layout_record(derived: Derived, own: Plan, stored: list[OutputTensor]) -> L
     return LayoutConfig(name=derived.layout.name, mapping=derived.layout.mapping,
                         foreign_keys=sorted(foreign_paths(ours, derived.foreign)),
                         side_files=sorted({tensor.plan.rule.file for tensor in stored if tensor.plan.rule.file}),
-                        rename=rename, added=added)
+                        rename=rename, added=added, reshape=reshape)
+
+
+def _same_order(library: TensorPlan, own: TensorPlan) -> tuple[int, ...]:
+    """The bundled model's shape for a tensor stored in the library's shape, when a reshape is all that differs
+    (a kernel-1 Conv1d as parakeet-mlx keeps it, squeezed to a Linear weight by ours); else a MappingError."""
+    probe = torch.arange(math.prod(library.source_shape), dtype=torch.float64).reshape(library.source_shape)
+    theirs, mine = library.convert(probe, torch.float64), own.convert(probe, torch.float64)
+    if not torch.equal(theirs.flatten(), mine.flatten()):
+        raise MappingError(f"{library.source_key}: stored as {library.target_key} {library.target_shape}, which no "
+                           f"reshape turns into the bundled model's {own.target_key} {own.target_shape}")
+    return own.target_shape
 
 
 @dataclass

@@ -47,6 +47,7 @@ class Layout:
     tokenizer_folder: str
     config: dict[str, Any]
     quantize_refused: str = ""  # why `--quantize` cannot serve that library (empty: it can)
+    refused: str = ""  # why that library cannot serve this family at all (empty: it can)
 
 
 # canary-convert's own layout: the bundled model's names, mappings/canary.yaml, the tokenizer under tokenizer/.
@@ -77,6 +78,8 @@ class Preset:
             known = ", ".join([OWN_LAYOUT, *sorted(self.layouts)])
             raise UsageError(f"--layout {name!r}: choose one of {known}")
         layout = self.layouts[name]
+        if layout.refused:
+            raise UnsupportedModelError(f"{self.name}: --layout {name} cannot serve this checkpoint: {layout.refused}")
         found = {key: lookup(nemo_config, key, None) for key in layout.requires}
         if any(found[key] != want for key, want in layout.requires.items()):
             needs = ", ".join(f"{key}={want!r}" for key, want in layout.requires.items())
@@ -166,7 +169,8 @@ def presets() -> tuple[Preset, ...]:
                     layouts={layout: Layout(name=layout, mapping=spec["mapping"], requires=dict(spec.get("requires", {})),
                                             why=str(spec.get("why", "")), tokenizer_folder=spec["tokenizer_folder"],
                                             config=dict(spec.get("config", {})),
-                                            quantize_refused=str(spec.get("quantize_refused", "")))
+                                            quantize_refused=str(spec.get("quantize_refused", "")),
+                                            refused=str(spec.get("refused", "")))
                              for layout, spec in entry.get("layouts", {}).items()},
                     kind=str(entry.get("kind", "aed")),
                     audio=dict(entry.get("audio", {})),

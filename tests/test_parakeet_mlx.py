@@ -18,7 +18,7 @@ from parakeet_mlx import from_pretrained
 
 from canary_convert import load_model
 from canary_convert.convert import ConvertOptions, convert
-from canary_convert.errors import UsageError
+from canary_convert.errors import UnsupportedModelError, UsageError
 from canary_convert.model.quantized import QuantizeOptions
 from canary_convert.parity import reference_signals
 from canary_convert.verify import verify_folder
@@ -26,7 +26,9 @@ from transducer_factory import VARIANTS, build
 
 # Signals of a second or more: NeMo's transcribe() pads shorter clips with silence, which parakeet-mlx does not.
 SIGNALS = reference_signals(16000)
-SERVED = ["tdt-80"]
+# parakeet-mlx's class for each family it serves; the hybrid RNN-T/CTC (no durations) it cannot build.
+SERVED = {"tdt-80": "ParakeetTDT", "rnnt-128": "ParakeetRNNT", "tdt-ctc-80": "ParakeetTDTCTC"}
+REFUSED = "rnnt-ctc-128"
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +41,7 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("nemo-parakeet-mlx")
-    return {name: build(VARIANTS[name], folder / f"{name}.nemo") for name in SERVED}
+    return {name: build(VARIANTS[name], folder / f"{name}.nemo") for name in [*SERVED, REFUSED]}
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,7 @@ def folders(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
                    "bfloat16": convert(str(path), out / f"{name}-pm-bf16",
                                        ConvertOptions(layout="parakeet-mlx", dtype="bfloat16")).out,
                    "own": convert(str(path), out / f"{name}-own", ConvertOptions()).out}
-            for name, path in checkpoints.items()}
+            for name, path in checkpoints.items() if name in SERVED}
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +63,8 @@ def nemo_tokens(checkpoints: dict[str, Path]) -> dict[str, list[list[int]]]:
 
     nemo_logging.setLevel(nemo_logging.ERROR)
     tokens = {}
-    for name, path in checkpoints.items():
-        nemo = ASRModel.restore_from(str(path), map_location="cpu").eval()
+    for name in SERVED:
+        nemo = ASRModel.restore_from(str(checkpoints[name]), map_location="cpu").eval()
         hypotheses = nemo.transcribe(list(SIGNALS), batch_size=1, return_hypotheses=True, verbose=False)
         tokens[name] = [hypothesis.y_sequence.tolist() for hypothesis in hypotheses]
     return tokens
@@ -80,16 +82,17 @@ def _relative(a: mx.array, b: mx.array) -> float:
 def test_parakeet_mlx_loads_strictly_and_agrees_with_nemo(folders: dict, nemo_tokens: dict, variant: str) -> None:
     folder = folders[variant]["parakeet-mlx"]
     theirs, ours = from_pretrained(str(folder), dtype=mx.float32), load_model(folder)
-    assert type(theirs).__name__ == "ParakeetTDT"
+    assert type(theirs).__name__ == SERVED[variant]
     parameters = dict(tree_flatten(theirs.parameters()))
     # Strict both ways: model.safetensors holds exactly parakeet-mlx's parameters (load_weights is strict too).
     assert set(parameters) == _stored_names(folder)
     assert {value.dtype for value in parameters.values()} == {mx.float32}
-    assert theirs.durations == ours.config.decoding.durations and theirs.max_symbols == ours.config.decoding.max_symbols
+    assert getattr(theirs, "durations", []) == ours.config.decoding.durations
+    assert theirs.max_symbols == ours.config.decoding.max_symbols
     assert theirs.vocabulary == [ours.tokenizer.id_to_piece(i) for i in range(ours.config.blank_id)]
 
     mine = [result.tokens for result in ours.transcribe(SIGNALS, batch_size=1)]
-    assert mine == nemo_tokens[variant] and sum(map(len, mine)) > 50
+    assert mine == nemo_tokens[variant] and sum(map(len, mine)) > 20
     for index, signal in enumerate(SIGNALS):
         features, frames = ours.preprocess(mx.array(signal[None]), mx.array([signal.size]))
         encoded, lengths = ours.encode(features, frames)
@@ -105,6 +108,9 @@ def test_parakeet_mlx_loads_strictly_and_agrees_with_nemo(folders: dict, nemo_to
         assert [token.id for token in on_theirs[0]] == mine[index]
         # The card's recipe: generate() on our features.
         assert [token.id for token in theirs.generate(mel)[0].tokens] == mine[index]
+        if hasattr(theirs, "ctc_decoder"):  # the hybrid's auxiliary CTC head: our log-probs
+            their_ctc = theirs.ctc_decoder(encoded[:, :valid])
+            assert float(mx.abs(their_ctc - ours.ctc_logprobs(encoded[:, :valid])).max()) < 1e-5
 
 
 @pytest.mark.parametrize("variant", SERVED)
@@ -142,12 +148,18 @@ def test_bundled_model_reads_the_parakeet_mlx_folder(folders: dict, variant: str
         "README.md", "config.json", "conversion.json", "goldens.json", "model.safetensors", "nemo-buffers.tensors",
         "tokenizer"]
     config = json.loads((layout / "config.json").read_text())
-    assert config["target"] == "nemo.collections.asr.models.rnnt_bpe_models.EncDecRNNTBPEModel"
+    assert ("tdt_durations" in config.get("model_defaults", {})) == bool(VARIANTS[variant].durations)
     assert config["layout"]["added"] == {f"prediction.lstm.{n}.hidden.bias": f"prediction.lstm.{n}.input.bias"
                                          for n in range(VARIANTS[variant].pred_layers)}
     card = (layout / "README.md").read_text()
     assert f'from_pretrained("{layout.name}", dtype=mx.float32)' in card and "- parakeet-mlx" in card
     assert f"parakeet-mlx speech.wav --model {layout.name}" in card and "differ from NeMo's" in card
+
+
+def test_hybrid_without_durations_is_refused(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(UnsupportedModelError, match="builds a hybrid RNN-T/CTC model only with TDT durations"):
+        convert(str(checkpoints[REFUSED]), tmp_path / "h", ConvertOptions(layout="parakeet-mlx"))
+    assert not (tmp_path / "h").exists()
 
 
 def test_quantize_is_refused_for_parakeet_mlx(checkpoints: dict[str, Path], tmp_path: Path) -> None:

@@ -265,6 +265,9 @@ class LayoutConfig:
     # The bundled model's parameters the folder holds added into another (parakeet-mlx's LSTM bias is torch's
     # bias_ih + bias_hh): each read as zeros, the sum standing in the parameter named beside it.
     added: dict[str, str] = field(default_factory=dict)
+    # The bundled model's shape of a tensor stored in another shape of the same element order (a kernel-1 Conv1d
+    # weight, which the bundled model holds as a Linear weight).
+    reshape: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)

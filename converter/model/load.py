@@ -104,11 +104,22 @@ def _under_model_names(config: SpeechConfig, tensors: dict[str, Stored]) -> dict
     if unknown := sorted(set(tensors) - set(rename)):
         raise ValueError(f"{len(unknown)} stored tensor(s) the {config.layout.name} layout does not list: {unknown[0]}")
     renamed = {rename[key]: value for key, value in tensors.items() if rename[key] is not None}
+    for name, shape in config.layout.reshape.items():
+        if name not in renamed:
+            raise ValueError(f"layout.reshape: {name}, which the folder does not hold")
+        renamed[name] = _reshaped(renamed[name], tuple(shape))
     for name, into in config.layout.added.items():
         if into not in renamed:
             raise ValueError(f"layout.added: {name} is added into {into}, which the folder does not hold")
         renamed[name] = _zeros_like(renamed[into])
     return renamed
+
+
+def _reshaped(tensor: Stored, shape: tuple[int, ...]) -> Stored:
+    """The same elements in the bundled model's shape (lazy array or mapped view alike)."""
+    if isinstance(tensor, MappedTensor):
+        return MappedTensor(tensor.view.reshape(shape), tensor.dtype)
+    return tensor.reshape(shape)
 
 
 def _zeros_like(tensor: Stored) -> Stored:
