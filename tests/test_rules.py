@@ -257,3 +257,55 @@ def test_lora_merges_that_cannot_be_made_are_refused(change, values, message) ->
     change(source)
     with pytest.raises(MappingError, match=message):
         plan_conversion(_LORA, source, {"layers.0.q.weight": (6, 5), "layers.0.k.weight": (4, 5)}, values=values)
+
+
+_ADD = parse_rules(
+    b"""name: add
+rules:
+  - regex: '^lstm\\.bias_ih_l(?P<n>\\d+)$'
+    to: 'lstm.{n}.bias'
+    add: 'lstm.bias_hh_l{n}'
+  - regex: '^lstm\\.bias_hh_l\\d+$'
+    folded: added into the layer's one bias
+""", "add.yaml")
+
+
+def test_add_stores_the_float32_sum_of_a_key_and_its_twin() -> None:
+    generator = torch.Generator().manual_seed(2)
+    source = {f"lstm.bias_{kind}_l{n}": torch.randn(8, generator=generator).to(torch.bfloat16)
+              for kind in ("ih", "hh") for n in (0, 1)}
+    plan = plan_conversion(_ADD, source, {"lstm.0.bias": (8,), "lstm.1.bias": (8,)})
+    assert [(t.source_key, t.target_key, t.merge.twin_key) for t in plan.merges()] == [
+        ("lstm.bias_ih_l0", "lstm.0.bias", "lstm.bias_hh_l0"), ("lstm.bias_ih_l1", "lstm.1.bias", "lstm.bias_hh_l1")]
+    assert sorted(entry.key for entry in plan.folded) == ["lstm.bias_hh_l0", "lstm.bias_hh_l1"]
+    summed = plan.sources(source)["lstm.bias_ih_l1"]
+    assert summed.dtype == torch.float32
+    assert torch.equal(summed, source["lstm.bias_ih_l1"].float() + source["lstm.bias_hh_l1"].float())
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda s: s.pop("lstm.bias_hh_l0"), "adds lstm.bias_hh_l0, which the checkpoint lacks"),
+        (lambda s: s.update({"lstm.bias_hh_l0": torch.ones(9)}), r"adds lstm.bias_hh_l0 of another shape \(9,\)"),
+        (lambda s: s.update({"lstm.bias_hh_l5": torch.ones(8)}), r"factor\(s\) that no merge consumes .*bias_hh_l5"),
+    ],
+)
+def test_adds_that_cannot_be_made_are_refused(change, message) -> None:
+    source = {"lstm.bias_ih_l0": torch.ones(8), "lstm.bias_hh_l0": torch.ones(8)}
+    change(source)
+    with pytest.raises(MappingError, match=message):
+        plan_conversion(_ADD, source, {"lstm.0.bias": (8,)})
+
+
+@pytest.mark.parametrize(
+    ("rule", "message"),
+    [
+        (b"{match: a, drop: why, add: b}", "'add' merges into a renamed tensor"),
+        (b"{match: 'a.{n}', to: b, add: 'c.{m}'}", "add 'c.{m}' is not a key template"),
+        (b"{match: a, to: b, add: c, lora: {a: x, b: y, scale: s}}", "one merge per rule"),
+    ],
+)
+def test_malformed_adds_are_refused(rule: bytes, message: str) -> None:
+    with pytest.raises(RulesFileError, match=message):
+        parse_rules(b"name: t\nrules: [" + rule + b"]", "t.yaml")
