@@ -456,6 +456,14 @@ def golden_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
             key = (json.dumps(decoded["prompt"], sort_keys=True), decoded["mode"])
             if previous.get(key) != decoded["tokens"]:
                 changes.append(f"{name}: {_describe(decoded['prompt'], decoded['mode'])} tokens changed")
+    # The models the folder carries in subfolders (canary-1b-v2's aligner): the same comparison, under their name.
+    old_parts = old.get("parts", {})
+    for name, part in new.get("parts", {}).items():
+        if name not in old_parts:
+            changes.append(f"{name}: new part")
+            continue
+        changes += [f"{name}: {line}" for line in golden_changes(old_parts[name], part)
+                    if not line.startswith("made by")]
     return changes
 
 

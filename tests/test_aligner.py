@@ -230,3 +230,18 @@ def test_mlx_audio_layout_keeps_working(v2: Path, tmp_path: Path) -> None:
     assert "mlx-audio ignores `aligner/`" in (folder / "README.md").read_text()
     report = verify_folder(folder, "mlx-audio", "cpu")
     assert report.exit_code == 0, [check for check in report.checks if check.status != "pass"]
+
+
+def test_verify_update_reports_the_aligner(converted: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from canary_convert.verify import golden_changes, update_goldens
+
+    folder = tmp_path / "v2"
+    shutil.copytree(converted, folder)
+    assert update_goldens(folder, "cpu") == ["nothing changed"]
+    goldens = json.loads((folder / "goldens.json").read_text())
+    edited = json.loads(json.dumps(goldens))
+    edited["parts"]["aligner"]["groups"]["test-signals"]["decoding"][0]["tokens"][0].append(1)
+    assert golden_changes(edited, goldens) == ["aligner: test-signals: greedy tokens changed"]
+    assert verify_folder(folder, "v2", "cpu").exit_code == 0  # re-recorded goldens still verify, aligner included
