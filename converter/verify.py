@@ -477,8 +477,9 @@ def _replace_file(path: Path, text: str) -> None:
 # --- verify --against ---------------------------------------------------------------------------------------
 
 
-def _layers(folder: Path) -> dict[str, np.ndarray]:
-    """Every tensor of a folder by the bundled model's parameter names, quantized layers dequantized."""
+def _layers(folder: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Every tensor of a folder by the bundled model's parameter names, quantized layers dequantized; and the
+    layout's `added` pairs (a parameter stored summed into another)."""
     config = read_config(folder_file(folder, CONFIG_FILE))
     weights = read_tensors(folder, config)  # under the bundled model's names, whatever the layout
     options = read_quantization(config.quantization)[0] if config.quantization else None
@@ -491,7 +492,17 @@ def _layers(folder: Path) -> dict[str, np.ndarray]:
             value = mx.dequantize(value, weights[f"{path}.scales"], weights.get(f"{path}.biases"),
                                   group_size=options.group_size, bits=options.bits, mode=options.mode)
         layers[key] = np.array(value.astype(mx.float32))
-    return layers
+    return layers, dict(config.layout.added) if config.layout is not None else {}
+
+
+def _summed(layers: dict[str, np.ndarray], added: Mapping[str, str]) -> dict[str, np.ndarray]:
+    """`layers` with each added pair as one sum under the name that holds it (parakeet-mlx's one LSTM bias is
+    torch's two), so folders in either layout compare as the model computes with them."""
+    summed = dict(layers)
+    for name, into in added.items():
+        if name in summed and into in summed:
+            summed[into] = summed[into] + summed.pop(name)
+    return summed
 
 
 def compare_folders(first: Path, second: Path, target: str, device: str) -> VerifyReport:
@@ -501,9 +512,11 @@ def compare_folders(first: Path, second: Path, target: str, device: str) -> Veri
     for folder in (first, second):
         read_record(folder)
     try:
-        ours, theirs = _layers(first), _layers(second)
+        (ours, first_added), (theirs, second_added) = _layers(first), _layers(second)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise ModelFolderError(f"{target}: a folder does not load: {exc}") from None
+    added = {**first_added, **second_added}
+    ours, theirs = _summed(ours, added), _summed(theirs, added)
     names = sorted(set(ours) | set(theirs))
     differing = []
     for key in names:

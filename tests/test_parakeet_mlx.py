@@ -21,7 +21,7 @@ from canary_convert.convert import ConvertOptions, convert
 from canary_convert.errors import UnsupportedModelError, UsageError
 from canary_convert.model.quantized import QuantizeOptions
 from canary_convert.parity import reference_signals
-from canary_convert.verify import verify_folder
+from canary_convert.verify import compare_folders, verify_folder
 from transducer_factory import VARIANTS, build
 
 # Signals of a second or more: NeMo's transcribe() pads shorter clips with silence, which parakeet-mlx does not.
@@ -144,6 +144,9 @@ def test_bundled_model_reads_the_parakeet_mlx_folder(folders: dict, variant: str
         assert (mine.text, mine.tokens, list(mine.token_frames)) == (reference.text, reference.tokens,
                                                                      list(reference.token_frames))
     assert verify_folder(layout, str(layout), "cpu").exit_code == 0
+    # --against across layouts: every tensor identical by the bundled model's names, the LSTM biases as their sum.
+    against = compare_folders(own, layout, "own against parakeet-mlx", "cpu")
+    assert [check.status for check in against.checks if check.name == "tensors"] == ["pass"]
     assert sorted(path.name for path in layout.iterdir()) == [
         "README.md", "config.json", "conversion.json", "goldens.json", "model.safetensors", "nemo-buffers.tensors",
         "tokenizer"]
