@@ -157,14 +157,8 @@ class RelPositionMultiHeadAttention(nn.Module):
         """x (B, T, d); pos_emb (2T-1, d); mask (B, 1, T, T) additive, -10000 unless query and key are both
         real frames, and valid (B, T, 1) 1 on real frames (both None when no frame is padding)."""
         b, t, _ = x.shape
-        h, dk = self.n_heads, self.d_head
-        scale = 1 / math.sqrt(dk)
-        q = self.linear_q(x).reshape(b, t, h, dk)
-        k = self.linear_k(x).reshape(b, t, h, dk).transpose(0, 2, 1, 3)
-        v = self.linear_v(x).reshape(b, t, h, dk).transpose(0, 2, 1, 3)
-        p = self.linear_pos(pos_emb).reshape(1, -1, h, dk).transpose(0, 2, 1, 3)
-        q_u = (q + self.pos_bias_u).transpose(0, 2, 1, 3)
-        q_v = (q + self.pos_bias_v).transpose(0, 2, 1, 3)
+        scale = 1 / math.sqrt(self.d_head)
+        q_u, q_v, k, v, p = self._heads(x, pos_emb)
         # NeMo shifts the full (T, 2T-1) product, then keeps the first T columns; `attention` adds it,
         # scaled, to (q+u)k^T/sqrt(d_head) as an additive mask.
         bias = self.rel_shift(product(q_v, p.transpose(0, 1, 3, 2)).astype(x.dtype))[..., :t] * scale
@@ -172,12 +166,23 @@ class RelPositionMultiHeadAttention(nn.Module):
             # NeMo fills masked scores with -10000; adding -10000 gives those keys the same zero weight.
             bias = bias + mask
         out = attention(q_u, k, v, scale, bias)
-        out = out.transpose(0, 2, 1, 3).reshape(b, t, h * dk)
+        out = out.transpose(0, 2, 1, 3).reshape(b, t, self.n_heads * self.d_head)
         if valid is not None:
             # NeMo zeroes the weights of masked pairs after the softmax: padded query rows become all zero.
             out = out * valid
         return self.linear_out(out)
 
+    def _heads(self, x: mx.array, pos_emb: mx.array) -> tuple[mx.array, ...]:
+        """(q+u, q+v, k, v) as (B, h, T, d_head) and the projected positions p as (1, h, P, d_head)."""
+        b, t, _ = x.shape
+        h, dk = self.n_heads, self.d_head
+        q = self.linear_q(x).reshape(b, t, h, dk)
+        k = self.linear_k(x).reshape(b, t, h, dk).transpose(0, 2, 1, 3)
+        v = self.linear_v(x).reshape(b, t, h, dk).transpose(0, 2, 1, 3)
+        p = self.linear_pos(pos_emb).reshape(1, -1, h, dk).transpose(0, 2, 1, 3)
+        q_u = (q + self.pos_bias_u).transpose(0, 2, 1, 3)
+        q_v = (q + self.pos_bias_v).transpose(0, 2, 1, 3)
+        return q_u, q_v, k, v, p
 
     def local(self, x: mx.array, pos_emb: mx.array, key_padding: mx.array | None, valid: mx.array | None,
               context: tuple[int, int]) -> mx.array:
@@ -192,12 +197,7 @@ class RelPositionMultiHeadAttention(nn.Module):
         b, t, _ = x.shape
         h, dk = self.n_heads, self.d_head
         scale = 1 / math.sqrt(dk)
-        q = self.linear_q(x).reshape(b, t, h, dk)
-        k = self.linear_k(x).reshape(b, t, h, dk).transpose(0, 2, 1, 3)
-        v = self.linear_v(x).reshape(b, t, h, dk).transpose(0, 2, 1, 3)
-        p = self.linear_pos(pos_emb).reshape(1, -1, h, dk).transpose(0, 2, 1, 3)  # (1, h, left+right+1, dk)
-        q_u = (q + self.pos_bias_u).transpose(0, 2, 1, 3)
-        q_v = (q + self.pos_bias_v).transpose(0, 2, 1, 3)
+        q_u, q_v, k, v, p = self._heads(x, pos_emb)  # p: (1, h, left+right+1, dk)
         width = left + right + 1
         blocks = []
         for start in range(0, t, LOCAL_BLOCK):
