@@ -186,6 +186,24 @@ class SpeechModel(nn.Module):
         (the Canary head's prompts and modes are goldens.py's own)."""
         return {}
 
+    def transcribe_without_prompt(self, audio: Any, decode_batch: BatchDecoder, timestamps: bool, batch_size: int,
+                                  chunking: str, chunk_seconds: float | None, progress: Any,
+                                  unsupported: dict[str, Any]) -> list[Any]:
+        """`transcribe` for a head without prompts (CTC, transducers): prompt or search options are refused by
+        name, the rest goes to the application with the head's `decode_batch`."""
+        from .app.longform import LongFormOptions
+        from .app.transcribe import transcribe, warn
+
+        if given := sorted(name for name, value in unsupported.items() if value is not None):
+            raise UsageError(f"{self.config.family}: this model has no prompt or search options; it takes no "
+                             f"{', '.join(given)}")
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: load it with canary_convert.load_model(folder)")
+        long_form = LongFormOptions(chunking=chunking, chunk_seconds=chunk_seconds)
+        results = transcribe(self, self.tokenizer, audio, decode_batch, timestamps, batch_size, long_form, progress)
+        warn(results)
+        return results
+
     @abstractmethod
     def transcribe(self, audio: Any, **options: Any) -> list[Any]:
         """Paths or arrays (one or a list) -> one `app.transcribe.Transcript` each."""

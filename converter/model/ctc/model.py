@@ -7,9 +7,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from ...errors import UsageError
-from ..app.longform import LongFormOptions
-from ..app.transcribe import AudioInput, FileProgress, Transcript, transcribe, warn
+from ..app.transcribe import AudioInput, FileProgress, Transcript
 from ..config import CTCConfig
 from ..speech import AudioBatch, BatchDecoder, Decoded, SpeechModel
 from ..subwords import SubwordText
@@ -75,13 +73,5 @@ class CTCModel(SpeechModel):
         """Paths or 16 kHz float32 arrays (one or a list) -> one Transcript each, with `.text`, `.tokens` and
         `.token_frames` (the encoder frame that emits each token). NeMo's transcribe() decodes every input
         whole (`chunking="nemo"`); "pauses" cuts long ones at pauses (app/chunking.py)."""
-        if given := sorted(name for name, value in unsupported.items() if value is not None):
-            raise UsageError(f"{self.config.family}: a CTC model has no prompt or search options; it takes no "
-                             f"{', '.join(given)}")
-        if self.tokenizer is None:
-            raise ValueError("this model has no tokenizer: load it with canary_convert.load_model(folder)")
-        long_form = LongFormOptions(chunking=chunking, chunk_seconds=chunk_seconds)
-        results = transcribe(self, self.tokenizer, audio, self.batch_decoder(), False, batch_size, long_form,
-                             progress)
-        warn(results)
-        return results
+        return self.transcribe_without_prompt(audio, self.batch_decoder(), False, batch_size, chunking, chunk_seconds,
+                                              progress, unsupported)

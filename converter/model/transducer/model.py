@@ -9,8 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ...errors import UsageError
-from ..app.longform import LongFormOptions
-from ..app.transcribe import AudioInput, FileProgress, Transcript, transcribe, warn
+from ..app.transcribe import AudioInput, FileProgress, Transcript
 from ..ctc.greedy import greedy_batch as ctc_greedy_batch
 from ..ctc.model import CTCHead
 from ..speech import AudioBatch, BatchDecoder, Decoded, FrameWord, SpeechModel
@@ -103,13 +102,5 @@ class TransducerModel(SpeechModel):
         """Paths or 16 kHz float32 arrays (one or a list) -> one Transcript each, with `.text`, `.tokens`,
         `.token_frames` (the encoder frame each token was emitted on) and, with `timestamp`, NeMo's words and
         segments. `decoder` picks the hybrid's head ("transducer", NeMo's default, or "ctc")."""
-        if given := sorted(name for name, value in unsupported.items() if value is not None):
-            raise UsageError(f"{self.config.family}: a transducer has no prompt or search options; it takes no "
-                             f"{', '.join(given)}")
-        if self.tokenizer is None:
-            raise ValueError("this model has no tokenizer: load it with canary_convert.load_model(folder)")
-        long_form = LongFormOptions(chunking=chunking, chunk_seconds=chunk_seconds)
-        results = transcribe(self, self.tokenizer, audio, self.batch_decoder(decoder or TRANSDUCER), bool(timestamp),
-                             batch_size, long_form, progress)
-        warn(results)
-        return results
+        return self.transcribe_without_prompt(audio, self.batch_decoder(decoder or TRANSDUCER), bool(timestamp),
+                                              batch_size, chunking, chunk_seconds, progress, unsupported)
