@@ -239,7 +239,7 @@ def convert_command(
     base_model: Annotated[Optional[str], typer.Option(help="The Hub repo a local SOURCE came from, for the model card.")] = None,
     parity: Annotated[bool, typer.Option("--parity", help="Also compare with NeMo itself (needs nemo-toolkit).")] = False,
     parity_audio: Annotated[Optional[list[Path]], typer.Option(help="Extra audio for --parity (repeatable).")] = None,
-    layout: Annotated[str, typer.Option(help="Whose parameter names: mlx (canary-convert's), mlx-audio (Canary; loads in mlx-audio too) or parakeet-mlx (Parakeet TDT, RNN-T, TDT/CTC; loads in parakeet-mlx 0.6.0 too).")] = "mlx",
+    layout: Annotated[str, typer.Option(help="Whose parameter names: mlx (canary-convert's), mlx-audio (Canary; loads in mlx-audio too) or parakeet-mlx (Parakeet TDT, RNN-T, TDT/CTC, CTC; loads in parakeet-mlx 0.6.0 too).")] = "mlx",
     upload_repo: Annotated[Optional[str], typer.Option(metavar="ORG/NAME", help="After a successful conversion, publish OUT to this Hub repo.")] = None,
     private: Annotated[bool, typer.Option("--private", help="With --upload-repo: create the repo private.")] = False,
     upload_revision: Annotated[Optional[str], typer.Option(help="With --upload-repo: commit to this branch.")] = None,

@@ -22,6 +22,7 @@ from canary_convert.errors import UnsupportedModelError, UsageError
 from canary_convert.model.quantized import QuantizeOptions
 from canary_convert.parity import reference_signals
 from canary_convert.verify import compare_folders, verify_folder
+from factory import CTC_VARIANTS, build_ctc
 from transducer_factory import VARIANTS, build
 
 # Signals of a second or more: NeMo's transcribe() pads shorter clips with silence, which parakeet-mlx does not.
@@ -170,3 +171,45 @@ def test_quantize_is_refused_for_parakeet_mlx(checkpoints: dict[str, Path], tmp_
     with pytest.raises(UsageError, match="parakeet-mlx 0.6.0 loads float weights only"):
         convert(str(checkpoints["tdt-80"]), tmp_path / "q", options)
     assert not (tmp_path / "q").exists()
+
+
+@pytest.fixture(scope="module")
+def ctc_folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
+    """A tiny EncDecCTCModelBPE and its folders in both layouts."""
+    source = build_ctc(CTC_VARIANTS["ctc-sub4"], tmp_path_factory.mktemp("nemo-ctc") / "ctc.nemo")
+    out = tmp_path_factory.mktemp("parakeet-mlx-ctc")
+    return source, {"parakeet-mlx": convert(str(source), out / "pm", ConvertOptions(layout="parakeet-mlx")).out,
+                    "own": convert(str(source), out / "own", ConvertOptions()).out}
+
+
+def test_ctc_model_in_parakeet_mlx_agrees_with_nemo(ctc_folders: tuple[Path, dict[str, Path]]) -> None:
+    """EncDecCTCModelBPE as parakeet-mlx's ParakeetCTC: strict load, its encoder and CTC head on our features
+    as ours, its greedy tokens ours (NeMo's text); the bundled model reads the folder as its own layout."""
+    from nemo.collections.asr.models import ASRModel
+
+    source, folders = ctc_folders
+    folder = folders["parakeet-mlx"]
+    theirs, ours = from_pretrained(str(folder), dtype=mx.float32), load_model(folder)
+    assert type(theirs).__name__ == "ParakeetCTC"
+    assert set(dict(tree_flatten(theirs.parameters()))) == _stored_names(folder)
+    results = ours.transcribe(SIGNALS, batch_size=1)
+    nemo = ASRModel.restore_from(str(source), map_location="cpu").eval()
+    assert [result.text for result in results] == [h.text for h in nemo.transcribe(list(SIGNALS), batch_size=1,
+                                                                                   verbose=False)]
+    assert sum(len(result.tokens) for result in results) > 10
+    for signal, result in zip(SIGNALS, results, strict=True):
+        features, frames = ours.preprocess(mx.array(signal[None]), mx.array([signal.size]))
+        encoded, lengths = ours.encode(features, frames)
+        count, valid = int(frames[0]), int(lengths[0])
+        their_encoded, their_lengths = theirs.encoder(features.transpose(0, 2, 1)[:, :count], mx.array([count]))
+        assert int(their_lengths[0]) == valid and _relative(their_encoded, encoded[:, :valid]) < 1e-5
+        their_logprobs = theirs.decoder(encoded[:, :valid])
+        assert float(mx.abs(their_logprobs - ours.stage_logprobs(encoded, lengths)[:, :valid]).max()) < 1e-5
+        assert [token.id for token in theirs.decode(their_encoded, their_lengths)[0]] == result.tokens
+    own = load_model(folders["own"])
+    assert [r.tokens for r in own.transcribe(SIGNALS)] == [r.tokens for r in ours.transcribe(SIGNALS)]
+    assert verify_folder(folder, str(folder), "cpu").exit_code == 0
+    against = compare_folders(folders["own"], folder, "own against parakeet-mlx", "cpu")
+    assert [check.status for check in against.checks if check.name == "tensors"] == ["pass"]
+    assert json.loads((folder / "config.json").read_text())["layout"]["reshape"] == {
+        "decoder.classifier.weight": [ours.config.ctc.num_classes, ours.config.encoder.d_model]}
