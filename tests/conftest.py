@@ -58,23 +58,47 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     )
 
 
+# Runs a command as the child of a small launcher, which reports the child's peak resident memory. Measured
+# from here directly, the peak would include this process's: Linux carries the old address space's high-water
+# mark across execve into the new program's ru_maxrss, and a test session grows to gigabytes.
+_LAUNCHER = """
+import os, signal, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as report:
+    report.write(str(usage.ru_maxrss))
+if os.WIFSIGNALED(status):
+    signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
+    os.kill(os.getpid(), os.WTERMSIG(status))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def run_measured(command: list[str], env: dict[str, str] | None = None, timeout: float = 300
+                 ) -> tuple[subprocess.CompletedProcess[str], float, int]:
+    """Run `command`, with its wall time in seconds and its own peak resident memory in MiB (the kernel's
+    count for that one process), to bound what a hostile input costs."""
+    with tempfile.TemporaryDirectory() as scratch:
+        report, out, err = (Path(scratch) / name for name in ("peak", "out", "err"))
+        with out.open("wb") as out_file, err.open("wb") as err_file:
+            started = time.monotonic()
+            process = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(report), *command], stdout=out_file,
+                                       stderr=err_file, env=env, cwd=REPO, start_new_session=True)
+            timer = threading.Timer(timeout, os.killpg, (process.pid, 9))
+            timer.start()
+            try:
+                returncode = process.wait()
+            finally:
+                timer.cancel()
+            seconds = time.monotonic() - started
+        peak_kib = int(report.read_text()) if report.is_file() else 0
+        result = subprocess.CompletedProcess(command, returncode, out.read_text(), err.read_text())
+    return result, seconds, peak_kib // 1024
+
+
 def run_cli_measured(*args: str, env: dict[str, str] | None = None, timeout: float = 300
                      ) -> tuple[subprocess.CompletedProcess[str], float, int]:
-    """`run_cli`, with the command's wall time in seconds and its peak resident memory in MiB (the kernel's
-    own count for that one process, from wait4), to bound what a hostile input costs."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        started = time.monotonic()
-        command = [str(Path(sys.executable).parent / "canary-convert"), *args]
-        process = subprocess.Popen(command, stdout=out, stderr=err, env=env, cwd=REPO)
-        timer = threading.Timer(timeout, process.kill)
-        timer.start()
-        try:
-            _, status, usage = os.wait4(process.pid, 0)
-        finally:
-            timer.cancel()
-        seconds = time.monotonic() - started
-        process.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        result = subprocess.CompletedProcess(command, process.returncode, out.read().decode(), err.read().decode())
-    return result, seconds, usage.ru_maxrss // 1024
+    """`run_cli`, measured as `run_measured` measures."""
+    return run_measured([str(Path(sys.executable).parent / "canary-convert"), *args], env=env, timeout=timeout)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
 import sys
 import tarfile
 import time
@@ -21,7 +20,7 @@ import torch
 
 from canary_convert.archive import CONFIG_MEMBER, MAX_CONFIG_BYTES, MAX_CONFIG_NODES, MAX_MEMBERS, WEIGHTS_MEMBER
 from canary_convert.checkpoint_zip import MAX_PICKLE_BYTES
-from conftest import run_cli
+from conftest import run_cli, run_measured
 
 # What the read of one hostile archive may add to the child's peak resident memory.
 READ_BOUND_BYTES = 64 << 20
@@ -48,7 +47,8 @@ print(json.dumps({"error": error, "grown": grown, "seconds": time.monotonic() - 
 
 
 def _read_in_child(path: Path) -> dict:
-    result = subprocess.run([sys.executable, "-c", _READ, str(path)], capture_output=True, text=True, timeout=300)
+    # run_measured's launcher gives the child a fresh high-water mark, not this test session's.
+    result, _, _ = run_measured([sys.executable, "-c", _READ, str(path)])
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads(result.stdout.splitlines()[-1])
 
