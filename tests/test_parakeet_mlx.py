@@ -7,6 +7,7 @@ then give our states and its greedy search our tokens, which are NeMo's.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -18,7 +19,7 @@ from parakeet_mlx import from_pretrained
 
 from canary_convert import load_model
 from canary_convert.convert import ConvertOptions, convert
-from canary_convert.errors import UnsupportedModelError, UsageError
+from canary_convert.errors import ModelFolderError, UnsupportedModelError, UsageError
 from canary_convert.model.quantized import QuantizeOptions
 from canary_convert.parity import reference_signals
 from canary_convert.verify import compare_folders, verify_folder
@@ -213,3 +214,19 @@ def test_ctc_model_in_parakeet_mlx_agrees_with_nemo(ctc_folders: tuple[Path, dic
     assert [check.status for check in against.checks if check.name == "tensors"] == ["pass"]
     assert json.loads((folder / "config.json").read_text())["layout"]["reshape"] == {
         "decoder.classifier.weight": [ours.config.ctc.num_classes, ours.config.encoder.d_model]}
+
+
+def test_a_layout_record_that_does_not_fit_is_one_line(ctc_folders: tuple[Path, dict[str, Path]], tmp_path: Path) -> None:
+    """config.json's reshape and added records are checked against the stored tensors before anything loads."""
+    folder = tmp_path / "pm"
+    shutil.copytree(ctc_folders[1]["parakeet-mlx"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["layout"]["reshape"]["decoder.classifier.weight"] = [3, 7]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFolderError, match=r"layout.reshape: decoder.classifier.weight \(\d+, 1, \d+\) cannot take"):
+        load_model(folder)
+    config["layout"]["reshape"] = {}
+    config["layout"]["added"] = {"decoder.classifier.bias": "encoder.nothing"}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFolderError, match="layout.added: decoder.classifier.bias is added into encoder.nothing"):
+        load_model(folder)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, TypeVar
@@ -107,7 +108,7 @@ def _under_model_names(config: SpeechConfig, tensors: dict[str, Stored]) -> dict
     for name, shape in config.layout.reshape.items():
         if name not in renamed:
             raise ValueError(f"layout.reshape: {name}, which the folder does not hold")
-        renamed[name] = _reshaped(renamed[name], tuple(shape))
+        renamed[name] = _reshaped(name, renamed[name], tuple(shape))
     for name, into in config.layout.added.items():
         if into not in renamed:
             raise ValueError(f"layout.added: {name} is added into {into}, which the folder does not hold")
@@ -115,8 +116,11 @@ def _under_model_names(config: SpeechConfig, tensors: dict[str, Stored]) -> dict
     return renamed
 
 
-def _reshaped(tensor: Stored, shape: tuple[int, ...]) -> Stored:
+def _reshaped(name: str, tensor: Stored, shape: tuple[int, ...]) -> Stored:
     """The same elements in the bundled model's shape (lazy array or mapped view alike)."""
+    stored = tuple(tensor.view.shape if isinstance(tensor, MappedTensor) else tensor.shape)
+    if math.prod(stored) != math.prod(shape):
+        raise ValueError(f"layout.reshape: {name} {stored} cannot take the shape {shape}")
     if isinstance(tensor, MappedTensor):
         return MappedTensor(tensor.view.reshape(shape), tensor.dtype)
     return tensor.reshape(shape)
