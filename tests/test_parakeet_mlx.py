@@ -118,7 +118,7 @@ def test_parakeet_mlx_loads_strictly_and_agrees_with_nemo(folders: dict, nemo_to
 @pytest.mark.parametrize("variant", SERVED)
 def test_parakeet_mlx_loads_in_bfloat16(folders: dict, variant: str) -> None:
     """Its default: the float32 folder cast at load, and a folder stored in bfloat16, both strictly; the encoder
-    within bfloat16's rounding of ours (measured 7e-3)."""
+    within bfloat16's rounding of ours (measured 7e-3 to 9e-3)."""
     ours = load_model(folders[variant]["own"])
     signal = SIGNALS[0]
     features, frames = ours.preprocess(mx.array(signal[None]), mx.array([signal.size]))
