@@ -9,14 +9,16 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 # NeMo is the reference implementation: without it the suite must fail loudly, never skip.
 import nemo.collections.asr  # noqa: F401
 
+from canary_convert.convert import ConvertOptions, convert
 from factory import QUANTIZABLE_VARIANTS, VARIANTS, build
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,6 +42,20 @@ def quantizable_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[st
 def checkpoint(checkpoints: dict[str, Path]) -> Path:
     """The default variant, for tests that need just one."""
     return checkpoints["canary-sub8"]
+
+
+def restore_nemo_models(checkpoints: Mapping[str, Path]) -> dict[str, Any]:
+    """Each `.nemo` restored by NeMo's own ASRModel on the CPU, in inference mode, its logging quiet."""
+    from nemo.collections.asr.models import ASRModel
+    from nemo.utils import logging as nemo_logging
+
+    nemo_logging.setLevel(nemo_logging.ERROR)
+    return {name: ASRModel.restore_from(str(path), map_location="cpu").eval() for name, path in checkpoints.items()}
+
+
+def convert_each(checkpoints: Mapping[str, Path], folder: Path) -> dict[str, Path]:
+    """Each `.nemo` converted with the default options into folder/NAME."""
+    return {name: convert(str(path), folder / name, ConvertOptions()).out for name, path in checkpoints.items()}
 
 
 @pytest.fixture

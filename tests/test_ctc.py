@@ -20,7 +20,7 @@ from canary_convert.model.quantized import QuantizeOptions
 from canary_convert.parity import nemo_features, reference_signals
 from canary_convert.rules import load_rules
 from canary_convert.verify import verify_folder
-from conftest import run_cli
+from conftest import convert_each, restore_nemo_models, run_cli
 from factory import CTC_VARIANTS, build_ctc
 
 # The reference signals plus two clips under a second (NeMo pads those with silence on both sides).
@@ -35,17 +35,12 @@ def ctc_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
 
 @pytest.fixture(scope="module")
 def ctc_nemo(ctc_checkpoints: dict[str, Path]) -> dict[str, Any]:
-    from nemo.collections.asr.models import ASRModel
-    from nemo.utils import logging as nemo_logging
-
-    nemo_logging.setLevel(nemo_logging.ERROR)
-    return {name: ASRModel.restore_from(str(path), map_location="cpu").eval() for name, path in ctc_checkpoints.items()}
+    return restore_nemo_models(ctc_checkpoints)
 
 
 @pytest.fixture(scope="module")
 def ctc_converted(ctc_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("mlx-ctc")
-    return {name: convert(str(path), folder / name, ConvertOptions()).out for name, path in ctc_checkpoints.items()}
+    return convert_each(ctc_checkpoints, tmp_path_factory.mktemp("mlx-ctc"))
 
 
 def _nemo_transcribe(nemo: Any, signals: list[np.ndarray]) -> list[Any]:

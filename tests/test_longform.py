@@ -32,7 +32,7 @@ from canary_convert.model.aed.decoding import max_generation_length
 from canary_convert.model.app.longform import frame_features
 from canary_convert.model.aed.prompts import PromptOptions, build_prompt
 from canary_convert.parity import nemo_prompt_slots, reference_signals, restore_nemo
-from conftest import REPO
+from conftest import REPO, convert_each
 from factory import ALIGNER, VARIANTS, build_ctc, with_aligner
 from long_inputs import build_long_audio, long_signal, nemo_frame_batch, write
 
@@ -42,8 +42,7 @@ CLI = str(Path(sys.executable).parent / "canary-transcribe")
 
 @pytest.fixture(scope="module")
 def converted(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("longform")
-    return {name: convert(str(path), folder / name, ConvertOptions()).out for name, path in checkpoints.items()}
+    return convert_each(checkpoints, tmp_path_factory.mktemp("longform"))
 
 
 def _same_text(ours: str, nemo: str) -> bool:

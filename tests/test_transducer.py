@@ -24,6 +24,7 @@ from canary_convert.model.transducer.model import TransducerModel
 from canary_convert.parity import nemo_features, reference_signals
 from canary_convert.rules import load_rules
 from canary_convert.verify import verify_folder
+from conftest import convert_each, restore_nemo_models
 from transducer_factory import QUANTIZABLE_VARIANTS, VARIANTS, build
 
 # The reference signals plus two clips under a second (NeMo pads those with silence on both sides).
@@ -41,17 +42,12 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def nemo_models(checkpoints: dict[str, Path]) -> dict[str, Any]:
-    from nemo.collections.asr.models import ASRModel
-    from nemo.utils import logging as nemo_logging
-
-    nemo_logging.setLevel(nemo_logging.ERROR)
-    return {name: ASRModel.restore_from(str(path), map_location="cpu").eval() for name, path in checkpoints.items()}
+    return restore_nemo_models(checkpoints)
 
 
 @pytest.fixture(scope="module")
 def converted(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("mlx-transducer")
-    return {name: convert(str(path), folder / name, ConvertOptions()).out for name, path in checkpoints.items()}
+    return convert_each(checkpoints, tmp_path_factory.mktemp("mlx-transducer"))
 
 
 def _nemo_transcribe(nemo: Any, signals: list[np.ndarray], batch_size: int = 4, head: str = "rnnt") -> list[Any]:
