@@ -1,4 +1,5 @@
-"""canary-convert: NeMo speech checkpoints (.nemo: Canary, CTC) to Apple MLX, proven against NeMo."""
+"""canary-convert: NeMo speech checkpoints (Canary, canary-qwen, Parakeet CTC and transducers) to Apple MLX,
+proven against NeMo."""
 
 from __future__ import annotations
 
