@@ -438,5 +438,5 @@ def test_dry_run_prints_both_plans_and_writes_nothing(references: dict[str, Refe
     merged = [line.split() for line in lines if "+ 2 * B @ A" in line]  # alpha 16 / r 8 (tabs, shown as spaces)
     assert sorted(row[1] for row in merged) == sorted(f"model.layers.{n}.self_attn.{p}_proj.weight"
                                                       for n in range(2) for p in "qv")
-    assert "24 tensors mapped, 0 dropped, 8 LoRA factors merged" in lines
+    assert "24 tensors mapped, 0 dropped, 8 folded into merges" in lines  # the 8 LoRA factors
     assert not (tmp_path / "out").exists()
