@@ -69,13 +69,13 @@ example: $(VENV)/.dev
 
 # Figures, not tests: conversion, memory, load, encoder and decoder speed beside NeMo's, on checkpoints with
 # each family's real shapes (built once into build/bench/). FAMILIES=canary-180m-flash,canary-1b and
-# OUTPUTS=float32 pick some.
+# OUTPUTS=float32 pick some; all by default.
 # OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE, which some machines set for old OpenBLAS builds, pin a slower kernel:
 # the benchmark runs without them, as on a user's machine, and prints the kernel OpenBLAS chose.
-FAMILIES ?= canary-180m-flash,canary-1b-flash,canary-1b-v2,canary-1b
-OUTPUTS ?= float32,float16,8-bit
+FAMILIES ?=
+OUTPUTS ?=
 bench: $(VENV)/.dev
-	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(BIN)/python benchmarks/bench.py --families $(FAMILIES) --outputs $(OUTPUTS)
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(BIN)/python benchmarks/bench.py $(if $(FAMILIES),--families $(FAMILIES)) $(if $(OUTPUTS),--outputs $(OUTPUTS))
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache
