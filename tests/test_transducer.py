@@ -17,7 +17,7 @@ import yaml
 
 from canary_convert import load_model
 from canary_convert.convert import ConvertOptions, convert, plan_only
-from canary_convert.errors import UnsupportedModelError, UsageError
+from canary_convert.errors import TranscriptWarning, UnsupportedModelError, UsageError
 from canary_convert.model.app.clips import pad_batch
 from canary_convert.model.quantized import QuantizeOptions
 from canary_convert.model.transducer.model import TransducerModel
@@ -281,6 +281,22 @@ def test_local_attention_on_ten_minutes_matches_nemo(checkpoints: dict, converte
                            str(converted["tdt-ctc-80"]), "--attention", "local", "--context", "128,128"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+
+
+def test_whole_long_input_warns_of_full_attention_not_of_an_early_stop(converted: dict) -> None:
+    """A file past the 40 s window is decoded whole, as NeMo's transcribe() decodes a transducer: the warning speaks
+    of full attention's cost and NVIDIA's local-attention recipe (a transducer cannot stop early as Canary's
+    decoder can), and there is none with local attention."""
+    model = load_model(converted["rnnt-128"])
+    signal = reference_signals(16000, (45.0,))[0]
+    with pytest.warns(TranscriptWarning, match="45.0 s is decoded in one piece with full attention"):
+        result = model.transcribe(signal)[0]
+    assert result.over_window and len(result.tokens) > 10
+    assert any("--attention local --context 128,128" in message for message in result.warnings)
+    assert not any("stop early" in message for message in result.warnings)
+    model.use_attention("local", (128, 128))
+    local = model.transcribe(signal)[0]
+    assert local.over_window and not any("attention" in message for message in local.warnings)
 
 
 def test_verify_passes_and_records_each_head(converted: dict) -> None:

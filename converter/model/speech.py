@@ -116,6 +116,16 @@ class SpeechModel(nn.Module):
         see app/longform.py); `chunking="nemo"` follows it."""
         return "off"
 
+    def whole_input_risk(self, seconds: float, window: float) -> str | None:
+        """What decoding `seconds` of audio in one piece risks when that is longer than the window (the
+        transcript's warning), or None. Heads without prompts (CTC, transducers) read any length, as NeMo's
+        transcribe() runs them whole; only full attention's cost grows with the square of the length."""
+        if self.encoder.local_context is not None:
+            return None
+        return (f"{seconds:.1f} s is decoded in one piece with full attention, as NeMo's transcribe() does: its "
+                f"memory and time grow with the square of the length; past {window:g} s NVIDIA's recipe is local "
+                "attention (--attention local --context 128,128), or cut it with --chunking pauses")
+
     def preprocess(self, audio: Any, lengths: mx.array | np.ndarray | None = None) -> tuple[mx.array, mx.array]:
         """Audio -> log-mel features (B, n_mels, T') and frame counts, as NeMo's preprocessor computes them.
 

@@ -74,6 +74,11 @@ class CanaryModel(SpeechModel):
         # timestamps model; otherwise FrameBatchMultiTaskAED's fixed chunks are its long-audio path.
         return "parallel" if self.config.timestamps_asr_model else "frames"
 
+    def whole_input_risk(self, seconds: float, window: float) -> str | None:
+        # An autoregressive decoder over a window longer than its training clips: NeMo's own output stops early.
+        return (f"{seconds:.1f} s is longer than the {window:g} s window and chunking is off: the model may stop "
+                "early or lose words")
+
     def attached(self) -> dict[str, SpeechModel]:
         return {ALIGNER_FOLDER: self.aligner.model} if self.aligner is not None else {}
 

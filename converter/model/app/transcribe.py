@@ -148,11 +148,10 @@ def _sparse_warning(name: str, chunks: Sequence[Chunk], sparse: Sequence[int], o
 
 
 def _warnings(name: str, chunks: Sequence[Chunk], unknown: list[int], vocab_size: int,
-              over_window: float | None, seconds: float, sparse: str | None = None) -> tuple[str, ...]:
+              over_window: str | None, sparse: str | None = None) -> tuple[str, ...]:
     found = [sparse] if sparse else []
-    if over_window is not None:
-        found.append(f"{name}: {seconds:.1f} s is longer than the {over_window:g} s window and chunking is off: "
-                     "the model may stop early or lose words")
+    if over_window:
+        found.append(f"{name}: {over_window}")
     cut = [chunk for chunk in chunks if not chunk.ended]
     if cut:
         where = "" if len(chunks) == 1 else f" in {len(cut)} of {len(chunks)} chunks"
@@ -175,7 +174,8 @@ def _whole(reader: TextReader, name: str, seconds: float, decoded: Decoded, time
         chunks=(chunk,),
         words=tuple(to_seconds(words, *times)), segments=tuple(to_seconds(frame_segments(words), *times)),
         timestamps=reader.timestamps, truncated=not decoded.ended, over_window=over_window is not None,
-        warnings=_warnings(name, [chunk], unknown, reader.tokenizer.vocab_size, over_window, seconds),
+        warnings=_warnings(name, [chunk], unknown, reader.tokenizer.vocab_size,
+                           None if over_window is None else reader.model.whole_input_risk(seconds, over_window)),
     )
 
 
@@ -218,7 +218,7 @@ def join_chunks(reader: TextReader, output: LongFormOutput, name: str, seconds: 
     return Transcript(
         source=name, text=text, tokens=tokens, seconds=seconds, chunks=tuple(chunks), words=tuple(words),
         segments=tuple(segments), timestamps=reader.timestamps, truncated=any(not chunk.ended for chunk in chunks),
-        sparse_chunks=sparse, warnings=_warnings(name, chunks, unknown, reader.tokenizer.vocab_size, None, seconds,
+        sparse_chunks=sparse, warnings=_warnings(name, chunks, unknown, reader.tokenizer.vocab_size, None,
                                                  sparse and _sparse_warning(name, chunks, sparse, output)),
     )
 
