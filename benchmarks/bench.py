@@ -1,6 +1,7 @@
 """`make bench`: conversion, memory, load and speed figures beside NeMo's, in one run, one table per suite.
 
-Each suite (canary.py: the Canary encoder-decoders; one module per model family kind) names its families.
+Each suite (canary.py: the Canary encoder-decoders; parakeet.py: Parakeet transducers beside parakeet-mlx; one
+module per model family kind) names its families.
 For each family (`--families canary-180m-flash,canary-1b`; all by default, one after the other so only one
 model is in memory at a time) a checkpoint with the family's real shapes is built once with NeMo and cached
 in build/bench/. Then, in this run: `cp` of the checkpoint and `canary-convert` to each output dtype (wall
@@ -25,8 +26,9 @@ from measure import BIN, OUTPUTS, REPO, WORK, cpu_name, quantize_available, read
 sys.path.insert(0, str(REPO / "tests"))
 
 import canary  # noqa: E402
+import parakeet  # noqa: E402
 
-SUITES: list[ModuleType] = [canary]
+SUITES: list[ModuleType] = [canary, parakeet]
 
 
 def main() -> None:

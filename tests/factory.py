@@ -81,7 +81,7 @@ QUANTIZABLE_VARIANTS = {
 }
 
 
-def _pseudo_words(lang: str, lines: int, seed: int) -> list[str]:
+def pseudo_words(lang: str, lines: int, seed: int) -> list[str]:
     """Seeded lines of made-up words: enough distinct text for a SentencePiece vocabulary of real size."""
     import random
 
@@ -95,7 +95,7 @@ def _pseudo_words(lang: str, lines: int, seed: int) -> list[str]:
 def _corpus(spec: TinySpec, lang: str) -> list[str]:
     if not spec.text_vocab:
         return TEXT[lang] * 4
-    return TEXT[lang] * 4 + _pseudo_words(lang, 4 * spec.text_vocab, spec.seed)
+    return TEXT[lang] * 4 + pseudo_words(lang, 4 * spec.text_vocab, spec.seed)
 
 
 def _train_tokenizers(spec: TinySpec, folder: Path) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from factory import TEXT, randomise
+from factory import TEXT, pseudo_words, randomise
 
 RNNT_BPE = "nemo.collections.asr.models.rnnt_bpe_models.EncDecRNNTBPEModel"
 HYBRID_BPE = "nemo.collections.asr.models.hybrid_rnnt_ctc_bpe_models.EncDecHybridRNNTCTCBPEModel"
@@ -40,10 +40,13 @@ class TransducerSpec:
     subsampling_factor: int = 8
     conv_channels: int = 8
     conv_kernel: int = 5
+    ff_expansion: int = 2
+    xscaling: bool = True
     pred_hidden: int = 40
     pred_layers: int = 1
     joint_hidden: int = 56
     vocab: int = 48
+    pseudo_text: bool = False  # train the tokenizer on made-up words too: enough text for a real-size vocabulary
     dropout: float = 0.0  # NVIDIA's releases train with 0.2: the joint's output layer is then joint_net.2, not .1
     seed: int = 0
 
@@ -75,7 +78,10 @@ def _train_tokenizer(spec: TransducerSpec, folder: Path) -> dict[str, Any]:
     from nemo.collections.common.tokenizers.sentencepiece_tokenizer import create_spt_model
 
     corpus = folder / "text.txt"
-    corpus.write_text("\n".join((TEXT["en"] + PUNCTUATED) * 4))
+    lines = (TEXT["en"] + PUNCTUATED) * 4
+    if spec.pseudo_text:
+        lines += pseudo_words("en", 4 * spec.vocab, spec.seed)
+    corpus.write_text("\n".join(lines))
     create_spt_model(str(corpus), vocab_size=spec.vocab, sample_size=-1, do_lower_case=False,
                      output_dir=str(folder))
     return {"dir": str(folder), "type": "bpe"}
@@ -99,9 +105,9 @@ def nemo_config(spec: TransducerSpec, tokenizer: dict[str, Any]) -> dict[str, An
         "encoder": {"_target_": "nemo.collections.asr.modules.ConformerEncoder", "feat_in": spec.features,
                     "feat_out": -1, "n_layers": spec.enc_layers, "d_model": spec.d_model,
                     "subsampling": "dw_striding", "subsampling_factor": spec.subsampling_factor,
-                    "subsampling_conv_channels": spec.conv_channels, "ff_expansion_factor": 2,
+                    "subsampling_conv_channels": spec.conv_channels, "ff_expansion_factor": spec.ff_expansion,
                     "self_attention_model": "rel_pos", "n_heads": spec.enc_heads, "att_context_size": [-1, -1],
-                    "xscaling": True, "untie_biases": True, "pos_emb_max_len": 5000,
+                    "xscaling": spec.xscaling, "untie_biases": True, "pos_emb_max_len": 5000,
                     "conv_kernel_size": spec.conv_kernel, "conv_norm_type": "batch_norm", "dropout": 0.0,
                     "dropout_pre_encoder": 0.0, "dropout_emb": 0.0, "dropout_att": 0.0},
         "decoder": {"_target_": "nemo.collections.asr.modules.RNNTDecoder", "normalization_mode": None,
