@@ -28,6 +28,14 @@ def _widened_product(x: mx.array, weight: mx.array, bias: mx.array | None = None
     return out.astype(x.dtype)
 
 
+def linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
+    """x @ weight.T (+ bias) as nn.Linear computes it (one addmm), widened to float32 where a half-precision
+    product would be MLX's scalar loop; for layers kept in other shapes, such as kernel-1 convolutions."""
+    if slow_cpu() and (weight.dtype in HALF or x.dtype in HALF):
+        return _widened_product(x, weight, bias)
+    return x @ weight.T if bias is None else mx.addmm(bias, x, weight.T)
+
+
 def _dequantized(layer: nn.QuantizedLinear | nn.QuantizedEmbedding) -> mx.array:
     return mx.dequantize(layer["weight"], scales=layer["scales"], biases=layer.get("biases"),
                          group_size=layer.group_size, bits=layer.bits, mode=layer.mode)

@@ -14,6 +14,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..cpu.activations import attention, product, sigmoid, silu
+from ..cpu.widened import linear
 from ..config import EncoderConfig
 from ..masks import MASK_VALUE, additive_mask, valid_mask
 
@@ -70,8 +71,12 @@ class ConvSubsampling(nn.Module):
             # MaskedConvSequential zeroes padded frames before every layer ...
             if padded:
                 x = x * _frame_mask(lengths, x)
-            depthwise = isinstance(layer, nn.Conv2d) and layer.groups > 1
-            x = _depthwise_3x3_stride2(x, layer.weight, layer.bias) if depthwise else layer(x)
+            if isinstance(layer, nn.Conv2d) and layer.groups > 1:
+                x = _depthwise_3x3_stride2(x, layer.weight, layer.bias)
+            elif isinstance(layer, nn.Conv2d) and layer.weight.shape[1:3] == (1, 1):
+                x = _pointwise(layer, x)
+            else:
+                x = layer(x)
             # ... and recomputes the lengths after each strided conv.
             if isinstance(layer, nn.Conv2d) and layer.stride != (1, 1):
                 lengths = _conv_length(lengths)
@@ -80,6 +85,13 @@ class ConvSubsampling(nn.Module):
         b, t, f, c = x.shape
         x = x.transpose(0, 1, 3, 2).reshape(b, t, c * f)
         return self.out(x), lengths
+
+
+def _pointwise(conv: nn.Conv1d | nn.Conv2d, x: mx.array) -> mx.array:
+    """A kernel-1 convolution (weight (out, 1[, 1], in)) over channels-last x as one matrix product with the
+    bias added by the BLAS: half the time of MLX's convolution, which copies and adds the bias separately."""
+    weight = conv.weight.reshape(conv.weight.shape[0], conv.weight.shape[-1])
+    return linear(x, weight, conv.get("bias"))
 
 
 @mx.compile
@@ -148,10 +160,12 @@ class RelPositionMultiHeadAttention(nn.Module):
 
     @staticmethod
     def rel_shift(x: mx.array) -> mx.array:
-        """NeMo's pad-and-reshape shift: row i of (B, h, T, 2T-1) moves so column j holds offset i-j."""
+        """The first T columns of NeMo's pad-and-reshape shift of x (B, h, T, 2T-1): column j of row i holds
+        offset i-j, table row T-1-i+j, i.e. x[..., i, T-1-i+j]. Read as one strided view and copied once: a
+        fifth of the time of padding, reshaping and slicing (three copies of the full product)."""
         b, h, t, p = x.shape
-        x = mx.pad(x, [(0, 0), (0, 0), (0, 0), (1, 0)]).reshape(b, h, p + 1, t)
-        return x[:, :, 1:].reshape(b, h, t, p)
+        x = mx.contiguous(x)
+        return mx.contiguous(mx.as_strided(x, (b, h, t, t), (h * t * p, t * p, p - 1, 1), t - 1))
 
     def __call__(self, x: mx.array, pos_emb: mx.array, mask: mx.array | None, valid: mx.array | None) -> mx.array:
         """x (B, T, d); pos_emb (2T-1, d); mask (B, 1, T, T) additive, -10000 unless query and key are both
@@ -161,7 +175,7 @@ class RelPositionMultiHeadAttention(nn.Module):
         q_u, q_v, k, v, p = self._heads(x, pos_emb)
         # NeMo shifts the full (T, 2T-1) product, then keeps the first T columns; `attention` adds it,
         # scaled, to (q+u)k^T/sqrt(d_head) as an additive mask.
-        bias = self.rel_shift(product(q_v, p.transpose(0, 1, 3, 2)).astype(x.dtype))[..., :t] * scale
+        bias = self.rel_shift(product(q_v, p.transpose(0, 1, 3, 2)).astype(x.dtype)) * scale
         if mask is not None:
             # NeMo fills masked scores with -10000; adding -10000 gives those keys the same zero weight.
             bias = bias + mask
@@ -268,7 +282,7 @@ class ConvModule(nn.Module):
 
     def __call__(self, x: mx.array, valid: mx.array | None) -> mx.array:
         """x (B, T, d); valid (B, T, 1) 1 on real frames (None when no frame is padding)."""
-        x = self.pointwise_conv1(x)
+        x = _pointwise(self.pointwise_conv1, x)
         a, gate = mx.split(x, 2, axis=-1)  # torch GLU: first half times sigmoid(second half)
         x = a * sigmoid(gate)
         # NeMo zeroes padded frames before the depthwise conv so they cannot leak into real ones.
@@ -276,7 +290,7 @@ class ConvModule(nn.Module):
             x = x * valid
         x = self._depthwise(x)
         x = silu(self.batch_norm(x))
-        return self.pointwise_conv2(x)
+        return _pointwise(self.pointwise_conv2, x)
 
     def _depthwise(self, x: mx.array) -> mx.array:
         """`depthwise_conv` as k shifted multiply-adds over time: the same sums, about 9x faster than MLX's
