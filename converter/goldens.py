@@ -417,8 +417,10 @@ class _Shape:
             raise self.fail(key, f"{value!r} is not a string")
         return value
 
-    def rows(self, value: Any, key: str) -> None:
-        """One stage's fingerprint: per utterance, the statistics and the values at positions inside it."""
+    def rows(self, value: Any, key: str, sampled: bool = True) -> None:
+        """One stage's fingerprint: per utterance, the statistics and the values at positions inside it.
+        `sampled`: the rows `fingerprint` chose positions for, as many as it samples (fewer would check less);
+        a NeMo reference reuses those positions, minus any outside its own size."""
         for index, row in enumerate(self.array(value, key)):
             at = f"{key}[{index}]"
             self.object(row, at, ("size", "l2", "mean", "std", "min", "max", "positions", "values"))
@@ -428,8 +430,13 @@ class _Shape:
             positions = self.array(row["positions"], f"{at}.positions")
             if len(positions) > SAMPLES_PER_UTTERANCE:
                 raise self.fail(f"{at}.positions", f"{len(positions)} positions, at most {SAMPLES_PER_UTTERANCE}")
+            if sampled and len(positions) != min(SAMPLES_PER_UTTERANCE, size):
+                raise self.fail(f"{at}.positions", f"{len(positions)} positions, canary-convert samples "
+                                                   f"{min(SAMPLES_PER_UTTERANCE, size)}")
             for number, position in enumerate(positions):
                 self.integer(position, f"{at}.positions[{number}]", 0, size - 1)
+            if len(set(positions)) != len(positions):
+                raise self.fail(f"{at}.positions", "a position repeats")
             for number, sample in enumerate(self.array(row["values"], f"{at}.values", len(positions))):
                 self.number(sample, f"{at}.values[{number}]")
 
@@ -479,7 +486,9 @@ def check_goldens(goldens: Mapping[str, Any], path: Path) -> None:
                 shape.object(clip, f"{key}.clips[{index}]", ("name", "sha256"))
                 shape.string(clip["name"], f"{key}.clips[{index}].name")
                 shape.string(clip["sha256"], f"{key}.clips[{index}].sha256")
-        for index, decoded in enumerate(shape.array(group["decoding"], f"{key}.decoding")):
+        if not shape.array(group["decoding"], f"{key}.decoding"):
+            raise shape.fail(f"{key}.decoding", "no decoding recorded (canary-convert records greedy at least)")
+        for index, decoded in enumerate(group["decoding"]):
             at = f"{key}.decoding[{index}]"
             shape.object(decoded, at, ("prompt", "mode", "strategy", "beam_size", "length_penalty", "tokens", "gaps"))
             # A head without prompts (CTC) records its modes with no prompt.
@@ -501,7 +510,7 @@ def check_goldens(goldens: Mapping[str, Any], path: Path) -> None:
             reference = shape.object(group["reference"], f"{key}.reference", ("stages", "tokens"), ("source",))
             stages = shape.object(reference["stages"], f"{key}.reference.stages", STAGES)
             for stage in STAGES:
-                shape.rows(stages[stage], f"{key}.reference.stages.{stage}")
+                shape.rows(stages[stage], f"{key}.reference.stages.{stage}", sampled=False)
             for mode, rows in shape.object(reference["tokens"], f"{key}.reference.tokens", optional=None).items():
                 shape.token_rows(rows, f"{key}.reference.tokens.{mode}")
 

@@ -336,7 +336,11 @@ def verify_goldens(goldens: Mapping[str, Any], model: SpeechModel, tolerances: T
                 checks += check_reference(group_name, group, now, model, greedy_now)
     # The models the folder carries in subfolders (canary-1b-v2's aligner), each against its own goldens.
     attached = model.attached()
-    for name, part_goldens in goldens.get("parts", {}).items():
+    recorded_parts = goldens.get("parts", {})
+    # A model the folder loads is checked or the folder fails: goldens without its part check nothing of it.
+    checks += [Check(f"{name}: goldens", "fail", f"the folder loads {name}/, for which the goldens record nothing",
+                     GOLDENS_FILE) for name in attached if name not in recorded_parts]
+    for name, part_goldens in recorded_parts.items():
         if name not in attached:
             checks.append(Check(f"{name}: load", "fail", f"the goldens hold {name}/, which the folder does not load",
                                 name))

@@ -298,6 +298,21 @@ def _fewer_utterances(goldens: dict) -> None:
     goldens["groups"]["test-signals"]["decoding"][0]["tokens"].pop()
 
 
+def _unsampled_logprobs(goldens: dict) -> None:  # no positions: the stage would compare nothing
+    for row in goldens["groups"]["test-signals"]["stages"]["logprobs"]:
+        row["positions"], row["values"] = [], []
+
+
+def _repeated_position(goldens: dict) -> None:  # one value sampled 256 times
+    row = goldens["groups"]["test-signals"]["stages"]["logprobs"][0]
+    row["positions"] = [row["positions"][0]] * len(row["positions"])
+    row["values"] = [row["values"][0]] * len(row["values"])
+
+
+def _no_decoding(goldens: dict) -> None:
+    goldens["groups"]["test-signals"]["decoding"] = []
+
+
 @pytest.mark.parametrize(("damage", "code", "file", "says"), [
     (lambda f: (f / GOLDENS_FILE).write_text(_nested(100_000)), 1, GOLDENS_FILE, "nested more than 32 levels"),
     (lambda f: (f / GOLDENS_FILE).write_text(_nested(40)), 1, GOLDENS_FILE, "nested more than 32 levels"),
@@ -313,6 +328,10 @@ def _fewer_utterances(goldens: dict) -> None:
     (lambda f: _edit_goldens(f, _no_tolerances), 1, GOLDENS_FILE, "goldens.json: no 'tolerances'"),
     (lambda f: _edit_goldens(f, _fewer_utterances), 1, GOLDENS_FILE, "decoding[0].gaps: "),
     (lambda f: _edit_goldens(f, _long_prompt), 1, GOLDENS_FILE, "is not one canary-convert records for this model"),
+    (lambda f: _edit_goldens(f, _unsampled_logprobs), 1, GOLDENS_FILE,
+     "stages.logprobs[0].positions: 0 positions, canary-convert samples 256"),
+    (lambda f: _edit_goldens(f, _repeated_position), 1, GOLDENS_FILE, "stages.logprobs[0].positions: a position repeats"),
+    (lambda f: _edit_goldens(f, _no_decoding), 1, GOLDENS_FILE, "groups.test-signals.decoding: no decoding recorded"),
     (lambda f: ((f / INDEX).write_text("{not json"), _record(f, INDEX)), 3, INDEX, "not valid JSON"),
     (lambda f: ((f / INDEX).write_text(_nested(100_000)), _record(f, INDEX)), 3, INDEX, "nested more than 32"),
     (lambda f: ((f / INDEX).write_text('{"weight_map": [1]}'), _record(f, INDEX)), 3, INDEX,
@@ -320,7 +339,8 @@ def _fewer_utterances(goldens: dict) -> None:
     (lambda f: ((f / "config.json").write_text(_nested(100_000)), _record(f, "config.json")), 3, "config.json",
      "nested more than 32"),
 ], ids=["goldens-deep", "goldens-40-deep", "conversion-deep", "conversion-huge", "conversion-dev-zero",
-        "position-out-of-range", "beam-1e6", "missing-key", "fewer-rows", "unrecorded-prompt", "index-not-json", "index-deep",
+        "position-out-of-range", "beam-1e6", "missing-key", "fewer-rows", "unrecorded-prompt", "unsampled-stage",
+        "repeated-position", "no-decoding", "index-not-json", "index-deep",
         "index-wrong-shape", "config-deep"])
 def test_malformed_files_are_one_line_naming_file_and_key(converted: Path, tmp_path: Path, damage, code: int,
                                                          file: str, says: str) -> None:

@@ -54,9 +54,11 @@ class TransducerModel(SpeechModel):
 
     def stage_logprobs(self, encoded: mx.array, enc_lengths: mx.array) -> mx.array:
         """The joint's log-probabilities (B, T, V+1+D) on every frame after the start of sequence: what NeMo's
-        joint gives on a CPU (log_softmax over all outputs, durations included)."""
+        joint gives on a CPU (log_softmax over all outputs, durations included); a hybrid's CTC log-probs
+        (V+1) follow on each frame, so the goldens cover both heads' weights."""
         logits = self.joint_logits(encoded, mx.zeros((encoded.shape[0], 0), dtype=mx.int32))[:, :, 0]
-        return nn.log_softmax(logits.astype(mx.float32), axis=-1)
+        joint = nn.log_softmax(logits.astype(mx.float32), axis=-1)
+        return joint if self.config.ctc is None else mx.concatenate([joint, self.ctc_logprobs(encoded)], axis=-1)
 
     def ctc_logprobs(self, encoded: mx.array) -> mx.array:
         """The hybrid's CTC log-probabilities (B, T, V+1)."""
@@ -79,7 +81,7 @@ class TransducerModel(SpeechModel):
 
     def golden_decoders(self) -> dict[str, BatchDecoder]:
         """The transducer head's greedy decoding (what NeMo's transcribe() uses; the goldens' modes are named
-        by TOKEN_MODES, so a hybrid's CTC head is fingerprinted by its tests, not its goldens)."""
+        by TOKEN_MODES, so a hybrid's CTC head is fingerprinted by its log-probs, `stage_logprobs`)."""
         return {"greedy": self.batch_decoder()}
 
     def batch_decoder(self, decoder: str = TRANSDUCER) -> BatchDecoder:
