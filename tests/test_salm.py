@@ -246,6 +246,47 @@ def test_bfloat16_and_8bit(references: dict[str, Reference], tmp_path: Path, var
         print(f"{variant} {label}: {same}/{len(nemo_tokens)} greedy tokens as NeMo float32 ({tokens} vs {nemo_tokens})")
 
 
+def _exact(values: mx.array) -> np.ndarray:
+    """bfloat16 values as float32 (exactly: numpy has no bfloat16)."""
+    return np.array(values.astype(mx.float32))
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_bfloat16_weights_held_widened_give_the_same_numbers(references: dict[str, Reference], tmp_path: Path,
+                                                            variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On x86 a bfloat16 folder's weights are widened to float32 once at load (cpu/widened.py hold_widened), not
+    at every step: the audio embeddings, logits and greedy tokens are bit-identical to widening at each call,
+    and the folder itself still holds bfloat16."""
+    from canary_convert.model.cpu.activations import slow_cpu
+    from canary_convert.model.llm import speechllm
+
+    if not slow_cpu():
+        pytest.skip("weights are held widened only where MLX's half-precision kernels are scalar loops")
+    reference = references[variant]
+    held = _converted(reference, tmp_path / "mlx", dtype="bfloat16")
+    layer = held.llm.model.layers[0]
+    assert layer.self_attn.q_proj.weight.dtype == mx.float32 and layer.mlp.down_proj.weight.dtype == mx.float32
+    assert held.llm.model.embed_tokens.weight.dtype == mx.float32
+    assert held.audio.projection.weight.dtype == mx.float32
+    stored = mx.load(str(tmp_path / "mlx" / "llm" / "model.safetensors"))
+    assert stored["model.layers.0.self_attn.q_proj.weight"].dtype == mx.bfloat16
+
+    monkeypatch.setattr(speechllm, "hold_widened", lambda model: False)
+    per_call = load_model(tmp_path / "mlx")
+    assert per_call.llm.model.layers[0].self_attn.q_proj.weight.dtype == mx.bfloat16
+    ids = held.prompt_ids()
+    for model_frames in zip(held.audio_embeddings(reference.signals), per_call.audio_embeddings(reference.signals)):
+        assert np.array_equal(*map(_exact, model_frames))
+    (frames,) = held.audio_embeddings(reference.signals[:1])
+    spliced = held.embed(ids, frames)
+    assert spliced.dtype == mx.bfloat16
+    assert np.array_equal(_exact(per_call.embed(ids, frames)), _exact(spliced))
+    logits = held.logits(spliced)
+    assert logits.dtype == mx.bfloat16
+    assert np.array_equal(_exact(per_call.logits(spliced)), _exact(logits))
+    assert held.generate(spliced, GREEDY_STEPS) == per_call.generate(spliced, GREEDY_STEPS)
+
+
 def test_transcribe_windows_long_audio_and_flags_the_budget(references: dict[str, Reference], tmp_path: Path) -> None:
     reference = references["salm-tied-r8"]
     model = _converted(reference, tmp_path / "mlx")

@@ -22,7 +22,7 @@ from ...errors import MissingExtraError, UsageError
 from ..app.audio_io import load_audio
 from ..app.clips import pad_batch
 from ..app.transcribe import AudioInput, Chunk, Transcript, audio_items, item_name, warn
-from ..cpu.widened import widen_products
+from ..cpu.widened import hold_widened, widen_products
 from ..fastconformer.audio import AudioPreprocessor
 from ..fastconformer.encoder import ConformerEncoder
 from .config import SpeechLLMConfig
@@ -190,7 +190,10 @@ def load_speech_llm(folder: Path, config: SpeechLLMConfig, weights: dict[str, mx
     audio.eval()
     llm, tokenizer = load_llm(str(folder / config.llm_folder))
     # On an x86 CPU MLX multiplies half-precision and quantized operands one element at a time: both halves'
-    # products go through OpenBLAS in float32 instead (cpu/widened.py; the LLM's layers swapped in memory).
-    widen_products(audio)
-    widen_products(llm)
+    # products go through OpenBLAS in float32 instead (cpu/widened.py; the LLM's layers swapped in memory),
+    # their half-precision weights widened once here where memory allows (a decoding step otherwise widens
+    # every weight of the LLM again), with results identical to widening them at each call.
+    for half in (llm, audio):  # the LLM first: its steps gain most
+        widen_products(half)
+        hold_widened(half)
     return SpeechLLM(config, audio, llm, tokenizer)
