@@ -15,8 +15,9 @@ $(BIN)/python:
 # OpenBLAS in its place (converter/blas.py), about 20x faster. PyPI has no OpenBLAS that loads without the
 # system's libgfortran and runs on every x86_64 CPU, so it comes from Debian/Ubuntu's libopenblas0-pthread.
 # The install also compiles converter/native/gemv_forward.c, which sends MLX's matrix-vector products to
-# OpenBLAS's sgemv (3x the decoder's speed with OpenBLAS 0.3.21), and converter/native/widen.c (float16
-# widened by F16C for the goldens), so Linux needs a C compiler too.
+# OpenBLAS's sgemv (3x the decoder's speed with OpenBLAS 0.3.21), converter/native/widen.c (float16
+# widened by F16C for the goldens) and converter/native/subsample.c (the encoder subsampling's stride-2
+# convolutions, vectorised and threaded), so Linux needs a C compiler too.
 blas:
 	@if [ "$$(uname -s)" = Linux ]; then \
 	  missing=""; \
@@ -32,17 +33,17 @@ blas:
 
 # The runtime alone: load, transcribe, verify and upload converted folders (no torch, no NeMo), with mlx-lm for
 # the speech-LLM families.
-$(VENV)/.runtime: pyproject.toml setup.py converter/native/gemv_forward.c constraints.txt | $(BIN)/python blas
+$(VENV)/.runtime: pyproject.toml setup.py $(wildcard converter/native/*.c) constraints.txt | $(BIN)/python blas
 	$(PIP) -e '.[llm]'
 	touch $@
 
 # The runtime and the converter (the `convert` extra); torch comes from the pinned CPU wheel.
-$(VENV)/.convert: pyproject.toml setup.py converter/native/gemv_forward.c constraints.txt | $(BIN)/python blas
+$(VENV)/.convert: pyproject.toml setup.py $(wildcard converter/native/*.c) constraints.txt | $(BIN)/python blas
 	$(PIP) -e '.[convert,llm]'
 	touch $@ $(VENV)/.runtime
 
 # The converter plus pytest, hypothesis and NeMo (the reference the tests compare against).
-$(VENV)/.dev: pyproject.toml setup.py converter/native/gemv_forward.c constraints.txt | $(BIN)/python blas
+$(VENV)/.dev: pyproject.toml setup.py $(wildcard converter/native/*.c) constraints.txt | $(BIN)/python blas
 	$(PIP) -e '.[dev]'
 	touch $@ $(VENV)/.convert $(VENV)/.runtime
 

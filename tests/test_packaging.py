@@ -54,7 +54,7 @@ def test_wheel_installs_and_converts_in_a_fresh_venv(checkpoint: Path, wheel: Pa
             "canary_convert/model/cpu/widened.py"} <= names
     assert not any(name.startswith("tests/") for name in names)
     if sys.platform == "linux":
-        for extension in ("_gemv_forward", "_widen"):
+        for extension in ("_gemv_forward", "_widen", "_encoder"):
             assert any(name.startswith(f"canary_convert/{extension}.") and name.endswith(".so") for name in names)
 
     fresh = tmp_path / "venv"

@@ -13,6 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..cpu import native
 from ..cpu.activations import attention, product, sigmoid, silu
 from ..cpu.widened import linear
 from ..config import EncoderConfig
@@ -66,6 +67,38 @@ class ConvSubsampling(nn.Module):
     def __call__(self, x: mx.array, lengths: mx.array, padded: bool) -> tuple[mx.array, mx.array]:
         """x (B, T, F) -> (B, T', d_model); lengths follow each stride-2 conv. Without `padded` frames
         every mask is all ones and is skipped."""
+        if len(self.conv) > 2 and native.available():
+            x, lengths = self._native_convs(x, lengths, padded)
+        else:
+            x, lengths = self._mlx_convs(x, lengths, padded)
+        if padded:
+            x = x * _frame_mask(lengths, x)
+        b, t, f, c = x.shape
+        x = x.transpose(0, 1, 3, 2).reshape(b, t, c * f)
+        return self.out(x), lengths
+
+    def _native_convs(self, x: mx.array, lengths: mx.array, padded: bool) -> tuple[mx.array, mx.array]:
+        """The stride-2 convs by the `_encoder` extension (cpu/native.py), the pointwise ones by the BLAS:
+        the same layers and masks, with each ReLU before a depthwise conv applied as that conv reads."""
+        first, _, depthwise = self.conv[:3]
+        mid = _conv_length(lengths)
+        x = native.stem(x, lengths, mid, (first.weight, first.bias), (depthwise.weight, depthwise.bias))
+        lengths = _conv_length(mid)
+        rest = self.conv[3:]
+        for index, layer in enumerate(rest):
+            if isinstance(layer, nn.ReLU) and index + 1 < len(rest):
+                continue  # the next depthwise conv applies it
+            if isinstance(layer, nn.Conv2d) and layer.groups > 1:
+                # It also reads the rows at or past each length as zeros: NeMo's masks before the ReLU and the conv.
+                x = native.relu_depthwise(x, lengths, (layer.weight, layer.bias))
+                lengths = _conv_length(lengths)
+                continue
+            if padded:
+                x = x * _frame_mask(lengths, x)
+            x = _pointwise(layer, x) if isinstance(layer, nn.Conv2d) else layer(x)
+        return x, lengths
+
+    def _mlx_convs(self, x: mx.array, lengths: mx.array, padded: bool) -> tuple[mx.array, mx.array]:
         x = x[..., None]  # (B, T, F, 1): time is the conv's height, frequency its width
         for layer in self.conv:
             # MaskedConvSequential zeroes padded frames before every layer ...
@@ -80,11 +113,7 @@ class ConvSubsampling(nn.Module):
             # ... and recomputes the lengths after each strided conv.
             if isinstance(layer, nn.Conv2d) and layer.stride != (1, 1):
                 lengths = _conv_length(lengths)
-        if padded:
-            x = x * _frame_mask(lengths, x)
-        b, t, f, c = x.shape
-        x = x.transpose(0, 1, 3, 2).reshape(b, t, c * f)
-        return self.out(x), lengths
+        return x, lengths
 
 
 def _pointwise(conv: nn.Conv1d | nn.Conv2d, x: mx.array) -> mx.array:

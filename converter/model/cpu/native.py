@@ -1,0 +1,99 @@
+"""Encoder kernels of the `_encoder` extension (native/*.c) for x86 CPUs, where MLX runs elementwise work on one
+thread without wide vectors.
+
+The subsampling's stride-2 3x3 convolutions (native/subsample.c): the first stages of NeMo's dw_striding
+subsampling are nothing but elementwise work: on canary-180m-flash and 30 s of audio, the 1->C convolution,
+its ReLU and the first depthwise convolution took 170 of the encoder's 1310 ms. The extension makes the first
+convolution's rows as the depthwise one reads them (the (T/2, F/2, C) array is never written), with wide vectors,
+on every core. The results are NeMo's up to the order of float32 sums. Where the extension was not built (no
+C compiler at install) or MLX vectorises itself (ARM, a GPU), `available()` is False and the MLX layers run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+
+import mlx.core as mx
+import numpy as np
+
+from ...extensions import extension_path
+from .activations import slow_cpu
+
+_FLOATS = ctypes.POINTER(ctypes.c_float)
+_INTS = ctypes.POINTER(ctypes.c_int)
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    path = extension_path("_encoder")
+    if path is None:
+        return None
+    library = ctypes.CDLL(str(path))
+    library.canary_subsample_stem.argtypes = [_FLOATS, ctypes.c_int, ctypes.c_int, ctypes.c_int, _INTS, _INTS,
+                                              _FLOATS, _FLOATS, _FLOATS, _FLOATS, ctypes.c_int, _FLOATS, ctypes.c_int]
+    library.canary_relu_depthwise.argtypes = [_FLOATS, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, _INTS,
+                                              _FLOATS, _FLOATS, _FLOATS, ctypes.c_int]
+    for function in (library.canary_subsample_stem, library.canary_relu_depthwise):
+        function.restype = ctypes.c_int
+    return library
+
+
+def available() -> bool:
+    """Whether these kernels run here (an x86 CPU and the extension built)."""
+    return slow_cpu() and _library() is not None
+
+
+def _floats(array: mx.array) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(array.astype(mx.float32)), dtype=np.float32)
+
+
+def _taps(weight: mx.array) -> np.ndarray:
+    """A (C, 3, 3, 1) kernel as (9, C), tap-major, for the C loops over contiguous channels."""
+    return np.ascontiguousarray(_floats(weight).reshape(weight.shape[0], 9).T)
+
+
+def _halved(size: int) -> int:
+    return (size - 1) // 2 + 1
+
+
+def _threads() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def _pointer(array: np.ndarray, kind: type) -> ctypes._Pointer:
+    return array.ctypes.data_as(kind)
+
+
+def stem(x: mx.array, valid: mx.array, mid_valid: mx.array, first: tuple[mx.array, mx.array],
+         depthwise: tuple[mx.array, mx.array]) -> mx.array:
+    """ReLU(conv 1->C 3x3/2) then the depthwise 3x3/2 conv: features x (B, T, F) -> (B, T/4, F/4, C) (each
+    halving rounds up), in x's dtype. valid (B,): frames per sequence (later ones count as zeros); mid_valid
+    (B,): the first convolution's rows per sequence. first, depthwise: (weight (C, 3, 3, 1), bias (C,))."""
+    batch, frames, freq = x.shape
+    channels = first[0].shape[0]
+    features = _floats(x)
+    valid_rows, mid_rows = (np.ascontiguousarray(np.asarray(v), dtype=np.int32) for v in (valid, mid_valid))
+    weights = [_taps(first[0]), _floats(first[1]), _taps(depthwise[0]), _floats(depthwise[1])]
+    out = np.empty((batch, _halved(_halved(frames)), _halved(_halved(freq)), channels), dtype=np.float32)
+    failed = _library().canary_subsample_stem(
+        _pointer(features, _FLOATS), batch, frames, freq, _pointer(valid_rows, _INTS), _pointer(mid_rows, _INTS),
+        *(_pointer(w, _FLOATS) for w in weights), channels, _pointer(out, _FLOATS), _threads())
+    if failed:
+        raise MemoryError("the subsampling's native convolution could not allocate its row buffers")
+    return mx.array(out).astype(x.dtype)
+
+
+def relu_depthwise(y: mx.array, valid: mx.array, depthwise: tuple[mx.array, mx.array]) -> mx.array:
+    """The depthwise 3x3/2 conv of ReLU(y): y (B, H, W, C) -> (B, H/2, W/2, C), in y's dtype; rows of sequence
+    s at or past valid[s] count as zeros."""
+    batch, height, width, channels = y.shape
+    inputs = _floats(y)
+    rows = np.ascontiguousarray(np.asarray(valid), dtype=np.int32)
+    weight, bias = _taps(depthwise[0]), _floats(depthwise[1])
+    out = np.empty((batch, _halved(height), _halved(width), channels), dtype=np.float32)
+    _library().canary_relu_depthwise(_pointer(inputs, _FLOATS), batch, height, width, channels, _pointer(rows, _INTS),
+                                     _pointer(weight, _FLOATS), _pointer(bias, _FLOATS), _pointer(out, _FLOATS),
+                                     _threads())
+    return mx.array(out).astype(y.dtype)
