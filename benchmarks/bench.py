@@ -21,21 +21,26 @@ import subprocess
 import sys
 from types import ModuleType
 
-from measure import BIN, OUTPUTS, REPO, WORK, cpu_name, quantize_available, read_bandwidth
+from measure import BIN, REPO, WORK, cpu_name, quantize_available, read_bandwidth
 
 sys.path.insert(0, str(REPO / "tests"))
 
 import canary  # noqa: E402
 import parakeet  # noqa: E402
+import salm  # noqa: E402
 
-SUITES: list[ModuleType] = [canary, parakeet]
+SUITES: list[ModuleType] = [canary, parakeet, salm]
 
 
 def main() -> None:
     suite_of = {family: suite for suite in SUITES for family in suite.FAMILIES}
+    # A suite with OUTPUTS converts to those it is asked for (the Canary families: measure.OUTPUTS; canary-qwen:
+    # bfloat16, its release dtype, and float32); the others choose their own (parakeet.py: float32).
+    output_sets = {suite: getattr(suite, "OUTPUTS", None) for suite in SUITES}
+    known = list(dict.fromkeys(output for names in output_sets.values() if names for output in names))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", default=",".join(suite_of), help="comma-separated, from: " + ", ".join(suite_of))
-    parser.add_argument("--outputs", default=",".join(OUTPUTS), help="comma-separated, from: " + ", ".join(OUTPUTS))
+    parser.add_argument("--outputs", default=",".join(known), help="comma-separated, from: " + ", ".join(known))
     parser.add_argument("--steps", type=int, default=32, help="greedy decoder steps timed per run")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per probe (the best is kept)")
     parser.add_argument("--rounds", type=int, default=2, help="MLX and NeMo probes in alternation (the best is kept)")
@@ -45,8 +50,8 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown families {unknown}; choose from {', '.join(suite_of)}")
     outputs = [name.strip() for name in args.outputs.split(",") if name.strip()]
-    if sorted(set(outputs) - set(OUTPUTS)):
-        parser.error(f"unknown outputs {sorted(set(outputs) - set(OUTPUTS))}; choose from {', '.join(OUTPUTS)}")
+    if sorted(set(outputs) - set(known)):
+        parser.error(f"unknown outputs {sorted(set(outputs) - set(known))}; choose from {', '.join(known)}")
     if "8-bit" in outputs and not quantize_available():
         parser.error("this canary-convert has no --quantize")
     WORK.mkdir(parents=True, exist_ok=True)
@@ -58,7 +63,8 @@ def main() -> None:
     for family in families:
         suite = suite_of[family]
         rows.setdefault(suite.__name__, []).extend(
-            suite.bench(family, outputs, args.steps, args.repeats, args.rounds))
+            suite.bench(family, [output for output in outputs if output in (output_sets[suite] or outputs)],
+                        args.steps, args.repeats, args.rounds))
     (WORK / "results.json").write_text(json.dumps({"bandwidth": bandwidth, "rows": rows}, indent=1) + "\n")
 
     print(f"\n{cpu_name()}, {os.cpu_count()} cores, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} "

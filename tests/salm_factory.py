@@ -38,6 +38,8 @@ class SalmSpec:
     enc_heads: int = 4
     subsampling_factor: int = 8
     conv_channels: int = 8
+    conv_kernel: int = 5
+    ff_expansion: int = 2
     hidden: int = 64  # Qwen3 hidden_size (Qwen3-1.7B: 2048)
     intermediate: int = 96
     llm_layers: int = 2
@@ -49,6 +51,8 @@ class SalmSpec:
     lora_alpha: int = 16
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     vocab_pad: int = 7  # embedding rows beyond the tokenizer (Qwen pads its vocabulary too)
+    vocab_size: int = 0  # embedding rows in all, when set (a real size over the small tokenizer)
+    max_positions: int = 1024
     seed: int = 0
 
 
@@ -78,10 +82,10 @@ def write_llm_folder(spec: SalmSpec, folder: Path) -> Path:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                         additional_special_tokens=QWEN_SPECIALS[1:])
     tokenizer.save_pretrained(str(folder))
-    config = Qwen3Config(vocab_size=len(tokenizer) + 1 + spec.vocab_pad, hidden_size=spec.hidden,
+    config = Qwen3Config(vocab_size=spec.vocab_size or len(tokenizer) + 1 + spec.vocab_pad, hidden_size=spec.hidden,
                          intermediate_size=spec.intermediate, num_hidden_layers=spec.llm_layers,
                          num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads, head_dim=spec.head_dim,
-                         max_position_embeddings=1024, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+                         max_position_embeddings=spec.max_positions, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
                          tie_word_embeddings=spec.tie_embeddings, bos_token_id=None,
                          eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
                          pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"))
@@ -93,7 +97,8 @@ def salm_config(spec: SalmSpec, llm_folder: Path) -> dict[str, Any]:
     """SALM's config in the shape of canary-qwen-2.5b's config.json, with tiny sizes."""
     encoder_spec = TinySpec(spec.name, features=spec.features, d_model=spec.d_model, enc_layers=spec.enc_layers,
                             enc_heads=spec.enc_heads, subsampling_factor=spec.subsampling_factor,
-                            conv_channels=spec.conv_channels)
+                            conv_channels=spec.conv_channels, conv_kernel=spec.conv_kernel,
+                            ff_expansion=spec.ff_expansion)
     return {
         "pretrained_llm": str(llm_folder),
         "pretrained_asr": "nvidia/canary-1b-flash",
