@@ -25,11 +25,12 @@ from measure import BIN, REPO, WORK, cpu_name, quantize_available, read_bandwidt
 
 sys.path.insert(0, str(REPO / "tests"))
 
+import aligner  # noqa: E402
 import canary  # noqa: E402
 import parakeet  # noqa: E402
 import salm  # noqa: E402
 
-SUITES: list[ModuleType] = [canary, parakeet, salm]
+SUITES: list[ModuleType] = [canary, aligner, parakeet, salm]
 
 
 def main() -> None:

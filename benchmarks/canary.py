@@ -20,9 +20,14 @@ def build_checkpoint(family: str) -> Path:
 
 
 def bench(family: str, outputs: list[str], steps: int, repeats: int, rounds: int) -> list[dict]:
-    """Conversions first; then the MLX and NeMo probes in alternation, `rounds` times, the best of each kept,
-    so both sides meet the same background load."""
-    source = build_checkpoint(family)
+    return measure(family, build_checkpoint(family), outputs, steps, repeats, rounds, ("probe_mlx.py", "probe_nemo.py"))
+
+
+def measure(family: str, source: Path, outputs: list[str], steps: int, repeats: int, rounds: int,
+            probes: tuple[str, str]) -> list[dict]:
+    """Conversions of `source` first; then the (MLX, NeMo) `probes` in alternation, `rounds` times, the best
+    of each kept, so both sides meet the same background load."""
+    mlx_probe, nemo_probe = probes
     copy_seconds(source)  # the first copy warms the page cache for everything after it
     rows = []
     for output in outputs:
@@ -39,10 +44,10 @@ def bench(family: str, outputs: list[str], steps: int, repeats: int, rounds: int
     timed: dict[str, dict] = {}
     for _ in range(rounds):
         for output in outputs:
-            result = probe("probe_mlx.py", str(WORK / f"{family}-{output}"), "--steps", str(steps),
+            result = probe(mlx_probe, str(WORK / f"{family}-{output}"), "--steps", str(steps),
                            "--repeats", str(repeats))
             timed[output] = best_figures(timed.get(output, result), result)
-        result = probe("probe_nemo.py", str(source), "--steps", str(steps), "--repeats", str(repeats))
+        result = probe(nemo_probe, str(source), "--steps", str(steps), "--repeats", str(repeats))
         timed["NeMo"] = best_figures(timed.get("NeMo", result), result)
         print(f"  {family}: {timed}", flush=True)
     for row in rows:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from factory import TinySpec
+from factory import TinyCTCSpec, TinySpec
 
 # Common to the family: 128 mels, dw_striding x8 with 256 channels, 8 heads, conv kernel 9, FF x4,
 # decoder inner 4 x hidden, untied position biases, no xscaling.
@@ -31,4 +31,19 @@ FAMILIES = {
     "canary-1b-v2": replace(_COMMON, name="canary-1b-v2", prompt_format="canary2", tokenizer="bpe", d_model=1024,
                             dec_hidden=1024, enc_layers=32, dec_layers=8, max_sequence_length=1024,
                             text_vocab=16300),
+}
+
+# canary-1b-v2 with the timestamp aligner its `.nemo` packs (`timestamps_asr_model_*`). The release's own
+# aligner config is not public here (the Hub is out of reach); what is: NVIDIA's Canary-1B-v2 report (arXiv
+# 2509.14128, section 5: NeMo Forced Aligner "with an auxiliary CTC model") and a public extraction of that
+# member (huggingface.co/cstr/canary-ctc-aligner-GGUF: a 600M-parameter Parakeet-style FastConformer with a
+# CTC head, trained with the Canary's own 16384-piece SentencePiece tokenizer). Assumed from that: the encoder
+# of NVIDIA's 600M Parakeets (parakeet-tdt-0.6b-v3: FastConformer XL, 24 layers of 1024, 8 heads, 128 mels,
+# dw_striding x8 with 256 channels, conv kernel 9, FF x4, xscaling as NeMo's FastConformer configs set it)
+# and a 1x1 conv head over the Canary's vocabulary plus the blank.
+ALIGNED = {
+    "canary-1b-v2-aligner": ("canary-1b-v2", TinyCTCSpec("canary-1b-v2-aligner", features=128, d_model=1024,
+                                                         enc_layers=24, enc_heads=8, subsampling_factor=8,
+                                                         conv_channels=256, conv_kernel=9, ff_expansion=4,
+                                                         xscaling=True, untie_biases=True, seed=20)),
 }

@@ -13,9 +13,18 @@ import canary_convert  # first: it gives MLX its BLAS before mlx.core is loaded
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from canary_convert.model.aed.canary import CanaryModel
 from canary_convert.model.aed.decoding import decode_greedy
 from canary_convert.model.aed.prompts import PromptOptions, build_prompt
 from common import AUDIO_SECONDS, LANGUAGE, SAMPLE_RATE, SUPPRESSED_BIAS, best_of, test_audio
+
+
+def fix_steps(model: CanaryModel, prompt_length: int, steps: int) -> None:
+    """A random decoder may emit EOS at once: take it out of the running so every run makes `steps` steps,
+    and bound the search by the sequence length (budget = max_sequence_length - prompt, NeMo's rule)."""
+    bias = model.decoder.output_bias
+    model.decoder.output_bias = mx.where(mx.arange(bias.shape[0]) == model.tokenizer.eos_id, SUPPRESSED_BIAS, bias)
+    model.decoder.max_sequence_length = prompt_length + steps
 
 
 def main() -> None:
@@ -44,11 +53,7 @@ def main() -> None:
 
     tokenizer = model.tokenizer
     prompt = build_prompt(model.config.prompt_format, tokenizer, PromptOptions(source_lang=LANGUAGE))
-    # A random decoder may emit EOS at once: take it out of the running so every run makes `steps` steps,
-    # and bound the search by the sequence length (budget = max_sequence_length - prompt, NeMo's rule).
-    bias = model.decoder.output_bias
-    model.decoder.output_bias = mx.where(mx.arange(bias.shape[0]) == tokenizer.eos_id, SUPPRESSED_BIAS, bias)
-    model.decoder.max_sequence_length = len(prompt) + args.steps
+    fix_steps(model, len(prompt), args.steps)
 
     def generate() -> None:
         decode_greedy(model, encoded, enc_lengths, [prompt], tokenizer.eos_id, tokenizer.pad_id,

@@ -18,14 +18,27 @@ from omegaconf import OmegaConf
 from common import AUDIO_SECONDS, LANGUAGE, SAMPLE_RATE, SUPPRESSED_BIAS, best_of, test_audio
 
 
-def _prompt(model: EncDecMultiTaskModel, lang: str) -> list[int]:
-    """NeMo's own prompt for plain transcription with punctuation, in either prompt format."""
+def prompt_slots(model: EncDecMultiTaskModel, lang: str) -> dict[str, str]:
+    """The slots of NeMo's prompt for plain transcription with punctuation, in either prompt format."""
     slots = dict(source_lang=lang, target_lang=lang, pnc="yes")
     if model.prompt_format == "canary":
         slots.update(task="asr")
     else:
         slots.update(decodercontext="", emotion="<|emo:undefined|>", itn="no", timestamp="no", diarize="no")
-    return model.prompt.encode_dialog(turns=[{"role": "user", "slots": slots}])["context_ids"].tolist()
+    return slots
+
+
+def prompt_ids(model: EncDecMultiTaskModel, lang: str) -> list[int]:
+    return model.prompt.encode_dialog(turns=[{"role": "user", "slots": prompt_slots(model, lang)}])[
+        "context_ids"].tolist()
+
+
+def fix_steps(model: EncDecMultiTaskModel, prompt_length: int, steps: int) -> None:
+    """Greedy search, EOS out of the running, `steps` steps (probe_mlx.fix_steps on NeMo's side)."""
+    model.log_softmax.mlp.layer0.bias[model.tokenizer.eos] = SUPPRESSED_BIAS
+    model.change_decoding_strategy(OmegaConf.create({"strategy": "greedy", "greedy": {"max_generation_delta": steps}}))
+    # NeMo's budget: min(max_sequence_length, frames + delta) - prompt length, i.e. `steps` here.
+    model.decoding.decoding.greedy_search.max_seq_length = prompt_length + steps
 
 
 @torch.inference_mode()
@@ -51,13 +64,8 @@ def main() -> None:
     encoded, mask = encode()  # warm-up
     encoder_seconds = best_of(encode, args.repeats)
 
-    tokenizer = model.tokenizer
-    prompt = _prompt(model, LANGUAGE)
-    model.log_softmax.mlp.layer0.bias[tokenizer.eos] = SUPPRESSED_BIAS
-    model.change_decoding_strategy(OmegaConf.create({"strategy": "greedy",
-                                                     "greedy": {"max_generation_delta": args.steps}}))
-    # NeMo's budget: min(max_sequence_length, frames + delta) - prompt length, i.e. `steps` here.
-    model.decoding.decoding.greedy_search.max_seq_length = len(prompt) + args.steps
+    prompt = prompt_ids(model, LANGUAGE)
+    fix_steps(model, len(prompt), args.steps)
 
     def generate() -> None:
         model.decoding.decode_predictions_tensor(encoder_hidden_states=encoded, encoder_input_mask=mask,

@@ -274,8 +274,27 @@ def ctc_nemo_config(spec: TinyCTCSpec, tokenizer_dir: str) -> dict[str, Any]:
     }
 
 
-def build_ctc(spec: TinyCTCSpec, out: Path) -> Path:
-    """Build, randomise and `save_to` one tiny EncDecCTCModelBPE; returns the `.nemo` path."""
+def canary_tokenizer(canary: Path, folder: Path) -> Path:
+    """The SentencePiece model of a canary-1b-v2-style `.nemo` (one BPE model, special tokens included),
+    extracted into `folder` under the plain names a tokenizer `dir` expects; returns `folder`."""
+    import tarfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(canary) as tar:
+        for member in tar.getmembers():
+            name = Path(member.name).name
+            # Members are uuid-prefixed: "<hex>_tokenizer.model", "<hex>_vocab.txt", "<hex>_tokenizer.vocab".
+            plain = name.split("_", 1)[-1]
+            if member.isfile() and plain in ("tokenizer.model", "vocab.txt", "tokenizer.vocab"):
+                (folder / plain).write_bytes(tar.extractfile(member).read())
+    if not (folder / "tokenizer.model").is_file():
+        raise FileNotFoundError(f"{canary} holds no single tokenizer.model (an aggregate tokenizer?)")
+    return folder
+
+
+def build_ctc(spec: TinyCTCSpec, out: Path, tokenizer_dir: Path | None = None) -> Path:
+    """Build, randomise and `save_to` one tiny EncDecCTCModelBPE; returns the `.nemo` path. Its tokenizer is
+    trained from the spec's text, or, with `tokenizer_dir`, that SentencePiece model (e.g. a Canary's own)."""
     import torch
     from omegaconf import OmegaConf
     from nemo.collections.asr.models import EncDecCTCModelBPE
@@ -283,12 +302,13 @@ def build_ctc(spec: TinyCTCSpec, out: Path) -> Path:
 
     torch.manual_seed(spec.seed)
     with tempfile.TemporaryDirectory(prefix="tiny-ctc-tok-") as scratch:
-        corpus = Path(scratch) / "text.txt"
-        lines = [line for lang in spec.text for line in TEXT[lang] * 4] + (PUNCTUATED * 4 if spec.punctuation else [])
-        corpus.write_text("\n".join(lines))
-        create_spt_model(str(corpus), vocab_size=spec.vocab, sample_size=-1, do_lower_case=False,
-                         output_dir=scratch)
-        model = EncDecCTCModelBPE(OmegaConf.create(ctc_nemo_config(spec, scratch)))
+        if tokenizer_dir is None:
+            corpus = Path(scratch) / "text.txt"
+            lines = [line for lang in spec.text for line in TEXT[lang] * 4] + (PUNCTUATED * 4 if spec.punctuation else [])
+            corpus.write_text("\n".join(lines))
+            create_spt_model(str(corpus), vocab_size=spec.vocab, sample_size=-1, do_lower_case=False,
+                             output_dir=scratch)
+        model = EncDecCTCModelBPE(OmegaConf.create(ctc_nemo_config(spec, str(tokenizer_dir or scratch))))
         randomise(model, spec.seed)
         with torch.no_grad():
             # A spread-out head, so greedy decoding emits many tokens from random weights, not blanks only.
