@@ -52,6 +52,11 @@ class TinySpec:
     prompt_defaults: list[dict[str, Any]] | None = None  # NeMo's prompt_defaults (role/slots turns), when set
     dec_inner_factor: int = 3  # decoder feed-forward width / hidden (real Canary: 4)
     text_vocab: int = 0  # text pieces per SentencePiece model (0: a few dozen, from TEXT alone)
+    punctuation: bool = False  # train on PUNCTUATED sentences too (English), so `.` `,` `?` `!` are pieces
+    # The decoder's feed-forward outputs times this. A random decoder's output is near the embedding of the
+    # token it was fed (the head is tied to the embedding), so it repeats one token; scaled up, the next token
+    # is a random function of the last, and the text varies (words, punctuation, segments).
+    ffn_scale: float = 1.0
 
 
 VARIANTS = {
@@ -93,9 +98,10 @@ def pseudo_words(lang: str, lines: int, seed: int) -> list[str]:
 
 
 def _corpus(spec: TinySpec, lang: str) -> list[str]:
+    punctuated = PUNCTUATED * 4 if spec.punctuation and lang == "en" else []
     if not spec.text_vocab:
-        return TEXT[lang] * 4
-    return TEXT[lang] * 4 + pseudo_words(lang, 4 * spec.text_vocab, spec.seed)
+        return TEXT[lang] * 4 + punctuated
+    return TEXT[lang] * 4 + punctuated + pseudo_words(lang, 4 * spec.text_vocab, spec.seed)
 
 
 def _train_tokenizers(spec: TinySpec, folder: Path) -> dict[str, Any]:
@@ -214,6 +220,10 @@ def build(spec: TinySpec, out: Path) -> Path:
         config = nemo_config(spec, _train_tokenizers(spec, Path(scratch)))
         model = EncDecMultiTaskModel(OmegaConf.create(config))
         randomise(model, spec.seed)
+        with torch.no_grad():
+            for name, parameter in model.transf_decoder.named_parameters():
+                if "third_sub_layer.dense_out." in name:
+                    parameter.mul_(spec.ffn_scale)
         model.eval()
         out.parent.mkdir(parents=True, exist_ok=True)
         model.save_to(str(out))
@@ -254,6 +264,13 @@ CTC_VARIANTS = {
 ALIGNER = TinyCTCSpec("aligner-sub4", features=28, d_model=32, enc_heads=2, subsampling_factor=4, vocab=56,
                       punctuation=True, seed=12)
 PUNCTUATED = ["Hello, world. This is a test!", "Is the cat on the mat? Yes.", "One, two, three. Four five six!"]
+# A tiny canary-1b-v2-style Canary whose random decoder writes varied text (words, `.` and `!` then a space:
+# segments, prompt tokens) instead of one token again and again, and an aligner in its likeness: the Canary's
+# own tokenizer and frame length (subsampling 8), as the release's aligner has them.
+CHATTY = TinySpec("canary2-bpe-chatty-sub8", prompt_format="canary2", tokenizer="bpe", d_model=36, dec_hidden=36,
+                  enc_heads=3, dec_heads=3, conv_channels=6, punctuation=True, ffn_scale=30.0, seed=13)
+SHARED_ALIGNER = TinyCTCSpec("aligner-shared-sub8", features=28, d_model=32, enc_heads=2, subsampling_factor=8,
+                             seed=13)
 
 
 def ctc_nemo_config(spec: TinyCTCSpec, tokenizer_dir: str) -> dict[str, Any]:

@@ -20,7 +20,8 @@ from canary_convert.model.ctc.model import CTCModel
 from canary_convert.parity import nemo_prompt_slots, reference_signals
 from canary_convert.verify import verify_folder
 from conftest import run_cli
-from factory import ALIGNER, VARIANTS, build, build_ctc, with_aligner
+from factory import ALIGNER, CHATTY, SHARED_ALIGNER, VARIANTS, build, build_ctc, canary_tokenizer, with_aligner
+from long_inputs import long_signal, write
 
 # Clips of several lengths (the two under a second are padded by NeMo, as by us).
 SIGNALS = reference_signals(16000) + reference_signals(16000, (0.6, 5.2, 0.45))
@@ -174,17 +175,13 @@ def test_transcribe_with_timestamps_matches_nemo(nemo: Any, converted: Path) -> 
             assert _ours(result.words) == _offsets(reference, "word")
 
 
-def test_long_audio_with_timestamps_goes_by_pauses(converted: Path) -> None:
-    from canary_convert.errors import UsageError
-
+def test_long_audio_with_timestamps_by_pauses(converted: Path) -> None:
     model = load_model(converted)
     rate = 16000
     speech = reference_signals(rate, (6.0,))[0]
     silence = np.zeros(2 * rate, dtype=np.float32)
     # 7 x (6 s of signal + 2 s of silence) = 56 s: over NeMo's 40 s window.
     long = np.concatenate([np.concatenate([speech, silence])] * 7)
-    with pytest.raises(UsageError, match="chunking 'pauses'"):
-        model.transcribe(long, source_lang="en", target_lang="en", timestamp=True)
     [result] = model.transcribe(long, source_lang="en", target_lang="en", timestamp=True, chunking="pauses")
     assert len(result.chunks) > 1 and result.words
     # Each chunk's words are its own alignment, placed at the chunk's start: the same as aligning it alone.
@@ -245,3 +242,76 @@ def test_verify_update_reports_the_aligner(converted: Path, tmp_path: Path) -> N
     edited["parts"]["aligner"]["groups"]["test-signals"]["decoding"][0]["tokens"][0].append(1)
     assert golden_changes(edited, goldens) == ["aligner: test-signals: greedy tokens changed"]
     assert verify_folder(folder, "v2", "cpu").exit_code == 0  # re-recorded goldens still verify, aligner included
+
+
+# Over NeMo's 40 s window: NeMo's parallel chunks of canary-1b-v2 (0-39 s and 38-75 s, one second of overlap).
+CHUNKED_SECONDS = 75.0
+
+
+@pytest.fixture(scope="module")
+def chunked(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Any, Any, Any, Any]]:
+    """A 75 s file through NeMo's transcribe (enable_chunking, batch size 1), with and without timestamps,
+    and through ours with timestamps, for two aligners of one Canary: one sharing its tokenizer and frame
+    length (as the release's does), and one with a tokenizer and subsampling of its own."""
+    from omegaconf import OmegaConf
+
+    from conftest import restore_nemo_models
+
+    folder = tmp_path_factory.mktemp("chunked-v2")
+    canary = build(CHATTY, folder / "canary.nemo")
+    audio = write(folder / "long.wav", long_signal(CHUNKED_SECONDS))
+    runs = {}
+    for name, spec, tokenizer in (("shared", SHARED_ALIGNER, canary_tokenizer(canary, folder / "tokenizer")),
+                                  ("own", ALIGNER, None)):
+        aligner = build_ctc(spec, folder / f"aligner-{name}.nemo", tokenizer)
+        source = with_aligner(canary, aligner, folder / f"{name}.nemo")
+        nemo = restore_nemo_models({name: source})[name]
+        nemo.change_decoding_strategy(OmegaConf.merge(nemo.cfg.decoding, {"strategy": "greedy"}))
+        timed = nemo.transcribe(str(audio), batch_size=1, timestamps=True, return_hypotheses=True, verbose=False,
+                                **_slots())[0]
+        plain = nemo.transcribe(str(audio), batch_size=1, return_hypotheses=True, verbose=False, **_slots())[0]
+        model = load_model(convert(str(source), folder / f"mlx-{name}", ConvertOptions()).out)
+        [ours] = model.transcribe(audio, source_lang="en", target_lang="en", strategy="greedy", timestamp=True)
+        runs[name] = (timed, plain, ours, model)
+    return runs
+
+
+def _nemo_items(items: list[dict[str, Any]], key: str) -> list[tuple[str, float, float]]:
+    return [(item[key], item["start"], item["end"]) for item in items]
+
+
+def _our_items(items: tuple[Any, ...]) -> list[tuple[str, float, float]]:
+    return [(item.text, item.start, item.end) for item in items]
+
+
+def test_chunked_timestamps_match_nemo_where_the_tokenizers_agree(chunked: dict[str, tuple[Any, Any, Any, Any]]) -> None:
+    nemo, _, ours, _ = chunked["shared"]
+    assert [(chunk.start, chunk.end) for chunk in ours.chunks] == [(0.0, 39.0), (38.0, CHUNKED_SECONDS)]
+    assert [token for chunk in ours.chunks for token in chunk.tokens] == nemo.y_sequence.tolist()
+    # NeMo's text with timestamps is its merge of the aligner's tokens; ours the same, and every word and
+    # segment with the same seconds, to the last bit of NeMo's unrounded offset x stride x subsampling.
+    assert ours.text == nemo.text
+    assert _our_items(ours.words) == _nemo_items(nemo.timestamp["word"], "word")
+    assert _our_items(ours.segments) == _nemo_items(nemo.timestamp["segment"], "segment")
+    # Real content on both sides of the overlap: many words, segments ended by `.` or `!`, prompt tokens.
+    assert len(ours.words) >= 50 and len(ours.segments) >= 5
+    assert any(word.start > 39.0 for word in ours.words) and any(word.text.endswith(".") for word in ours.words)
+
+
+def test_chunked_timestamps_where_the_tokenizers_differ(chunked: dict[str, tuple[Any, Any, Any, Any]]) -> None:
+    """NeMo merges the aligner's ids but decodes them with the Canary's tokenizer, and counts the aligner's
+    frames in the Canary's frame length; we use the aligner's own (README, "Timestamps of canary-1b-v2")."""
+    nemo, plain, ours, model = chunked["own"]
+    aligner = model.aligner.tokenizer
+    # NeMo's text is the Canary's reading of the aligner's ids: not its own transcript, nor the aligner's reading.
+    assert nemo.text != plain.text and ours.text != nemo.text
+    # Ours is the transcript as the aligner's tokenizer reads it, word for word (its unknown mark where it lacks
+    # a piece; the spaces around it as its pieces decode).
+    assert ours.text.split() == aligner.decode(aligner.encode_text(plain.text)).split()
+    # The words are the aligner's pieces on both sides; NeMo's seconds count the aligner's 40 ms frames as the
+    # Canary's 80 ms ones: twice ours in the first chunk.
+    assert [word["word"] for word in nemo.timestamp["word"]] == [word.text for word in ours.words]
+    first = [word for word in ours.words if word.end < 38.0]
+    assert len(first) >= 10
+    assert _nemo_items(nemo.timestamp["word"], "word")[: len(first)] == \
+        [(word.text, 2 * word.start, 2 * word.end) for word in first]

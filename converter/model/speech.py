@@ -54,6 +54,22 @@ class TimedText:
 
 
 @dataclass(frozen=True)
+class AlignedToken:
+    """One token of an aligner's tokenisation of a whole transcript, aligned as one piece (NeMo's "char"
+    timestamps, which its overlapping chunks are merged by): id, piece, the piece decoded alone, offsets in the
+    aligner's frames from the start of its chunk, and NeMo's seconds (rounded to 2 decimals, punctuation snapped
+    to the end of the token before it); -1 where the path skips it."""
+
+    id: int
+    piece: str
+    text: str
+    start: int
+    end: int
+    start_seconds: float
+    end_seconds: float
+
+
+@dataclass(frozen=True)
 class Decoded:
     """One utterance's result from a head.
 
@@ -62,12 +78,16 @@ class Decoded:
     `frames`: where the head places each token, in encoder frames (CTC: the frame that emits it); None when
     it does not know. `words`: timed words found apart from the tokens (canary-1b-v2's forced alignment);
     None when the head gives none (a canary2 flash model's words are read from its frame tokens instead).
+    `aligned`: with a forced alignment, the whole text's aligner tokens (AlignedToken), and `encoded_frames`
+    the length of the encoder's output: what NeMo merges overlapping chunks' times by.
     """
 
     tokens: list[int]
     ended: bool
     frames: list[int] | None = None
     words: list[FrameWord] | None = None
+    aligned: list[AlignedToken] | None = None
+    encoded_frames: int | None = None
 
 
 @dataclass(frozen=True)

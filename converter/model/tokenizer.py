@@ -254,6 +254,10 @@ class BPETokenizer(Tokenizer):
             self.id_to_piece(token_id)  # the aggregate layout's error for a bad id, not SentencePiece's
         return self._model.decode_ids(ids)
 
+    def decode_pieces(self, pieces: Sequence[str]) -> str:
+        """Pieces -> text, SentencePiece's own (NeMo's tokens_to_text)."""
+        return self._model.decode_pieces(list(pieces))
+
 
 def tokenizer_files(config: TokenizerConfig) -> list[str]:
     """The folder-relative files of the tokenizer `config.json`'s `tokenizer` section names."""

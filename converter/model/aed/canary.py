@@ -177,8 +177,9 @@ class CanaryModel(SpeechModel):
                                      diarize=diarize)
         decoding = self.decoding_options(strategy, beam_size, length_penalty)
         long_form = LongFormOptions(chunking=chunking, chunk_seconds=chunk_seconds)
+        aligner = self.aligner if prompt.timestamp else None
         results = transcribe(self, self.tokenizer, audio, self.batch_decoder(prompt, decoding), bool(prompt.timestamp),
-                             batch_size, long_form, progress)
+                             batch_size, long_form, progress, aligner)
         warn(results)
         return results
 
@@ -214,8 +215,9 @@ class CanaryModel(SpeechModel):
             # NeMo aligns each hypothesis' text (the tokens the tokenizer knows, decoded) to the same audio.
             texts = [tokenizer.decode([token for token in result.tokens if token < tokenizer.vocab_size])
                      for result in decoded]
-            aligned = aligner.align(batch.samples, batch.sample_counts, texts)
-            return [replace(result, words=words) for result, (words, _) in zip(decoded, aligned)]
+            aligned, tokens = aligner.align_both(batch.samples, batch.sample_counts, texts)
+            return [replace(result, words=words, aligned=whole, encoded_frames=int(frames))
+                    for result, (words, _), whole, frames in zip(decoded, aligned, tokens, enc_lengths.tolist())]
 
         return decode_batch
 

@@ -47,7 +47,7 @@ def frame_segments(words: list[FrameWord]) -> list[FrameWord]:
     pending: list[FrameWord] = []
     for word in words:
         pending.append(word)
-        if word.text[-1] in SEGMENT_END:
+        if word.text.endswith(SEGMENT_END):  # NeMo checks no empty word
             segments.append(_segment(pending))
             pending = []
     if pending:

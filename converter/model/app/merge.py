@@ -11,6 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from typing import TYPE_CHECKING
+
+from ..speech import AlignedToken, Decoded, FrameWord
+from ..tokenizer import BPETokenizer
+
+if TYPE_CHECKING:
+    from ..ctc.align import TimestampAligner
+
 # NeMo's MIN_MERGE_SUBSEQUENCE_LEN: a leftmost common run this short is not trusted as an overlap.
 MIN_MERGE_RUN = 1
 # merge_parallel_chunks: search back over delay * 2 tokens of the merged text, align the first 60% of
@@ -131,3 +139,102 @@ def merge_chunk_tokens(chunks: Sequence[Sequence[int]], subsampling_factor: int)
         merged = merged[:keep] + tokens[skip:head_size] + tokens[head_size:]
         owners = owners[:keep] + [index] * (len(merged) - keep)
     return merged, owners
+
+
+# merge_parallel_chunks: each chunk after the first starts this many 10 ms feature frames (one second)
+# before the end of the one before it.
+OVERLAP_FEATURE_FRAMES = 100
+# get_words_offsets: marks that join the word before them instead of starting one.
+WORD_PUNCTUATION = frozenset({",", ".", "!", "?"})
+
+
+def merge_aligned_chunks(chunks: Sequence[Decoded], subsampling_factor: int,
+                         aligner: TimestampAligner) -> tuple[str, list[FrameWord]]:
+    """Overlapping chunks' forced alignments joined as merge_parallel_chunks joins them with timestamps: the
+    aligner's token ids (each chunk's whole text aligned as one piece) merged like the Canary's tokens (whose
+    encoder's `subsampling_factor` sets the merge's window); the kept tokens' offsets shifted by the chunks'
+    places, counted from the Canary's encoder lengths; words built from them (get_words_offsets). Returns the
+    merged text and the words, offsets in the aligner's frames from the start of the file, with NeMo's
+    (unrounded) seconds.
+
+    Where we differ from NeMo (README, "Timestamps of canary-1b-v2"): NeMo decodes the merged ids and the
+    words' pieces with the Canary's tokenizer, and counts the aligner's frames in the Canary's frame length;
+    here the aligner's own are used, the ones they belong to. Where the two models share tokenizer and frame
+    length, as canary-1b-v2's do, the results are the same.
+    """
+    merged, _ = merge_chunk_tokens([[token.id for token in chunk.aligned or []] for chunk in chunks],
+                                   subsampling_factor)
+    config = aligner.model.config
+    timed = _join_aligned_tokens(chunks, merged, subsampling_factor, config.encoder.subsampling_factor,
+                                 config.preprocessor.window_stride)
+    return aligner.tokenizer.decode(merged), _words(timed, aligner.tokenizer)
+
+
+def _join_aligned_tokens(chunks: Sequence[Decoded], merged: Sequence[int], canary_subsampling: int,
+                         subsampling_factor: int, window_stride: float) -> list[AlignedToken]:
+    """join_char_level_timestamps: walk each chunk's tokens in order, keep those that are the next merged id,
+    shift them by the chunk's offset, never start before the kept token before ends; seconds are NeMo's
+    `offset * window_stride * subsampling` (not rounded). A chunk starts one second (in feature frames) before
+    the end of the one before it, whose length is its Canary encoder length times the Canary's subsampling."""
+    kept: list[AlignedToken] = []
+    shift = 0
+    for index, chunk in enumerate(chunks):
+        if index:
+            previous = chunks[index - 1].encoded_frames or 0
+            shift += (previous * canary_subsampling - OVERLAP_FEATURE_FRAMES) // subsampling_factor
+        for token in chunk.aligned or []:
+            if len(kept) >= len(merged) or token.id != merged[len(kept)]:
+                continue
+            start = token.start + shift if token.start != -1 else -1
+            end = token.end + shift if token.end != -1 else -1
+            if kept and start != -1 and start < kept[-1].end:
+                start = end = kept[-1].end
+            kept.append(AlignedToken(
+                token.id, token.piece, token.text, start, end,
+                -1 if start == -1 else start * window_stride * subsampling_factor,
+                -1 if end == -1 else end * window_stride * subsampling_factor))
+    return kept
+
+
+def _words(tokens: Sequence[AlignedToken], tokenizer: BPETokenizer) -> list[FrameWord]:
+    """get_words_offsets for a SentencePiece tokenizer: a word starts at a piece that decodes to something
+    other than itself (a `▁` piece), a lone punctuation mark joins the word before it; a word runs from its
+    first token's start to the end of the token before the next word (the first word from the first token)."""
+    words: list[FrameWord] = []
+    built: list[str] = []
+    first = 0  # index of the built word's first token
+
+    def word(start: int, end: int) -> FrameWord:
+        return FrameWord(tokenizer.decode_pieces(built), tokens[start].start, tokens[end].end,
+                         tokens[start].start_seconds, tokens[end].end_seconds)
+
+    for index, token in enumerate(tokens):
+        punctuation = token.text in WORD_PUNCTUATION
+        # The next token whose text is neither empty nor a space (NeMo's next_non_delimeter_token).
+        following = next((later.text for later in tokens[index + 1:] if later.text and later.text != " "), None)
+        starts = token.piece != token.text or (token.text == " " and following not in WORD_PUNCTUATION)
+        if starts and not punctuation:
+            if built:
+                words.append(word(first, index - 1))
+            built = []
+            if token.text != " ":
+                built, first = [token.piece], index
+        elif punctuation and not built and words:
+            # NeMo moves the word's end offset to the mark's, not its end in seconds.
+            last = words[-1]
+            words[-1] = FrameWord(last.text.removesuffix(" ") + token.text, last.start, token.end,
+                                  last.start_seconds, last.end_seconds)
+        elif punctuation and built:
+            if built[-1] in (" ", "_", "\u2581"):
+                built = built[:-1]
+            built.append(token.piece)
+        else:
+            if not built:
+                first = index
+            built.append(token.piece)
+    if not words:
+        return [word(0, len(tokens) - 1)] if built else []
+    words[0] = FrameWord(words[0].text, tokens[0].start, words[0].end, tokens[0].start_seconds, words[0].end_seconds)
+    if built:
+        words.append(word(first, len(tokens) - 1))
+    return words

@@ -33,8 +33,11 @@ from .longform import (
 from ..aed.timestamps import frame_segments, split_timed_text, to_seconds
 from ..speech import AudioBatch, BatchDecoder, Decoded, FrameWord, TimedText
 from ..tokenizer import Tokenizer
+from .chunking import PARALLEL_WINDOW_SECONDS
+from .merge import merge_aligned_chunks
 
 if TYPE_CHECKING:
+    from ..ctc.align import TimestampAligner
     from ..speech import SpeechModel
 
 AudioItem = Union[str, Path, np.ndarray]
@@ -102,6 +105,7 @@ class TextReader:
     model: SpeechModel
     tokenizer: Tokenizer
     timestamps: bool
+    aligner: TimestampAligner | None = None  # a forced aligner, whose timed tokens overlapping chunks merge
 
     def text(self, tokens: Sequence[int], words: list[FrameWord] | None = None) -> tuple[str, list[FrameWord], list[int]]:
         """(text, timed words, ids outside the tokenizer) for generated tokens; `words`, when the head found
@@ -191,10 +195,15 @@ def join_chunks(reader: TextReader, output: LongFormOutput, name: str, seconds: 
     words: list[TimedText] = []
     segments: list[TimedText] = []
     unknown: list[int] = []
+    # Overlapping chunks' forced alignments are merged below, as NeMo merges them; other chunks' words are
+    # each chunk's own.
+    merge_aligned = output.method == "parallel" and reader.timestamps and reader.aligner is not None
     for index, piece in enumerate(output.chunks):
         text, frame_words, dropped = reader.text(piece.decoded.tokens, piece.decoded.words)
         unknown += dropped
         chunks.append(Chunk(piece.start, piece.end, text.strip(), piece.decoded.tokens, piece.decoded.ended))
+        if merge_aligned:
+            continue
         # Fixed chunks shift frame offsets by NeMo's integer frame offset; pause chunks by their start time.
         shift = (dict(frame_offset=output.frame_offsets[index]) if output.frame_offsets is not None
                  else dict(seconds_offset=piece.start))
@@ -202,9 +211,17 @@ def join_chunks(reader: TextReader, output: LongFormOutput, name: str, seconds: 
         segments += to_seconds(frame_segments(frame_words), stride, subsampling, **shift)
     tokens: list[int] = []
     texts: list[str] = []
-    for merged, owners in merged_tokens(output, subsampling):
+    for group, (merged, owners) in zip(output.groups, merged_tokens(output, subsampling)):
         tokens += merged
-        if output.method == "parallel":
+        if merge_aligned:
+            # With its aligner's times NeMo merges the aligner's tokens instead: they give text and words.
+            assert reader.aligner is not None
+            text, aligned = merge_aligned_chunks([output.chunks[index].decoded for index in group], subsampling,
+                                                 reader.aligner)
+            texts.append(text)
+            words += to_seconds(aligned, stride, subsampling)
+            segments += to_seconds(frame_segments(aligned), stride, subsampling)
+        elif output.method == "parallel":
             texts.append(reader.text(merged)[0])
             # Each chunk's cue shows the tokens of the merged text it contributed.
             for index in sorted(set(owners)):
@@ -232,13 +249,15 @@ def transcribe(
     batch_size: int = DEFAULT_BATCH_SIZE,
     long_form: LongFormOptions | None = None,
     progress: FileProgress | None = None,
+    aligner: TimestampAligner | None = None,
 ) -> list[Transcript]:
     """Transcribe inputs in order with a head's `decode_batch` (speech.py): short ones in batches of
-    `batch_size`, long ones chunked; `timestamps` reads timed words from what the head gives."""
+    `batch_size`, long ones chunked; `timestamps` reads timed words from what the head gives (with a forced
+    `aligner`, whose timed tokens of overlapping chunks are merged as NeMo merges them)."""
     if batch_size < 1:
         raise UsageError(f"batch_size must be at least 1, got {batch_size}")
     long_form = long_form or LongFormOptions()
-    reader = TextReader(model, tokenizer, timestamps)
+    reader = TextReader(model, tokenizer, timestamps, aligner)
     method = method_for(model, long_form)
     window = window_seconds(method, long_form, timestamps)
     times = (model.config.preprocessor.window_stride, model.config.encoder.subsampling_factor)
@@ -261,11 +280,11 @@ def transcribe(
     for index, item in enumerate(audio_items(audio)):
         with open_audio(item, sample_rate, item_name(item, index)) as source:
             if is_long(method, source.num_samples, sample_rate, window):
-                if timestamps and method == "parallel":
-                    # Each overlapping chunk is aligned on its own; their timed words are not merged yet (README,
-                    # "Timestamps of canary-1b-v2"), while chunks cut at pauses do not overlap.
-                    raise UsageError(f"{source.name}: {source.seconds:.1f} s is longer than the {window:g} s window: "
-                                     "timestamps of overlapping chunks are not merged; use chunking 'pauses'")
+                if timestamps and method == "parallel" and source.seconds > PARALLEL_WINDOW_SECONDS:
+                    # NeMo shifts the times of its later hour windows by rules of their own (merge_all_hypotheses),
+                    # not reproduced here.
+                    raise UsageError(f"{source.name}: {source.seconds:.1f} s is over an hour: timestamps of NeMo's "
+                                     "hour windows are not joined; use chunking 'pauses'")
                 report = (lambda done, total, name=source.name: progress(name, done, total)) if progress else None
                 output = transcribe_chunks(model, source, method, window, decode_batch, batch_size,
                                            long_form.pause_rule, report)

@@ -17,7 +17,10 @@ punctuation to the token before it. This module makes the same decisions:
 - times: a word starts at the frame where the path first reaches its first token and ends after the last
   frame on its last token, times frame duration (window stride x subsampling); offsets are NeMo's
   `int(seconds / frame duration)` and seconds are rounded to 2 decimals, as NeMo reports them;
-- a word ending in a punctuation token (`,` `.` `!` `?` alone) ends where the token before it ends.
+- a word ending in a punctuation token (`,` `.` `!` `?` alone) ends where the token before it ends;
+- for overlapping chunks NeMo asks for its "char" timestamps instead: the whole text tokenised and aligned
+  as one segment of one word, each token timed (a punctuation token snapped to the end of the one before it,
+  across words too): `align_tokens`.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
-from ..speech import FrameWord
+from ..speech import AlignedToken, FrameWord
 from ..tokenizer import BPETokenizer
 from .model import CTCModel
 
@@ -42,6 +45,7 @@ PADDING = np.float32(-3.4e38)
 class _Token:
     text: str  # the SentencePiece piece (NeMo's token.text)
     position: int  # its index in the target (blank, token, blank, ...)
+    id: int
     start: float = -1.0  # seconds, or -1 where the path skips it
     end: float = -1.0
 
@@ -102,9 +106,10 @@ def split_segments(text: str) -> list[str]:
     return [segment for segment in segments if segment]
 
 
-def utterance(text: str, tokenizer: BPETokenizer, frames: int) -> Utterance:
+def utterance(text: str, tokenizer: BPETokenizer, frames: int, whole: bool = False) -> Utterance:
     """NeMo's get_utt_obj for a SentencePiece aligner: the target and the segment/word/token layout. No text,
-    or more tokens than frames, gives the blank alone and no segments (NeMo aligns nothing then)."""
+    or more tokens than frames, gives the blank alone and no segments (NeMo aligns nothing then). `whole`:
+    no segment or word separators (NeMo's "char" timestamps), the text is one segment of one word."""
     blank = tokenizer.vocab_size
     text = " ".join(text.split())
     if not text or len(tokenizer.encode_text(text)) > frames:
@@ -113,21 +118,21 @@ def utterance(text: str, tokenizer: BPETokenizer, frames: int) -> Utterance:
     targets = [blank]
     segments: list[_Segment] = []
     segment_first = word_first = 1
-    for segment_text in split_segments(text):
+    for segment_text in [text] if whole else split_segments(text):
         # The segment's span counts its tokens as NeMo does: the segment tokenised whole between unknown marks.
         parts = segment_text.split(unknown_word)
         count = sum(len(tokenizer.encode_pieces(part.strip())) for part in parts) + len(parts) - 1
         segment = _Segment(segment_text, segment_first, segment_first + 2 * count - 2)
         segment_first = segment.last + 2
         segments.append(segment)
-        for word_text in segment_text.split(" "):
+        for word_text in [segment_text] if whole else segment_text.split(" "):
             pieces, ids = _word_pieces(word_text, tokenizer, unknown_word)
             word = _Word(word_text, word_first, word_first + 2 * len(pieces) - 2)
             word_first = word.last + 2
             segment.words.append(word)
             for piece, token_id in zip(pieces, ids):
                 targets += [token_id, blank]
-                word.tokens.append(_Token(piece, len(targets) - 2))
+                word.tokens.append(_Token(piece, len(targets) - 2, token_id))
     return Utterance(targets, segments)
 
 
@@ -211,16 +216,7 @@ def _ending(item: FrameWord, seconds: float, duration: float) -> FrameWord:
 
 def timed_words(layout: Utterance, path: list[int], duration: float) -> tuple[list[FrameWord], list[FrameWord]]:
     """Words and segments with NeMo's offsets and seconds from an alignment path (punctuation snapped)."""
-    first: dict[int, int] = {}
-    last: dict[int, int] = {}
-    previous = -1
-    for t, position in enumerate(path):
-        if position > previous:
-            first[position] = t
-            if previous >= 0:
-                last[previous] = t - 1
-        previous = position
-    last[previous] = len(path) - 1
+    first, last = _path_frames(path)
     words: list[FrameWord] = []
     segments: list[FrameWord] = []
     for segment in layout.segments:
@@ -243,6 +239,48 @@ def timed_words(layout: Utterance, path: list[int], duration: float) -> tuple[li
                     words[-1] = _ending(words[-1], snapped, duration)
                 token.start = token.end = snapped
     return words, segments
+
+
+def _path_frames(path: list[int]) -> tuple[dict[int, int], dict[int, int]]:
+    """The first and last frame the path spends on each target position it visits."""
+    first: dict[int, int] = {}
+    last: dict[int, int] = {}
+    previous = -1
+    for t, position in enumerate(path):
+        if position > previous:
+            first[position] = t
+            if previous >= 0:
+                last[previous] = t - 1
+        previous = position
+    last[previous] = len(path) - 1
+    return first, last
+
+
+def timed_tokens(layout: Utterance, path: list[int], duration: float, tokenizer: BPETokenizer) -> list[AlignedToken]:
+    """NeMo's "char" timestamps of a `whole` layout: every token's offsets and rounded seconds, a punctuation
+    token's start and end both snapped to the rounded end of the token before it."""
+    first, last = _path_frames(path)
+    timed = []
+    for segment in layout.segments:
+        for word in segment.words:
+            for index, token in enumerate(word.tokens):
+                _times(token, first, last, duration)
+                if token.text in SUPPORTED_PUNCTUATION:
+                    before = word.tokens[index - 1] if index > 0 else None
+                    token.start = token.end = round(before.end, 2) if before is not None else round(token.start, 2)
+                timed.append(AlignedToken(token.id, token.text, tokenizer.decode([token.id]),
+                                          _offset(token.start, duration), _offset(token.end, duration),
+                                          round(token.start, 2), round(token.end, 2)))
+    return timed
+
+
+def align_tokens(logprobs: np.ndarray, frames: np.ndarray, texts: list[str], tokenizer: BPETokenizer,
+                 duration: float) -> list[list[AlignedToken]]:
+    """Per utterance of a batch, its whole text's tokens aligned as one piece (none where nothing aligns)."""
+    layouts = [utterance(text, tokenizer, int(count), whole=True) for text, count in zip(texts, frames)]
+    paths = viterbi(logprobs, frames, [layout.targets for layout in layouts])
+    return [timed_tokens(layout, path, duration, tokenizer) if path is not None else []
+            for layout, path in zip(layouts, paths)]
 
 
 def align(logprobs: np.ndarray, frames: np.ndarray, texts: list[str], tokenizer: BPETokenizer,
@@ -271,10 +309,22 @@ class TimestampAligner:
         logprobs, frames = self.model.logprobs(*self.model.preprocess(samples, counts))
         return np.array(logprobs.astype(mx.float32)), np.array(frames).astype(np.int64)
 
-    def align(self, samples: mx.array, counts: mx.array, texts: list[str]) -> list[tuple[list[FrameWord], list[FrameWord]]]:
-        """Per row of the batch, its text's words and segments (NeMo's offsets and seconds)."""
+    @property
+    def tokenizer(self) -> BPETokenizer:
         tokenizer = self.model.tokenizer
         if not isinstance(tokenizer, BPETokenizer):
             raise ValueError("the timestamp aligner needs its SentencePiece tokenizer")
+        return tokenizer
+
+    def align(self, samples: mx.array, counts: mx.array, texts: list[str]) -> list[tuple[list[FrameWord], list[FrameWord]]]:
+        """Per row of the batch, its text's words and segments (NeMo's offsets and seconds)."""
         logprobs, frames = self.logprobs(samples, counts)
-        return align(logprobs, frames, texts, tokenizer, self.frame_seconds)
+        return align(logprobs, frames, texts, self.tokenizer, self.frame_seconds)
+
+    def align_both(self, samples: mx.array, counts: mx.array, texts: list[str]
+                   ) -> tuple[list[tuple[list[FrameWord], list[FrameWord]]], list[list[AlignedToken]]]:
+        """`align`, and each text's tokens aligned whole (`align_tokens`), from one run of the aligner: what an
+        overlapping chunk needs, since which chunks overlap is the application's business."""
+        logprobs, frames = self.logprobs(samples, counts)
+        return (align(logprobs, frames, texts, self.tokenizer, self.frame_seconds),
+                align_tokens(logprobs, frames, texts, self.tokenizer, self.frame_seconds))
