@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Callable
 
@@ -29,3 +30,12 @@ def best_of(run: Callable[[], object], repeats: int) -> float:
         run()
         times.append(time.perf_counter() - started)
     return min(times)
+
+
+def probe_arguments(source: str) -> argparse.Namespace:
+    """A Canary probe's command line: what it loads (`source`), greedy decoder steps, timed runs."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument(source)
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    return parser.parse_args()

@@ -5,7 +5,6 @@ Prints one JSON object. Run by bench.py; `python benchmarks/probe_mlx.py FOLDER 
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
@@ -16,7 +15,7 @@ from mlx.utils import tree_flatten
 from canary_convert.model.aed.canary import CanaryModel
 from canary_convert.model.aed.decoding import decode_greedy
 from canary_convert.model.aed.prompts import PromptOptions, build_prompt
-from common import AUDIO_SECONDS, LANGUAGE, SAMPLE_RATE, SUPPRESSED_BIAS, best_of, test_audio
+from common import AUDIO_SECONDS, LANGUAGE, SAMPLE_RATE, SUPPRESSED_BIAS, best_of, probe_arguments, test_audio
 
 
 def fix_steps(model: CanaryModel, prompt_length: int, steps: int) -> None:
@@ -28,11 +27,7 @@ def fix_steps(model: CanaryModel, prompt_length: int, steps: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("folder")
-    parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2)
-    args = parser.parse_args()
+    args = probe_arguments("folder")
 
     started = time.perf_counter()
     model = canary_convert.load_model(args.folder)

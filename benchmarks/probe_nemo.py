@@ -5,7 +5,6 @@ The same work as probe_mlx.py, on torch's CPU backend. Prints one JSON object.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
@@ -15,7 +14,7 @@ from nemo.collections.asr.models import EncDecMultiTaskModel
 from nemo.utils import logging as nemo_logging
 from omegaconf import OmegaConf
 
-from common import AUDIO_SECONDS, LANGUAGE, SAMPLE_RATE, SUPPRESSED_BIAS, best_of, test_audio
+from common import AUDIO_SECONDS, LANGUAGE, SAMPLE_RATE, SUPPRESSED_BIAS, best_of, probe_arguments, test_audio
 
 
 def prompt_slots(model: EncDecMultiTaskModel, lang: str) -> dict[str, str]:
@@ -41,18 +40,18 @@ def fix_steps(model: EncDecMultiTaskModel, prompt_length: int, steps: int) -> No
     model.decoding.decoding.greedy_search.max_seq_length = prompt_length + steps
 
 
+def restore(path: str) -> tuple[EncDecMultiTaskModel, float]:
+    """NeMo's model restored on the CPU (its logging quiet), and the seconds that took."""
+    nemo_logging.setLevel(logging.ERROR)
+    started = time.perf_counter()
+    model = EncDecMultiTaskModel.restore_from(path, map_location="cpu").eval()
+    return model, time.perf_counter() - started
+
+
 @torch.inference_mode()
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("nemo")
-    parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2)
-    args = parser.parse_args()
-    nemo_logging.setLevel(logging.ERROR)
-
-    started = time.perf_counter()
-    model = EncDecMultiTaskModel.restore_from(args.nemo, map_location="cpu").eval()
-    load_seconds = time.perf_counter() - started
+    args = probe_arguments("nemo")
+    model, load_seconds = restore(args.nemo)
 
     audio = torch.from_numpy(test_audio())[None]
     samples = torch.tensor([SAMPLE_RATE * AUDIO_SECONDS])

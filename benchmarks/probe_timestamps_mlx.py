@@ -6,7 +6,6 @@ Prints one JSON object. Run by bench.py (aligner.py); `python benchmarks/probe_t
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 import warnings
@@ -16,16 +15,12 @@ import mlx.core as mx
 
 from canary_convert.model.aed.prompts import PromptOptions, build_prompt
 from canary_convert.model.app.transcribe import Transcript
-from common import LANGUAGE, best_of, test_audio
+from common import LANGUAGE, best_of, probe_arguments, test_audio
 from probe_mlx import fix_steps
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("folder")
-    parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2)
-    args = parser.parse_args()
+    args = probe_arguments("folder")
     warnings.simplefilter("ignore")  # every run ends on the length budget, and says so
 
     started = time.perf_counter()

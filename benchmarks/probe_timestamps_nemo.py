@@ -4,31 +4,18 @@ then `transcribe(timestamps=True)` of 30 s, the same work as probe_timestamps_ml
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
-import time
 
 import torch
-from nemo.collections.asr.models import EncDecMultiTaskModel
-from nemo.utils import logging as nemo_logging
 
-from common import LANGUAGE, best_of, test_audio
-from probe_nemo import fix_steps, prompt_ids, prompt_slots
+from common import LANGUAGE, best_of, probe_arguments, test_audio
+from probe_nemo import fix_steps, prompt_ids, prompt_slots, restore
 
 
 @torch.inference_mode()
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("nemo")
-    parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2)
-    args = parser.parse_args()
-    nemo_logging.setLevel(logging.ERROR)
-
-    started = time.perf_counter()
-    model = EncDecMultiTaskModel.restore_from(args.nemo, map_location="cpu").eval()
-    load_seconds = time.perf_counter() - started
+    args = probe_arguments("nemo")
+    model, load_seconds = restore(args.nemo)
     assert model.timestamps_asr_model is not None, "NeMo restored no aligner from the archive"
 
     fix_steps(model, len(prompt_ids(model, LANGUAGE)), args.steps)
