@@ -223,12 +223,13 @@ def join_chunks(reader: TextReader, output: LongFormOutput, name: str, seconds: 
             segments += to_seconds(frame_segments(aligned), stride, subsampling)
         elif output.method == "parallel":
             texts.append(reader.text(merged)[0])
+        else:
+            texts += [chunks[index].text for index in sorted(set(owners))]
+        if output.method == "parallel":
             # Each chunk's cue shows the tokens of the merged text it contributed.
             for index in sorted(set(owners)):
                 own = [token for token, owner in zip(merged, owners) if owner == index]
                 chunks[index] = replace(chunks[index], text=reader.text(own)[0].strip())
-        else:
-            texts += [chunks[index].text for index in sorted(set(owners))]
     # NeMo joins the texts of its hour windows (and we those of end-to-end chunks) stripped, by one space.
     text = " ".join(text.strip() for text in texts if text)
     sparse = sparse_chunks(reader.tokenizer, output)
