@@ -16,8 +16,8 @@ $(BIN)/python:
 # system's libgfortran and runs on every x86_64 CPU, so it comes from Debian/Ubuntu's libopenblas0-pthread.
 # The install also compiles converter/native/gemv_forward.c, which sends MLX's matrix-vector products to
 # OpenBLAS's sgemv (3x the decoder's speed with OpenBLAS 0.3.21), converter/native/widen.c (float16
-# widened by F16C for the goldens) and converter/native/subsample.c (the encoder subsampling's stride-2
-# convolutions, vectorised and threaded), so Linux needs a C compiler too.
+# widened by F16C for the goldens) and the encoder's kernels for x86 (converter/native/subsample.c,
+# rel_softmax.c, activations.c: vectorised and threaded), so Linux needs a C compiler too.
 blas:
 	@if [ "$$(uname -s)" = Linux ]; then \
 	  missing=""; \

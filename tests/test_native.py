@@ -1,8 +1,10 @@
 """The `_encoder` extension's kernels give what the MLX code they replace gives.
 
 NeMo parity of the whole encoder is tests/test_parity.py's (it runs these kernels on Linux); here the subsampling's
-convolutions are held against the MLX layers they replace on shapes the tiny checkpoints do not reach: odd lengths and widths,
-several channel counts (vector remainders), factors 4 to 16, padded batches with a sequence of one frame.
+convolutions and the attention softmax are held against the MLX code they replace on shapes the tiny checkpoints do
+not reach (the softmax against numpy too): odd lengths and widths, several channel counts (vector remainders),
+factors 4 to 16, padded batches with a sequence of one frame, a head width whose 1/sqrt is not a power of two;
+SiLU and GLU over the range where exp saturates.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import pytest
 from canary_convert.extensions import extension_path
 from canary_convert.model.config import EncoderConfig
 from canary_convert.model.cpu import native
-from canary_convert.model.fastconformer.encoder import ConvSubsampling
+from canary_convert.model.cpu.activations import silu
+from canary_convert.model.fastconformer.encoder import ConvSubsampling, RelPositionMultiHeadAttention, relative_positions
+from canary_convert.model.masks import additive_mask, valid_mask
 
 pytestmark = pytest.mark.skipif(platform.machine().lower() in ("arm64", "aarch64"),
                                 reason="the extension replaces MLX's x86 CPU kernels")
@@ -73,3 +77,64 @@ def test_half_precision_inputs_keep_their_dtype(dtype: mx.Dtype) -> None:
     assert native.dtype == dtype
     np.testing.assert_allclose(np.array(native.astype(mx.float32)), np.array(reference.astype(mx.float32)),
                                rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize(("d_model", "heads", "lengths"), [(64, 4, [37]), (96, 4, [50, 1, 23]), (512, 8, [376, 200])])
+def test_native_attention_softmax_matches_the_mlx_attention(d_model: int, heads: int, lengths: list[int],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The relative shift, the scale (1/sqrt(24) is not a power of two), the mask of a padded batch and the softmax,
+    through the whole attention module, with the extension and with the MLX code it replaces."""
+    mx.random.seed(d_model)
+    attention = RelPositionMultiHeadAttention(d_model, heads, use_bias=True)
+    attention.update({"pos_bias_u": mx.random.normal((heads, d_model // heads)),
+                      "pos_bias_v": mx.random.normal((heads, d_model // heads))})
+    frames = max(lengths)
+    x = 2.0 * mx.random.normal((len(lengths), frames, d_model))
+    positions = mx.array(relative_positions(frames, d_model))
+    mask = valid = None
+    if min(lengths) < frames:
+        real = valid_mask(mx.array(lengths), frames)
+        mask = additive_mask((real[:, :, None] & real[:, None, :])[:, None], x.dtype)
+        valid = real[:, :, None].astype(x.dtype)
+    mx.eval(attention.parameters(), x, positions)
+    native_out = attention(x, positions, mask, valid)
+    monkeypatch.setattr(native, "available", lambda: False)
+    reference = attention(x, positions, mask, valid)
+    assert float(mx.abs(reference).max()) > 0.1
+    np.testing.assert_allclose(np.array(native_out), np.array(reference), rtol=1e-5, atol=1e-5)
+
+
+def test_native_softmax_rows_are_the_shifted_scaled_masked_softmax() -> None:
+    """Each weight row against numpy's softmax of (ac[i, j] + bd[i, T-1-i+j]) * scale + mask[i, j], in float64."""
+    rng = np.random.default_rng(0)
+    batch, heads, frames, scale = 2, 3, 21, 0.3
+    ac = rng.normal(size=(batch, heads, frames, frames)).astype(np.float32) * 8
+    bd = rng.normal(size=(batch, heads, frames, 2 * frames - 1)).astype(np.float32) * 8
+    mask = np.where(rng.random((batch, 1, frames, frames)) < 0.3, -10000.0, 0.0).astype(np.float32)
+    got = np.array(native.rel_softmax(mx.array(ac), mx.array(bd), mx.array(mask), scale))
+    rows, columns = np.arange(frames)[:, None], np.arange(frames)[None, :]
+    scores = (ac.astype(np.float64) + bd[..., rows, frames - 1 - rows + columns]) * scale + mask
+    want = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    want /= want.sum(axis=-1, keepdims=True)
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_native_silu_and_glu_match_the_composed_ones(dtype: mx.Dtype) -> None:
+    """Against the MLX-composed SiLU/GLU they replace and numpy's float64, over the range where exp saturates."""
+    x = mx.concatenate([mx.linspace(-100, 100, 2001), 6.0 * mx.random.normal((2003,), key=mx.random.key(5))])
+    x = x.reshape(-1, 2, 1001).astype(dtype)  # odd last axis: vector remainders; GLU halves of 1001
+    values = np.array(x.astype(mx.float32), dtype=np.float64)
+    tolerance = 1e-6 if dtype == mx.float32 else 1e-2
+    got = native.silu(x)
+    assert got.dtype == dtype and got.shape == x.shape
+    np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(silu(x).astype(mx.float32)),
+                               rtol=tolerance, atol=tolerance)
+    np.testing.assert_allclose(np.array(got.astype(mx.float32)), values / (1 + np.exp(-values)),
+                               rtol=max(tolerance, 2e-6), atol=tolerance)
+    pairs = x.reshape(-1, 2002)
+    a, gate = np.split(np.array(pairs.astype(mx.float32), dtype=np.float64), 2, axis=-1)
+    glu = native.glu(pairs)
+    assert glu.dtype == dtype and glu.shape == (pairs.shape[0], 1001)
+    np.testing.assert_allclose(np.array(glu.astype(mx.float32)), a / (1 + np.exp(-gate)),
+                               rtol=max(tolerance, 2e-6), atol=tolerance)

@@ -12,11 +12,10 @@
  * is NeMo's: one zero row and column each side; rows at or past a sequence's valid length count as zeros
  * (NeMo's MaskedConvSequential zeroes them before each conv). Only the order of the sums differs from NeMo's.
  */
-#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#include "parallel.h"
 
 /* Row r of ReLU(conv 1->C, 3x3, stride 2, padding 1) over x (T, F); input rows >= valid are zeros. */
 VECTOR_CLONES static void first_conv_row(const float *x, int frames, int freq, int valid, int r, int out_freq,
@@ -146,32 +145,18 @@ static void *depthwise_worker(void *arg) {
 /* Runs `worker` over the output rows on up to `threads` threads (the caller's included); 0 on success. */
 static int run(Job *template, void *(*worker)(void *), int threads) {
     int rows = template->batch * template->out_height;
-    if (threads < 1)
-        threads = 1;
-    if (threads > 64)
-        threads = 64;
-    if (threads > rows)
-        threads = rows > 0 ? rows : 1;
-    Job jobs[64];
-    pthread_t ids[64];
-    int started[64] = {0};
-    for (int k = 0; k < threads; k++) {
+    Job jobs[MAX_THREADS];
+    int used = parallel_count(rows, threads);
+    for (int k = 0; k < used; k++) {
         jobs[k] = *template;
-        jobs[k].first_row = (int)((long)rows * k / threads);
-        jobs[k].last_row = (int)((long)rows * (k + 1) / threads);
+        jobs[k].first_row = (int)((long)rows * k / used);
+        jobs[k].last_row = (int)((long)rows * (k + 1) / used);
         jobs[k].failed = 0;
     }
-    for (int k = 1; k < threads; k++)
-        started[k] = pthread_create(&ids[k], NULL, worker, &jobs[k]) == 0;
-    worker(&jobs[0]);
-    int failed = jobs[0].failed;
-    for (int k = 1; k < threads; k++) {
-        if (started[k])
-            pthread_join(ids[k], NULL);
-        else
-            worker(&jobs[k]);
+    parallel_run(worker, jobs, sizeof(Job), used);
+    int failed = 0;
+    for (int k = 0; k < used; k++)
         failed |= jobs[k].failed;
-    }
     return failed;
 }
 

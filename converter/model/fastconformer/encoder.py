@@ -199,16 +199,25 @@ class RelPositionMultiHeadAttention(nn.Module):
     def __call__(self, x: mx.array, pos_emb: mx.array, mask: mx.array | None, valid: mx.array | None) -> mx.array:
         """x (B, T, d); pos_emb (2T-1, d); mask (B, 1, T, T) additive, -10000 unless query and key are both
         real frames, and valid (B, T, 1) 1 on real frames (both None when no frame is padding)."""
-        b, t, _ = x.shape
         scale = 1 / math.sqrt(self.d_head)
         q_u, q_v, k, v, p = self._heads(x, pos_emb)
+        if native.available():
+            # One vectorised pass from both products to the weights (cpu/native.py), NeMo's (ac + bd) / sqrt(d_k).
+            weights = native.rel_softmax(product(q_u, k.swapaxes(-1, -2)), product(q_v, p.transpose(0, 1, 3, 2)),
+                                         mask, scale)
+            out = product(weights, v).astype(x.dtype)
+            return self._output(out, valid)
         # NeMo shifts the full (T, 2T-1) product, then keeps the first T columns; `attention` adds it,
         # scaled, to (q+u)k^T/sqrt(d_head) as an additive mask.
         bias = self.rel_shift(product(q_v, p.transpose(0, 1, 3, 2)).astype(x.dtype)) * scale
         if mask is not None:
             # NeMo fills masked scores with -10000; adding -10000 gives those keys the same zero weight.
             bias = bias + mask
-        out = attention(q_u, k, v, scale, bias)
+        return self._output(attention(q_u, k, v, scale, bias), valid)
+
+    def _output(self, out: mx.array, valid: mx.array | None) -> mx.array:
+        """The heads' outputs (B, h, T, d_head) joined and projected."""
+        b, _, t, _ = out.shape
         out = out.transpose(0, 2, 1, 3).reshape(b, t, self.n_heads * self.d_head)
         if valid is not None:
             # NeMo zeroes the weights of masked pairs after the softmax: padded query rows become all zero.
@@ -262,6 +271,10 @@ class RelPositionMultiHeadAttention(nn.Module):
         return self.linear_out(out)
 
 
+def _silu(x: mx.array) -> mx.array:
+    return native.silu(x) if native.available() else silu(x)
+
+
 class FeedForward(nn.Module):
     """Conformer feed-forward: linear -> Swish (SiLU) -> linear."""
 
@@ -271,7 +284,7 @@ class FeedForward(nn.Module):
         self.linear2 = nn.Linear(d_ff, d_model, bias=use_bias)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.linear2(silu(self.linear1(x)))
+        return self.linear2(_silu(self.linear1(x)))
 
 
 class BatchNorm(nn.Module):
@@ -312,13 +325,16 @@ class ConvModule(nn.Module):
     def __call__(self, x: mx.array, valid: mx.array | None) -> mx.array:
         """x (B, T, d); valid (B, T, 1) 1 on real frames (None when no frame is padding)."""
         x = _pointwise(self.pointwise_conv1, x)
-        a, gate = mx.split(x, 2, axis=-1)  # torch GLU: first half times sigmoid(second half)
-        x = a * sigmoid(gate)
+        if native.available():
+            x = native.glu(x)
+        else:
+            a, gate = mx.split(x, 2, axis=-1)  # torch GLU: first half times sigmoid(second half)
+            x = a * sigmoid(gate)
         # NeMo zeroes padded frames before the depthwise conv so they cannot leak into real ones.
         if valid is not None:
             x = x * valid
         x = self._depthwise(x)
-        x = silu(self.batch_norm(x))
+        x = _silu(self.batch_norm(x))
         return _pointwise(self.pointwise_conv2, x)
 
     def _depthwise(self, x: mx.array) -> mx.array:
