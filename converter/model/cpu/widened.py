@@ -23,11 +23,9 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx.utils import tree_map_with_path
 
 from .activations import HALF, slow_cpu
-from .mapped import widened
 
 
 def _widened_product(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
@@ -134,17 +132,10 @@ def _available_bytes() -> int:
     return 0
 
 
-def _held_widened(weight: mx.array) -> mx.array:
-    """The float32 values of a half-precision weight, exactly (`mapped.widened`: at memory speed, where MLX's
-    own conversion runs one element at a time on x86)."""
-    bits = np.asarray(weight.view(mx.uint16))
-    return mx.array(widened(bits, weight.dtype, np.empty(weight.shape, dtype=np.float32)))
-
-
 def hold_widened(model: nn.Module, share: float = 0.5) -> bool:
     """On a CPU whose half-precision kernels are scalar loops, replace the half-precision weights of the model's
     widening layers (`widen_products` first) by their float32 values, if those fit in `share` of the memory
-    available now; returns whether it did. Layer by layer, so the half-precision copies are let go on the way."""
+    available now; returns whether it did."""
     layers = [layer for _, layer in model.named_modules()
               if isinstance(layer, (WidenedLinear, WidenedEmbedding)) and layer["weight"].dtype in HALF]
     needed = sum(layer["weight"].size * 4 for layer in layers)
@@ -153,5 +144,8 @@ def hold_widened(model: nn.Module, share: float = 0.5) -> bool:
     for layer in layers:
         if isinstance(layer, WidenedEmbedding):
             layer.stored_dtype = layer["weight"].dtype
-        layer["weight"] = _held_widened(layer["weight"])
+        # One layer at a time, evaluated, so its half-precision copy is let go before the next is widened
+        # (MLX's conversion: 21 ms for 12.6M weights here, faster than numpy's shift and a copy into MLX).
+        layer["weight"] = layer["weight"].astype(mx.float32)
+        mx.eval(layer["weight"])
     return True
