@@ -4,7 +4,7 @@ NeMo parity of the whole encoder is tests/test_parity.py's (it runs these kernel
 convolutions and the attention softmax are held against the MLX code they replace on shapes the tiny checkpoints do
 not reach (the softmax against numpy too): odd lengths and widths, several channel counts (vector remainders),
 factors 4 to 16, padded batches with a sequence of one frame, a head width whose 1/sqrt is not a power of two;
-SiLU and GLU over the range where exp saturates.
+SiLU and GLU over the range where exp saturates; the conv module with kernels longer than a sequence.
 """
 
 from __future__ import annotations
@@ -19,7 +19,12 @@ from canary_convert.extensions import extension_path
 from canary_convert.model.config import EncoderConfig
 from canary_convert.model.cpu import native
 from canary_convert.model.cpu.activations import silu
-from canary_convert.model.fastconformer.encoder import ConvSubsampling, RelPositionMultiHeadAttention, relative_positions
+from canary_convert.model.fastconformer.encoder import (
+    ConvModule,
+    ConvSubsampling,
+    RelPositionMultiHeadAttention,
+    relative_positions,
+)
 from canary_convert.model.masks import additive_mask, valid_mask
 
 pytestmark = pytest.mark.skipif(platform.machine().lower() in ("arm64", "aarch64"),
@@ -138,3 +143,25 @@ def test_native_silu_and_glu_match_the_composed_ones(dtype: mx.Dtype) -> None:
     assert glu.dtype == dtype and glu.shape == (pairs.shape[0], 1001)
     np.testing.assert_allclose(np.array(glu.astype(mx.float32)), a / (1 + np.exp(-gate)),
                                rtol=max(tolerance, 2e-6), atol=tolerance)
+
+
+@pytest.mark.parametrize(("d_model", "kernel", "lengths"), [(64, 9, [40]), (36, 31, [29, 3]), (512, 9, [376, 100])])
+def test_native_conv_module_matches_the_mlx_layers(d_model: int, kernel: int, lengths: list[int],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """GLU, depthwise conv over time (kernels longer than the sequence too), BatchNorm with real statistics and
+    SiLU, with the extension and with the MLX code it replaces, alone and in a padded batch."""
+    mx.random.seed(kernel)
+    module = ConvModule(d_model, kernel, use_bias=True)
+    module.batch_norm.update({"running_mean": mx.random.normal((d_model,)),
+                              "running_var": mx.random.uniform(0.2, 3.0, (d_model,)),
+                              "weight": mx.random.normal((d_model,)), "bias": mx.random.normal((d_model,))})
+    module.depthwise_conv.update({"bias": mx.random.normal((d_model,))})
+    frames = max(lengths)
+    x = mx.random.normal((len(lengths), frames, d_model))
+    valid = valid_mask(mx.array(lengths), frames)[:, :, None].astype(x.dtype) if min(lengths) < frames else None
+    mx.eval(module.parameters(), x)
+    native_out = module(x, valid)
+    monkeypatch.setattr(native, "available", lambda: False)
+    reference = module(x, valid)
+    assert float(mx.abs(reference).max()) > 0.1
+    np.testing.assert_allclose(np.array(native_out), np.array(reference), rtol=1e-5, atol=1e-5)

@@ -13,6 +13,8 @@ was five passes in MLX here (the shifted copy, the scale, the sum, the mask, the
 vectorised operations), 5.8 ms a layer on canary-180m-flash's 30 s; one vectorised pass per row on every core.
 
 SiLU and GLU (native/activations.c): the same formulas as activations.py's, vectorised and on every core.
+
+The conv module's depthwise convolution, BatchNorm and SiLU (native/conv_module.c): k + 3 passes in MLX, one here.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ def _library() -> ctypes.CDLL | None:
     library.canary_silu.argtypes = [_FLOATS, _FLOATS, ctypes.c_long, ctypes.c_int]
     library.canary_glu.argtypes = [_FLOATS, _FLOATS, ctypes.c_long, ctypes.c_long, ctypes.c_int]
     library.canary_silu.restype = library.canary_glu.restype = None
+    library.canary_depthwise_bn_silu.argtypes = [_FLOATS, ctypes.c_long, ctypes.c_long, ctypes.c_long, _FLOATS,
+                                                 ctypes.c_long, _FLOATS, _FLOATS, _FLOATS, _FLOATS, _FLOATS, ctypes.c_int]
+    library.canary_depthwise_bn_silu.restype = None
     library.canary_relu_depthwise.argtypes = [_FLOATS, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, _INTS,
                                               _FLOATS, _FLOATS, _FLOATS, ctypes.c_int]
     for function in (library.canary_subsample_stem, library.canary_relu_depthwise):
@@ -139,4 +144,21 @@ def glu(x: mx.array) -> mx.array:
     d = values.shape[-1] // 2
     out = np.empty((*values.shape[:-1], d), dtype=np.float32)
     _library().canary_glu(_pointer(values, _FLOATS), _pointer(out, _FLOATS), values.size // (2 * d), d, _threads())
+    return mx.array(out).astype(x.dtype)
+
+
+def depthwise_bn_silu(x: mx.array, weight: mx.array, bias: mx.array | None, mean: mx.array, factor: mx.array,
+                      shift: mx.array) -> mx.array:
+    """SiLU((conv(x) - mean) * factor + shift) for x (B, T, C), conv the depthwise convolution over time with
+    weight (C, k, 1), (k-1)/2 zeros each side, and bias (or None); in x's dtype."""
+    batch, frames, channels = x.shape
+    kernel = weight.shape[1]
+    values = _floats(x)
+    taps = np.ascontiguousarray(_floats(weight).reshape(channels, kernel).T)
+    norm = [_floats(v) for v in (mean, factor, shift)]
+    conv_bias = None if bias is None else _floats(bias)
+    out = np.empty_like(values)
+    _library().canary_depthwise_bn_silu(_pointer(values, _FLOATS), batch, frames, channels, _pointer(taps, _FLOATS),
+                                        kernel, None if conv_bias is None else _pointer(conv_bias, _FLOATS),
+                                        *(_pointer(v, _FLOATS) for v in norm), _pointer(out, _FLOATS), _threads())
     return mx.array(out).astype(x.dtype)

@@ -333,8 +333,13 @@ class ConvModule(nn.Module):
         # NeMo zeroes padded frames before the depthwise conv so they cannot leak into real ones.
         if valid is not None:
             x = x * valid
-        x = self._depthwise(x)
-        x = _silu(self.batch_norm(x))
+        if native.available():
+            norm = self.batch_norm
+            factor = mx.rsqrt(norm.running_var + norm.eps) * norm.weight
+            x = native.depthwise_bn_silu(x, self.depthwise_conv.weight, self.depthwise_conv.get("bias"),
+                                         norm.running_mean, factor, norm.bias)
+        else:
+            x = silu(self.batch_norm(self._depthwise(x)))
         return _pointwise(self.pointwise_conv2, x)
 
     def _depthwise(self, x: mx.array) -> mx.array:
