@@ -17,7 +17,8 @@ $(BIN)/python:
 # The install also compiles converter/native/gemv_forward.c, which sends MLX's matrix-vector products to
 # OpenBLAS's sgemv (3x the decoder's speed with OpenBLAS 0.3.21), converter/native/widen.c (float16
 # widened by F16C for the goldens) and the encoder's kernels for x86 (converter/native/subsample.c,
-# rel_softmax.c, activations.c, conv_module.c: vectorised and threaded), so Linux needs a C compiler too.
+# rel_softmax.c, activations.c, conv_module.c,
+# layer_norm.c: vectorised and threaded), so Linux needs a C compiler too.
 blas:
 	@if [ "$$(uname -s)" = Linux ]; then \
 	  missing=""; \

@@ -4,7 +4,8 @@ NeMo parity of the whole encoder is tests/test_parity.py's (it runs these kernel
 convolutions and the attention softmax are held against the MLX code they replace on shapes the tiny checkpoints do
 not reach (the softmax against numpy too): odd lengths and widths, several channel counts (vector remainders),
 factors 4 to 16, padded batches with a sequence of one frame, a head width whose 1/sqrt is not a power of two;
-SiLU and GLU over the range where exp saturates; the conv module with kernels longer than a sequence.
+SiLU and GLU over the range where exp saturates; the conv module with kernels longer than a sequence;
+LayerNorm.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from canary_convert.model.cpu.activations import silu
 from canary_convert.model.fastconformer.encoder import (
     ConvModule,
     ConvSubsampling,
+    LayerNorm,
     RelPositionMultiHeadAttention,
     relative_positions,
 )
@@ -165,3 +167,23 @@ def test_native_conv_module_matches_the_mlx_layers(d_model: int, kernel: int, le
     reference = module(x, valid)
     assert float(mx.abs(reference).max()) > 0.1
     np.testing.assert_allclose(np.array(native_out), np.array(reference), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("rows", "width"), [(376, 512), (7, 36), (3, 17)])
+def test_native_layer_norm_matches_torchs_definition(rows: int, width: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The encoder's LayerNorm against numpy's float64 one (torch's definition: biased variance, eps inside the
+    root) on rows with a large common offset, where a one-pass variance loses digits, and widths that leave
+    vector remainders (float32 inputs near 100 carry 8e-6 of rounding); MLX's own kernel, the fallback, too."""
+    mx.random.seed(width)
+    norm = LayerNorm(width, eps=1e-5)
+    norm.update({"weight": mx.random.normal((width,)), "bias": mx.random.normal((width,))})
+    x = 100.0 + mx.random.normal((2, rows, width))
+    mx.eval(norm.parameters(), x)
+    values = np.array(x, dtype=np.float64)
+    centred = values - values.mean(axis=-1, keepdims=True)
+    want = centred / np.sqrt((centred**2).mean(axis=-1, keepdims=True) + 1e-5) * np.array(norm.weight) + np.array(norm.bias)
+    native_out = norm(x)
+    assert native_out.shape == x.shape and native_out.dtype == x.dtype
+    np.testing.assert_allclose(np.array(native_out), want, rtol=1e-4, atol=1e-4)
+    monkeypatch.setattr(native, "available", lambda: False)
+    np.testing.assert_allclose(np.array(norm(x)), want, rtol=1e-3, atol=1e-3)

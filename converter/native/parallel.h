@@ -10,6 +10,24 @@
 
 enum { MAX_THREADS = 64 };
 
+/* Sums and maxima run in LANES partial results, which the compiler keeps in one vector register (a single
+ * running float would be a chain of dependent scalar operations). */
+enum { LANES = 16 };
+
+static inline float vector_sum(const float *x, long n) {
+    float lanes[LANES] = {0};
+    long whole = n - n % LANES;
+    for (long j = 0; j < whole; j += LANES)
+        for (int l = 0; l < LANES; l++)
+            lanes[l] += x[j + l];
+    float total = 0.0f;
+    for (int l = 0; l < LANES; l++)
+        total += lanes[l];
+    for (long j = whole; j < n; j++)
+        total += x[j];
+    return total;
+}
+
 /* Calls worker(jobs + k * job_size) for k < count (count <= MAX_THREADS), on count threads, the caller's
  * included; a thread that cannot be started has its share run on the caller's. */
 static inline void parallel_run(void *(*worker)(void *), void *jobs, size_t job_size, int count) {

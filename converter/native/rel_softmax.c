@@ -9,11 +9,7 @@
 #include "parallel.h"
 #include "vector_exp.h"
 
-/* One row: out[j] = softmax over j of (ac[j] + bd[j]) * scale + mask[j] (mask may be NULL). The maximum and the
- * sum run in LANES partial results, which the compiler keeps in one vector register (a single running float
- * would be a chain of dependent scalar operations). */
-enum { LANES = 16 };
-
+/* One row: out[j] = softmax over j of (ac[j] + bd[j]) * scale + mask[j] (mask may be NULL). */
 VECTOR_CLONES static void softmax_row(const float *ac, const float *bd, const float *mask, int t, float scale,
                                       float *out) {
     for (int j = 0; j < t; j++)
@@ -33,16 +29,7 @@ VECTOR_CLONES static void softmax_row(const float *ac, const float *bd, const fl
 
     for (int j = 0; j < t; j++)
         out[j] = vector_exp(out[j] - high);
-    for (int l = 0; l < LANES; l++)
-        lanes[l] = 0.0f;
-    for (int j = 0; j < whole_lanes; j += LANES)
-        for (int l = 0; l < LANES; l++)
-            lanes[l] += out[j + l];
-    float total = 0.0f;
-    for (int l = 0; l < LANES; l++)
-        total += lanes[l];
-    for (int j = whole_lanes; j < t; j++)
-        total += out[j];
+    float total = vector_sum(out, t);
     for (int j = 0; j < t; j++)
         out[j] = out[j] / total;
 }

@@ -15,6 +15,7 @@ vectorised operations), 5.8 ms a layer on canary-180m-flash's 30 s; one vectoris
 SiLU and GLU (native/activations.c): the same formulas as activations.py's, vectorised and on every core.
 
 The conv module's depthwise convolution, BatchNorm and SiLU (native/conv_module.c): k + 3 passes in MLX, one here.
+LayerNorm (native/layer_norm.c): MLX's x86 kernel runs on one thread.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ def _library() -> ctypes.CDLL | None:
     library.canary_depthwise_bn_silu.argtypes = [_FLOATS, ctypes.c_long, ctypes.c_long, ctypes.c_long, _FLOATS,
                                                  ctypes.c_long, _FLOATS, _FLOATS, _FLOATS, _FLOATS, _FLOATS, ctypes.c_int]
     library.canary_depthwise_bn_silu.restype = None
+    library.canary_layer_norm.argtypes = [_FLOATS, ctypes.c_long, ctypes.c_long, _FLOATS, _FLOATS, ctypes.c_float,
+                                          _FLOATS, ctypes.c_int]
+    library.canary_layer_norm.restype = None
     library.canary_relu_depthwise.argtypes = [_FLOATS, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, _INTS,
                                               _FLOATS, _FLOATS, _FLOATS, ctypes.c_int]
     for function in (library.canary_subsample_stem, library.canary_relu_depthwise):
@@ -161,4 +165,15 @@ def depthwise_bn_silu(x: mx.array, weight: mx.array, bias: mx.array | None, mean
     _library().canary_depthwise_bn_silu(_pointer(values, _FLOATS), batch, frames, channels, _pointer(taps, _FLOATS),
                                         kernel, None if conv_bias is None else _pointer(conv_bias, _FLOATS),
                                         *(_pointer(v, _FLOATS) for v in norm), _pointer(out, _FLOATS), _threads())
+    return mx.array(out).astype(x.dtype)
+
+
+def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.array:
+    """torch's LayerNorm over the last axis (biased variance), in x's dtype."""
+    values = _floats(x)
+    width = values.shape[-1]
+    out = np.empty_like(values)
+    _library().canary_layer_norm(_pointer(values, _FLOATS), values.size // width, width,
+                                 _pointer(_floats(weight), _FLOATS), _pointer(_floats(bias), _FLOATS), eps,
+                                 _pointer(out, _FLOATS), _threads())
     return mx.array(out).astype(x.dtype)

@@ -356,6 +356,15 @@ class ConvModule(nn.Module):
         return out + conv.bias if "bias" in conv else out
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm, by the `_encoder` extension on x86 CPUs (MLX's kernel runs on one thread there)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if native.available():
+            return native.layer_norm(x, self.weight, self.bias, self.eps)
+        return super().__call__(x)
+
+
 class ConformerLayer(nn.Module):
     """Macaron block: x + FF1/2, + MHSA, + Conv, + FF2/2, then LayerNorm (NeMo's fc_factor 0.5)."""
 
@@ -363,15 +372,15 @@ class ConformerLayer(nn.Module):
         super().__init__()
         d, bias = config.d_model, config.use_bias
         d_ff = d * config.ff_expansion_factor
-        self.norm_feed_forward1 = nn.LayerNorm(d, eps=NORM_EPS)
+        self.norm_feed_forward1 = LayerNorm(d, eps=NORM_EPS)
         self.feed_forward1 = FeedForward(d, d_ff, bias)
-        self.norm_conv = nn.LayerNorm(d, eps=NORM_EPS)
+        self.norm_conv = LayerNorm(d, eps=NORM_EPS)
         self.conv = ConvModule(d, config.conv_kernel_size, bias)
-        self.norm_self_att = nn.LayerNorm(d, eps=NORM_EPS)
+        self.norm_self_att = LayerNorm(d, eps=NORM_EPS)
         self.self_attn = RelPositionMultiHeadAttention(d, config.n_heads, bias)
-        self.norm_feed_forward2 = nn.LayerNorm(d, eps=NORM_EPS)
+        self.norm_feed_forward2 = LayerNorm(d, eps=NORM_EPS)
         self.feed_forward2 = FeedForward(d, d_ff, bias)
-        self.norm_out = nn.LayerNorm(d, eps=NORM_EPS)
+        self.norm_out = LayerNorm(d, eps=NORM_EPS)
 
     def __call__(self, x: mx.array, pos_emb: mx.array, att_mask: mx.array | None, valid: mx.array | None,
                  context: tuple[int, int] | None = None) -> mx.array:
