@@ -7,7 +7,7 @@ import re
 import shutil
 from pathlib import Path
 
-from families import FAMILIES
+from families import FAMILIES  # noqa: F401 (the suite's families, which bench.py reads)
 from measure import BIN, OUTPUTS, WORK, best_figures, build_in_child, build_once, copy_seconds, probe, run_sampled
 
 _BUILD = ("import sys; from pathlib import Path; from families import FAMILIES; from factory import build; "

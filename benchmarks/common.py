@@ -33,7 +33,7 @@ def best_of(run: Callable[[], object], repeats: int) -> float:
 
 
 def probe_arguments(source: str) -> argparse.Namespace:
-    """A Canary probe's command line: what it loads (`source`), greedy decoder steps, timed runs."""
+    """A probe's command line: what it loads (`source`), decoding steps, timed runs."""
     parser = argparse.ArgumentParser()
     parser.add_argument(source)
     parser.add_argument("--steps", type=int, default=32)

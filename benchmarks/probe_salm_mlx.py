@@ -6,7 +6,6 @@ Prints one JSON object. Run by salm.py; `python benchmarks/probe_salm_mlx.py FOL
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
@@ -14,15 +13,11 @@ import canary_convert  # first: it gives MLX its BLAS before mlx.core is loaded
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from common import best_of, test_audio
+from common import best_of, probe_arguments, test_audio
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("folder")
-    parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2)
-    args = parser.parse_args()
+    args = probe_arguments("folder")
 
     started = time.perf_counter()
     model = canary_convert.load_model(args.folder)

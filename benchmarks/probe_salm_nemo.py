@@ -6,7 +6,6 @@ Prints one JSON object.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
@@ -17,16 +16,12 @@ from nemo.collections.speechlm2.models import SALM
 from nemo.utils import logging as nemo_logging
 from transformers import GenerationConfig
 
-from common import best_of, test_audio
+from common import best_of, probe_arguments, test_audio
 
 
 @torch.inference_mode()
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("folder")
-    parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2)
-    args = parser.parse_args()
+    args = probe_arguments("folder")
     nemo_logging.setLevel(logging.ERROR)
 
     started = time.perf_counter()
