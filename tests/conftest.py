@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,6 +15,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
+import numpy as np
 import pytest
 
 # NeMo is the reference implementation: without it the suite must fail loudly, never skip.
@@ -42,6 +46,49 @@ def quantizable_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[st
 def checkpoint(checkpoints: dict[str, Path]) -> Path:
     """The default variant, for tests that need just one."""
     return checkpoints["canary-sub8"]
+
+
+def copy_folder(folder: Path, tmp_path: Path) -> Path:
+    """A converted folder copied under `tmp_path/copy`, links kept as links, for a test to change."""
+    return Path(shutil.copytree(folder, tmp_path / "copy", symlinks=True))
+
+
+def rerecord(folder: Path, *names: str, drop: tuple[str, ...] = ()) -> None:
+    """Re-record files in the folder's manifest (and drop others), as someone hiding a change would."""
+    from canary_convert.manifest import hash_file
+
+    record = json.loads((folder / "conversion.json").read_text())
+    for name in drop:
+        record["manifest"].pop(name)
+    for name in names:
+        record["manifest"][name] = hash_file(folder / name).to_dict()
+    (folder / "conversion.json").write_text(json.dumps(record))
+
+
+def encoder_matches_nemo(nemo_model: Any, model: Any, signals: list[np.ndarray]) -> tuple[Any, list[int], mx.array, mx.array]:
+    """A padded batch's features (same frame counts, max |Δ| <= 1e-4) and encoder states (same lengths, each
+    row's relative L2 <= 1e-5, both encoders on NeMo's features) against NeMo's. Returns NeMo's encoder output
+    (B, D, T, torch) and lengths, for the head's checks, and ours (B, T, D) with its lengths."""
+    import torch
+
+    from canary_convert.model.app.clips import pad_batch
+    from canary_convert.parity import nemo_features
+
+    batch, lengths = pad_batch(signals)
+    features, frames = model.preprocess(mx.array(batch), mx.array(lengths))
+    reference, reference_frames = nemo_features(nemo_model, signals)
+    assert np.array_equal(np.array(frames), reference_frames)
+    assert float(np.abs(np.array(features) - reference).max()) <= 1e-4
+    with torch.no_grad():
+        encoded, enc_lengths = nemo_model.encoder(audio_signal=torch.from_numpy(reference),
+                                            length=torch.from_numpy(reference_frames))
+    ours, our_lengths = model.encode(mx.array(reference), mx.array(reference_frames))
+    assert np.array_equal(np.array(our_lengths), enc_lengths.numpy())
+    theirs = encoded.transpose(1, 2).numpy()
+    for row, valid in enumerate(enc_lengths.tolist()):
+        mine, reference_row = np.array(ours)[row, :valid], theirs[row, :valid]
+        assert np.linalg.norm(mine - reference_row) / np.linalg.norm(reference_row) <= 1e-5
+    return encoded, enc_lengths.tolist(), ours, our_lengths
 
 
 def restore_nemo_models(checkpoints: Mapping[str, Path]) -> dict[str, Any]:

@@ -9,7 +9,6 @@ parakeet-mlx layout), a CTC model's head, canary-1b-v2's aligner, and canary-qwe
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -19,8 +18,8 @@ import salm_factory
 import transducer_factory
 from canary_convert.convert import ConvertOptions, convert
 from canary_convert.goldens import GOLDENS_FILE, goldens_digest
-from canary_convert.manifest import hash_file
 from canary_convert.verify import verify_folder
+from conftest import copy_folder, rerecord
 from factory import ALIGNER, CTC_VARIANTS, VARIANTS, build, build_ctc, with_aligner
 
 
@@ -39,23 +38,13 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return converted
 
 
-def _copy(folder: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(folder, tmp_path / "copy"))
-
-
-def _rerecord(folder: Path, name: str) -> None:
-    record = json.loads((folder / "conversion.json").read_text())
-    record["manifest"][name] = hash_file(folder / name).to_dict()
-    (folder / "conversion.json").write_text(json.dumps(record))
-
-
 def _scale(folder: Path, file: str, prefix: str) -> list[str]:
     """Every float tensor of `file` whose name starts with `prefix` scaled by 1.5, the manifest re-recorded."""
     weights = dict(mx.load(str(folder / file)))
     changed = [key for key in weights if key.startswith(prefix) and mx.issubdtype(weights[key].dtype, mx.floating)]
     weights.update({key: weights[key] * 1.5 for key in changed})
     mx.save_safetensors(str(folder / file), weights, metadata={"format": "mlx"})
-    _rerecord(folder, file)
+    rerecord(folder, file)
     return changed
 
 
@@ -73,7 +62,7 @@ def _scale(folder: Path, file: str, prefix: str) -> list[str]:
         "ctc-head", "v2-aligner-head", "salm-projection", "salm-llm"])
 def test_a_changed_head_never_passes(folders: dict[str, Path], tmp_path: Path, family: str, file: str, prefix: str,
                                      failing: str) -> None:
-    folder = _copy(folders[family], tmp_path)
+    folder = copy_folder(folders[family], tmp_path)
     assert _scale(folder, file, prefix)
     report = verify_folder(folder, str(folder), "cpu")
     assert report.exit_code == 3
@@ -83,13 +72,13 @@ def test_a_changed_head_never_passes(folders: dict[str, Path], tmp_path: Path, f
 def test_goldens_without_a_model_of_the_folder_fail(folders: dict[str, Path], tmp_path: Path) -> None:
     """canary-1b-v2's goldens with the aligner's part taken out (digest and manifest re-recorded), and the
     aligner's head changed: the aligner is loaded, so its missing goldens are a failure, not a skip."""
-    folder = _copy(folders["v2"], tmp_path)
+    folder = copy_folder(folders["v2"], tmp_path)
     _scale(folder, "aligner/model.safetensors", "decoder.")
     goldens = json.loads((folder / GOLDENS_FILE).read_text())
     del goldens["parts"]
     goldens["digest"] = goldens_digest(goldens)
     (folder / GOLDENS_FILE).write_text(json.dumps(goldens))
-    _rerecord(folder, GOLDENS_FILE)
+    rerecord(folder, GOLDENS_FILE)
     report = verify_folder(folder, str(folder), "cpu")
     assert report.exit_code == 3
     assert [(check.name, check.status) for check in report.checks if check.status != "pass"] == [

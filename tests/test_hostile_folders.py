@@ -21,9 +21,8 @@ from canary_convert import load_model
 from canary_convert.convert import ConvertOptions, convert
 from canary_convert.errors import ModelFolderError
 from canary_convert.goldens import GOLDENS_FILE, GoldensError, read_goldens, goldens_digest, stage_distance
-from canary_convert.manifest import hash_file
 from canary_convert.untrusted import MAX_JSON_BYTES, folder_dir, folder_file, read_json
-from conftest import run_cli_measured
+from conftest import copy_folder, rerecord, run_cli_measured
 
 # A verify of the tiny model takes ~5 s and ~450 MiB here (MLX, NeMo-free); a hostile file may add little.
 WALL_SECONDS = 60
@@ -37,27 +36,13 @@ def converted(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return convert(str(checkpoint), tmp_path_factory.mktemp("hostile") / "mlx", ConvertOptions()).out
 
 
-def _copy(folder: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(folder, tmp_path / "copy", symlinks=True))
-
-
-def _record(folder: Path, *names: str, drop: tuple[str, ...] = ()) -> None:
-    """Re-record files in the manifest (and drop others), as someone hiding a change would."""
-    record = json.loads((folder / "conversion.json").read_text())
-    for name in drop:
-        record["manifest"].pop(name)
-    for name in names:
-        record["manifest"][name] = hash_file(folder / name).to_dict()
-    (folder / "conversion.json").write_text(json.dumps(record))
-
-
 def _edit_goldens(folder: Path, edit) -> None:
     """Edit goldens.json, recompute its digest and re-record it: only the shape checks stand in the way."""
     goldens = json.loads((folder / GOLDENS_FILE).read_text())
     edit(goldens)
     goldens["digest"] = goldens_digest(goldens)
     (folder / GOLDENS_FILE).write_text(json.dumps(goldens))  # json.dumps writes NaN and Infinity as is
-    _record(folder, GOLDENS_FILE)
+    rerecord(folder, GOLDENS_FILE)
 
 
 def _verify(folder: Path, tmp_path: Path, *args: str) -> tuple[int, dict, str]:
@@ -82,7 +67,7 @@ def _scale_weights(folder: Path, factor: float = 1.5) -> None:
     for key in [key for key in weights if key.startswith("encoder.layers.0.") and key.endswith(".weight")]:
         weights[key] = weights[key] * factor
     mx.save_safetensors(str(folder / WEIGHTS), weights, metadata={"format": "mlx"})
-    _record(folder, WEIGHTS)
+    rerecord(folder, WEIGHTS)
 
 
 # --- item 2: nothing outside the folder, nothing outside the manifest -----------------------------------------
@@ -91,7 +76,7 @@ def _scale_weights(folder: Path, factor: float = 1.5) -> None:
 @pytest.mark.parametrize("shard", ["../outside.safetensors", "{absolute}", "sub/../../outside.safetensors",
                                    "linked.safetensors"])
 def test_shard_names_never_leave_the_folder(converted: Path, tmp_path: Path, shard: str) -> None:
-    folder = _copy(converted, tmp_path)
+    folder = copy_folder(converted, tmp_path)
     outside = tmp_path / "outside.safetensors"
     shutil.move(folder / WEIGHTS, outside)
     if shard == "linked.safetensors":  # a link inside the folder, recorded in the manifest with its content
@@ -99,7 +84,7 @@ def test_shard_names_never_leave_the_folder(converted: Path, tmp_path: Path, sha
     shard = shard.format(absolute=outside)
     keys = mx.load(str(outside)).keys()
     (folder / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": {key: shard for key in keys}}))
-    _record(folder, INDEX, *(["linked.safetensors"] if shard == "linked.safetensors" else []), drop=(WEIGHTS,))
+    rerecord(folder, INDEX, *(["linked.safetensors"] if shard == "linked.safetensors" else []), drop=(WEIGHTS,))
     code, report, _ = _verify(folder, tmp_path)
     load = _check(report, "strict load")
     assert code == 3 and not report["passed"] and load["status"] == "fail"
@@ -110,13 +95,13 @@ def test_shard_names_never_leave_the_folder(converted: Path, tmp_path: Path, sha
 
 
 def test_tokenizer_paths_never_leave_the_folder(converted: Path, tmp_path: Path) -> None:
-    folder = _copy(converted, tmp_path)
+    folder = copy_folder(converted, tmp_path)
     config = json.loads((folder / "config.json").read_text())
     language, name = next(iter(config["tokenizer"]["langs"].items()))
     shutil.copy(folder / name, tmp_path / "outside.model")
     config["tokenizer"]["langs"][language] = "../outside.model"
     (folder / "config.json").write_text(json.dumps(config))
-    _record(folder, "config.json")
+    rerecord(folder, "config.json")
     code, report, _ = _verify(folder, tmp_path)
     load = _check(report, "strict load")
     assert code == 3 and load["status"] == "fail" and load["file"] == "config.json"
@@ -125,14 +110,14 @@ def test_tokenizer_paths_never_leave_the_folder(converted: Path, tmp_path: Path)
 
 def test_a_file_the_model_reads_must_be_in_the_manifest(converted: Path, tmp_path: Path) -> None:
     # .cache/ is huggingface_hub's own folder, left out of the manifest: the model must not read from it.
-    folder = _copy(converted, tmp_path)
+    folder = copy_folder(converted, tmp_path)
     config = json.loads((folder / "config.json").read_text())
     language, name = next(iter(config["tokenizer"]["langs"].items()))
     (folder / ".cache").mkdir()
     shutil.move(folder / name, folder / ".cache" / "swapped.model")
     config["tokenizer"]["langs"][language] = ".cache/swapped.model"
     (folder / "config.json").write_text(json.dumps(config))
-    _record(folder, "config.json", drop=(name,))
+    rerecord(folder, "config.json", drop=(name,))
     code, report, _ = _verify(folder, tmp_path)
     manifest = report["checks"][0]
     assert code == 3 and manifest["status"] == "fail"
@@ -141,7 +126,7 @@ def test_a_file_the_model_reads_must_be_in_the_manifest(converted: Path, tmp_pat
 
 @pytest.mark.parametrize("entry", ["link to /dev/zero", "fifo", "link to a folder outside"])
 def test_anything_but_a_listed_regular_file_fails(converted: Path, tmp_path: Path, entry: str) -> None:
-    folder = _copy(converted, tmp_path)
+    folder = copy_folder(converted, tmp_path)
     if entry == "link to /dev/zero":
         (folder / "extra.bin").symlink_to("/dev/zero")
     elif entry == "fifo":
@@ -156,7 +141,7 @@ def test_anything_but_a_listed_regular_file_fails(converted: Path, tmp_path: Pat
 
 
 def test_a_listed_file_replaced_by_a_device_fails(converted: Path, tmp_path: Path) -> None:
-    folder = _copy(converted, tmp_path)
+    folder = copy_folder(converted, tmp_path)
     (folder / GOLDENS_FILE).unlink()
     os.mkfifo(folder / GOLDENS_FILE)
     code, report, _ = _verify(folder, tmp_path)
@@ -226,7 +211,7 @@ def _nan_gaps(goldens: dict) -> None:  # a NaN gap would make every token differ
 ], ids=["nan-stages", "inf-tolerances", "nan-tolerances", "nan-gaps", "huge-tolerances", "negative-tolerances"])
 def test_scaled_weights_never_pass_whatever_the_goldens_say(converted: Path, tmp_path: Path, edit, code: int,
                                                             says: str) -> None:
-    folder = _copy(converted, tmp_path)
+    folder = copy_folder(converted, tmp_path)
     _scale_weights(folder)
     _edit_goldens(folder, edit)
     exit_code, report, stderr = _verify(folder, tmp_path)
@@ -239,7 +224,7 @@ def test_scaled_weights_never_pass_whatever_the_goldens_say(converted: Path, tmp
 
 
 def test_recorded_tolerances_may_tighten(converted: Path, tmp_path: Path) -> None:
-    folder = _copy(converted, tmp_path)
+    folder = copy_folder(converted, tmp_path)
     _scale_weights(folder)  # fails on the tool's tolerances ...
     loose = ("--tol-encoder", "1e9", "--tol-logprobs", "1e9", "--near-tie", "1e9")
     code, report, _ = _verify(folder, tmp_path, *loose)
@@ -247,7 +232,7 @@ def test_recorded_tolerances_may_tighten(converted: Path, tmp_path: Path) -> Non
     _edit_goldens(folder, _tolerances(0.0))
     code, report, _ = _verify(folder, tmp_path, "--tol-features", "1", *loose)
     assert code == 0  # ... even over recorded ones ...
-    nudged = _copy(converted, tmp_path / "nudged")
+    nudged = copy_folder(converted, tmp_path / "nudged")
     _scale_weights(nudged, 1 + 1e-6)  # within the tool's float32 encoder tolerance (1e-5) ...
     code, report, _ = _verify(nudged, tmp_path)
     assert code == 0, [c for c in report["checks"] if c["status"] != "pass"]
@@ -332,11 +317,11 @@ def _no_decoding(goldens: dict) -> None:
      "stages.logprobs[0].positions: 0 positions, canary-convert samples 256"),
     (lambda f: _edit_goldens(f, _repeated_position), 1, GOLDENS_FILE, "stages.logprobs[0].positions: a position repeats"),
     (lambda f: _edit_goldens(f, _no_decoding), 1, GOLDENS_FILE, "groups.test-signals.decoding: no decoding recorded"),
-    (lambda f: ((f / INDEX).write_text("{not json"), _record(f, INDEX)), 3, INDEX, "not valid JSON"),
-    (lambda f: ((f / INDEX).write_text(_nested(100_000)), _record(f, INDEX)), 3, INDEX, "nested more than 32"),
-    (lambda f: ((f / INDEX).write_text('{"weight_map": [1]}'), _record(f, INDEX)), 3, INDEX,
+    (lambda f: ((f / INDEX).write_text("{not json"), rerecord(f, INDEX)), 3, INDEX, "not valid JSON"),
+    (lambda f: ((f / INDEX).write_text(_nested(100_000)), rerecord(f, INDEX)), 3, INDEX, "nested more than 32"),
+    (lambda f: ((f / INDEX).write_text('{"weight_map": [1]}'), rerecord(f, INDEX)), 3, INDEX,
      "`weight_map` is not an object"),
-    (lambda f: ((f / "config.json").write_text(_nested(100_000)), _record(f, "config.json")), 3, "config.json",
+    (lambda f: ((f / "config.json").write_text(_nested(100_000)), rerecord(f, "config.json")), 3, "config.json",
      "nested more than 32"),
 ], ids=["goldens-deep", "goldens-40-deep", "conversion-deep", "conversion-huge", "conversion-dev-zero",
         "position-out-of-range", "beam-1e6", "missing-key", "fewer-rows", "unrecorded-prompt", "unsampled-stage",
@@ -344,7 +329,7 @@ def _no_decoding(goldens: dict) -> None:
         "index-wrong-shape", "config-deep"])
 def test_malformed_files_are_one_line_naming_file_and_key(converted: Path, tmp_path: Path, damage, code: int,
                                                          file: str, says: str) -> None:
-    folder = _copy(converted, tmp_path)
+    folder = copy_folder(converted, tmp_path)
     damage(folder)
     exit_code, report, stderr = _verify(folder, tmp_path)
     assert exit_code == code

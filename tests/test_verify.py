@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import shutil
 import subprocess
 import sys
 from importlib import resources
@@ -21,11 +20,10 @@ from canary_convert.convert import ConvertOptions, convert
 from canary_convert import load_model
 from canary_convert.goldens import (GOLDENS_FILE, SCHEMA_VERSION, decode_prompts, gaps, golden_modes,
                                      golden_prompts, goldens_digest, run_group)
-from canary_convert.manifest import hash_file
 from canary_convert.model.quantized import QuantizeOptions
 from canary_convert.parity import reference_signals
 from canary_convert.verify import REPORT_SCHEMA_FILE, verify_folder
-from conftest import REPO, run_cli
+from conftest import REPO, copy_folder, rerecord, run_cli
 from factory import QUANTIZABLE_VARIANTS, VARIANTS
 from hub_cache import seed_cache
 from hub_server import commit_id, loopback_env
@@ -40,22 +38,11 @@ def converted(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return convert(str(checkpoint), tmp_path_factory.mktemp("verify") / "mlx", ConvertOptions()).out
 
 
-def _copy(folder: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(folder, tmp_path / "copy"))
-
-
-def _rehash(folder: Path, name: str) -> None:
-    """Record a changed file in the manifest, as someone hiding the change would."""
-    record = json.loads((folder / "conversion.json").read_text())
-    record["manifest"][name] = hash_file(folder / name).to_dict()
-    (folder / "conversion.json").write_text(json.dumps(record))
-
-
 def _edit_weights(folder: Path, edit) -> None:
     weights = dict(mx.load(str(folder / WEIGHTS)))
     edit(weights)
     mx.save_safetensors(str(folder / WEIGHTS), weights, metadata={"format": "mlx"})
-    _rehash(folder, WEIGHTS)
+    rerecord(folder, WEIGHTS)
 
 
 def _verify(folder: Path, tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, dict, str]:
@@ -108,7 +95,7 @@ def test_the_cli_report_and_junit(converted: Path, tmp_path: Path) -> None:
 
 
 def test_a_flipped_byte_in_the_weights(converted: Path, tmp_path: Path) -> None:
-    folder = _copy(converted, tmp_path)
+    folder = copy_folder(converted, tmp_path)
     data = bytearray((folder / WEIGHTS).read_bytes())
     data[len(data) // 2] ^= 0x10
     (folder / WEIGHTS).write_bytes(bytes(data))
@@ -129,7 +116,7 @@ def test_a_flipped_byte_in_the_weights(converted: Path, tmp_path: Path) -> None:
     ("decoder.blocks.0.mlp1.weight", lambda w: w + 1e-3, "logprobs"),
 ])
 def test_a_weight_changed_behind_the_manifest(converted: Path, tmp_path: Path, key: str, edit, stage: str) -> None:
-    folder = _copy(converted, tmp_path)
+    folder = copy_folder(converted, tmp_path)
     _edit_weights(folder, lambda weights: weights.update({key: edit(weights[key])}))
     code, report, _ = _verify(folder, tmp_path)
     statuses = _status(report)
@@ -142,11 +129,11 @@ def test_a_weight_changed_behind_the_manifest(converted: Path, tmp_path: Path, k
 
 
 def test_a_changed_decoding_default(converted: Path, tmp_path: Path) -> None:
-    folder = _copy(converted, tmp_path)
+    folder = copy_folder(converted, tmp_path)
     config = json.loads((folder / "config.json").read_text())
     config["decoding"]["beam_size"] = 4
     (folder / "config.json").write_text(json.dumps(config))
-    _rehash(folder, "config.json")
+    rerecord(folder, "config.json")
     code, report, output = _verify(folder, tmp_path)
     assert code == 3
     failed = _failed(report)[0]
@@ -156,7 +143,7 @@ def test_a_changed_decoding_default(converted: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("damage", ["truncated weights", "missing tokenizer file"])
 def test_a_damaged_folder_names_the_file(converted: Path, tmp_path: Path, damage: str) -> None:
-    folder = _copy(converted, tmp_path)
+    folder = copy_folder(converted, tmp_path)
     if damage == "truncated weights":
         data = (folder / WEIGHTS).read_bytes()
         (folder / WEIGHTS).write_bytes(data[: len(data) // 3])
@@ -172,11 +159,11 @@ def test_a_damaged_folder_names_the_file(converted: Path, tmp_path: Path, damage
 
 
 def test_goldens_edited_by_hand(converted: Path, tmp_path: Path) -> None:
-    folder = _copy(converted, tmp_path)
+    folder = copy_folder(converted, tmp_path)
     goldens = json.loads((folder / GOLDENS_FILE).read_text())
     goldens["groups"]["test-signals"]["decoding"][0]["tokens"][0][0] += 1
     (folder / GOLDENS_FILE).write_text(json.dumps(goldens))
-    _rehash(folder, GOLDENS_FILE)
+    rerecord(folder, GOLDENS_FILE)
     code, report, _ = _verify(folder, tmp_path)
     goldens_check = next(check for check in report["checks"] if check["name"] == "goldens")
     assert code == 1 and goldens_check["status"] == "error" and goldens_check["file"] == GOLDENS_FILE
@@ -186,12 +173,12 @@ def test_goldens_edited_by_hand(converted: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(("version", "advice"), [(SCHEMA_VERSION + 1, "upgrade canary-convert"),
                                                (SCHEMA_VERSION - 1, "verify FOLDER --update")])
 def test_goldens_of_another_schema_version(converted: Path, tmp_path: Path, version: int, advice: str) -> None:
-    folder = _copy(converted, tmp_path)
+    folder = copy_folder(converted, tmp_path)
     goldens = json.loads((folder / GOLDENS_FILE).read_text())
     goldens["version"] = version
     goldens["digest"] = goldens_digest(goldens)
     (folder / GOLDENS_FILE).write_text(json.dumps(goldens))
-    _rehash(folder, GOLDENS_FILE)
+    rerecord(folder, GOLDENS_FILE)
     code, report, _ = _verify(folder, tmp_path)
     detail = next(check["detail"] for check in report["checks"] if check["name"] == "goldens")
     assert code == 1 and f"golden schema version {version}" in detail and advice in detail
@@ -215,7 +202,7 @@ def test_usage_errors(converted: Path) -> None:
 def test_against_lists_exactly_the_tensors_that_differ(checkpoint: Path, converted: Path, tmp_path: Path) -> None:
     code, report, _ = _verify(converted, tmp_path, "--against", str(converted))
     assert code == 0 and report["checks"][0]["detail"].endswith("tensors identical")
-    folder = _copy(converted, tmp_path)
+    folder = copy_folder(converted, tmp_path)
     changed = ["decoder.blocks.1.mlp1.bias", "encoder.layers.1.norm_out.weight"]
     _edit_weights(folder, lambda weights: weights.update({key: weights[key] * 1.5 for key in changed}))
     code, report, _ = _verify(converted, tmp_path, "--against", str(folder))
@@ -235,7 +222,7 @@ def test_against_lists_exactly_the_tensors_that_differ(checkpoint: Path, convert
 
 
 def test_update_records_again_and_says_what_changed(converted: Path, tmp_path: Path) -> None:
-    folder = _copy(converted, tmp_path)
+    folder = copy_folder(converted, tmp_path)
     key = "encoder.layers.0.feed_forward1.linear1.weight"
     _edit_weights(folder, lambda weights: weights.update({key: weights[key] + 1e-3}))
     result = run_cli("verify", str(folder), "--update")
