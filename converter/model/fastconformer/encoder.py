@@ -303,8 +303,13 @@ class BatchNorm(nn.Module):
         self.running_var = mx.ones((dims,))
         self.freeze(keys=["running_mean", "running_var"], recurse=False)
 
+    @property
+    def factor(self) -> mx.array:
+        """What the normalisation multiplies by: weight / sqrt(running_var + eps)."""
+        return mx.rsqrt(self.running_var + self.eps) * self.weight
+
     def __call__(self, x: mx.array) -> mx.array:
-        return (x - self.running_mean) * mx.rsqrt(self.running_var + self.eps) * self.weight + self.bias
+        return (x - self.running_mean) * self.factor + self.bias
 
 
 class ConvModule(nn.Module):
@@ -335,9 +340,8 @@ class ConvModule(nn.Module):
             x = x * valid
         if native.available():
             norm = self.batch_norm
-            factor = mx.rsqrt(norm.running_var + norm.eps) * norm.weight
             x = native.depthwise_bn_silu(x, self.depthwise_conv.weight, self.depthwise_conv.get("bias"),
-                                         norm.running_mean, factor, norm.bias)
+                                         norm.running_mean, norm.factor, norm.bias)
         else:
             x = silu(self.batch_norm(self._depthwise(x)))
         return _pointwise(self.pointwise_conv2, x)
