@@ -4,6 +4,7 @@ stage, token by token (with frames and TDT durations) and word by word."""
 from __future__ import annotations
 
 import json
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,9 @@ from canary_convert import load_model
 from canary_convert.convert import ConvertOptions, convert, plan_only
 from canary_convert.errors import TranscriptWarning, UnsupportedModelError, UsageError
 from canary_convert.model.app.clips import pad_batch
+from canary_convert.model.cpu import label_looping
 from canary_convert.model.quantized import QuantizeOptions
+from canary_convert.model.transducer.decoding import greedy_batch_mlx
 from canary_convert.model.transducer.model import TransducerModel
 from canary_convert.parity import nemo_features, reference_signals
 from canary_convert.rules import load_rules
@@ -190,6 +193,35 @@ def test_search_on_varied_states_matches_nemo(nemo_models: dict, converted: dict
         assert len(seen_durations) >= 3, seen_durations
     # Some frame holds more than one label.
     assert any(len(mine.frames) > len(set(mine.frames)) for mine in ours)
+
+
+@pytest.mark.skipif(platform.machine().lower() in ("arm64", "aarch64"), reason="the C loop is for x86 CPUs")
+@pytest.mark.parametrize("variant", TDT + ["rnnt-ctc-128"])
+def test_c_loop_gives_the_mlx_loops_results(converted: dict, variant: str) -> None:
+    """On x86 the search runs in C (cpu/label_looping.py): on varied states of a padded batch it gives the MLX
+    loop's labels, frames and durations; it is prepared again when the weights change, and left to the MLX loop
+    for half-precision weights or unbounded symbols per frame."""
+    model = load_model(converted[variant])
+    durations, max_symbols = model.config.decoding.durations, model.config.decoding.max_symbols
+    prepared = label_looping.network(model.prediction, model.joint, durations, max_symbols)
+    assert prepared is not None  # an x86 CPU, the extension built and OpenBLAS loaded (make install's)
+
+    def both() -> tuple[list, list]:
+        return (model.greedy(encoded, lengths), greedy_batch_mlx(model.prediction, model.joint, encoded, lengths,
+                                                                  model.config.blank_id, max_symbols, durations))
+
+    rows = np.random.default_rng(5).standard_normal((4, 60, model.config.encoder.d_model)).astype(np.float32)
+    encoded, lengths = mx.array(3.0 * rows), mx.array([60, 41, 17, 1])
+    native, reference = both()
+    assert native == reference
+    assert sum(len(hypothesis.tokens) for hypothesis in native) > 30
+    model.joint.net.weight = model.joint.net.weight[::-1]  # other weights: other labels
+    assert label_looping.network(model.prediction, model.joint, durations, max_symbols) is not prepared
+    changed, reference = both()
+    assert changed == reference and changed != native
+    assert label_looping.network(model.prediction, model.joint, durations, None) is None
+    model.set_dtype(mx.bfloat16)
+    assert label_looping.network(model.prediction, model.joint, durations, max_symbols) is None
 
 
 @pytest.mark.parametrize("batch_size", [1, 4])

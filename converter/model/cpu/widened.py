@@ -44,7 +44,8 @@ def linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.ar
     return x @ weight.T if bias is None else mx.addmm(bias, x, weight.T)
 
 
-def _dequantized(layer: nn.QuantizedLinear | nn.QuantizedEmbedding) -> mx.array:
+def dequantized(layer: nn.QuantizedLinear | nn.QuantizedEmbedding) -> mx.array:
+    """A quantized layer's weight as the floats it stands for (in its scales' dtype)."""
     return mx.dequantize(layer["weight"], scales=layer["scales"], biases=layer.get("biases"),
                          group_size=layer.group_size, bits=layer.bits, mode=layer.mode)
 
@@ -79,14 +80,14 @@ class WidenedQuantizedLinear(nn.QuantizedLinear):
     def __call__(self, x: mx.array) -> mx.array:
         if not slow_cpu() or _rows(x) == 1:
             return super().__call__(x)
-        return _widened_product(x, _dequantized(self), self.get("bias"))
+        return _widened_product(x, dequantized(self), self.get("bias"))
 
 
 class WidenedQuantizedEmbedding(nn.QuantizedEmbedding):
     def as_linear(self, x: mx.array) -> mx.array:
         if not slow_cpu() or _rows(x) == 1:
             return super().as_linear(x)
-        return _widened_product(x, _dequantized(self))
+        return _widened_product(x, dequantized(self))
 
 
 def _widened(layer: nn.Module) -> nn.Module:

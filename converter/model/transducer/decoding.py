@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from ..cpu import label_looping
 from .network import Joint, LSTMState, PredictionNetwork
 
 
@@ -38,8 +39,20 @@ def greedy_batch(prediction: PredictionNetwork, joint: Joint, encoded: mx.array,
                  max_symbols: int | None, durations: list[int] | None = None) -> list[TransducerHypothesis]:
     """Greedy label-looping decoding of encoder states (B, T, E) with valid `lengths` (B,).
 
-    `durations` (TDT) are the values of the joint's duration outputs, which follow its V+1 token logits.
+    `durations` (TDT) are the values of the joint's duration outputs, which follow its V+1 token logits. On an
+    x86 CPU the loop runs in C (cpu/label_looping.py) where it can, else in MLX (`greedy_batch_mlx`).
     """
+    prepared = label_looping.network(prediction, joint, durations or [], max_symbols)
+    if prepared is None:
+        return greedy_batch_mlx(prediction, joint, encoded, lengths, blank, max_symbols, durations)
+    assert max_symbols is not None  # the C loop needs a bound
+    rows = label_looping.decode(prepared, joint.enc(encoded), lengths, blank, max_symbols)
+    return [TransducerHypothesis(tokens, frames, durations_ if durations else []) for tokens, frames, durations_ in rows]
+
+
+def greedy_batch_mlx(prediction: PredictionNetwork, joint: Joint, encoded: mx.array, lengths: mx.array, blank: int,
+                     max_symbols: int | None, durations: list[int] | None = None) -> list[TransducerHypothesis]:
+    """`greedy_batch` as MLX operations, the batch kept on the device and read back once, at the end."""
     tdt = bool(durations)
     batch = encoded.shape[0]
     lengths = lengths.astype(mx.int32)

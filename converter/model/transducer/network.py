@@ -85,6 +85,7 @@ class Joint(nn.Module):
         if config.activation not in ACTIVATIONS:
             raise ValueError(f"unsupported joint activation {config.activation!r}")
         self.activation = ACTIVATIONS[config.activation]
+        self.activation_name = config.activation
         self.enc = nn.Linear(enc_hidden, config.joint_hidden)
         self.pred = nn.Linear(pred_hidden, config.joint_hidden)
         self.net = nn.Linear(config.joint_hidden, num_outputs)
