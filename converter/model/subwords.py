@@ -16,7 +16,8 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Protocol
 
 from .tokenizer import Tokenizer
 
@@ -51,6 +52,76 @@ class TimedToken:
     text: str
     start: int
     end: int
+
+
+class PieceText(Protocol):
+    """A token as get_words_offsets reads it: its piece, and its text decoded alone."""
+
+    piece: str
+    text: str
+
+
+@dataclass(frozen=True)
+class WordSpan:
+    """One word of NeMo's get_words_offsets, by token index: `pieces` make its text, decoded together; `marks`
+    are punctuation tokens that joined it after it was closed; its offsets run from token `first` to token
+    `end_token`."""
+
+    pieces: tuple[int, ...]
+    first: int
+    last: int  # the token before the next word
+    marks: tuple[int, ...] = ()
+
+    @property
+    def end_token(self) -> int:
+        """NeMo moves a word's end offset to a mark that joins it (and only the offset: not the seconds)."""
+        return self.marks[-1] if self.marks else self.last
+
+    def text(self, decoded: str, tokens: Sequence[PieceText]) -> str:
+        """The word's text from its pieces decoded together: each joined mark appended, one space before it
+        removed."""
+        for mark in self.marks:
+            decoded = decoded.removesuffix(" ") + tokens[mark].text
+        return decoded
+
+
+def word_spans(tokens: Sequence[PieceText], punctuation: frozenset[str]) -> list[WordSpan]:
+    """NeMo's get_words_offsets for a SentencePiece ("bpe") vocabulary and the space word separator, as token
+    indices. `punctuation`: its supported_punctuation (the vocabulary's marks for a model's own timestamps; the
+    chunk merge passes `, . ! ?`)."""
+    spans: list[WordSpan] = []
+    built: list[int] = []
+    first = 0
+    for i, token in enumerate(tokens):
+        text = token.text
+        is_punctuation = text in punctuation and text != WORD_SEPARATOR
+        # The next token's text that is neither empty nor the separator (NeMo's next_non_delimeter_token).
+        following = next((later.text for later in tokens[i + 1:] if later.text and later.text != WORD_SEPARATOR),
+                         None)
+        # A piece whose text differs from it carries the word mark (NeMo's bpe word-start condition).
+        starts_word = token.piece != text or (text == WORD_SEPARATOR and following not in punctuation)
+        if starts_word and not is_punctuation:
+            if built:
+                spans.append(WordSpan(tuple(built), first, i - 1))
+            built = []
+            if text != WORD_SEPARATOR:
+                built, first = [i], i
+        elif is_punctuation and not built and spans:
+            # Punctuation after a finished word joins it.
+            spans[-1] = replace(spans[-1], marks=spans[-1].marks + (i,))
+        elif is_punctuation and built:
+            if tokens[built[-1]].piece in (" ", "_", "\u2581"):
+                built = built[:-1]
+            built.append(i)
+        else:
+            if not built:
+                first = i
+            built.append(i)
+    if built:
+        spans.append(WordSpan(tuple(built), first, len(tokens) - 1))
+    if spans:
+        spans[0] = replace(spans[0], first=0)  # NeMo: the first word starts where the first token does
+    return spans
 
 
 class SubwordText:
@@ -88,53 +159,6 @@ class SubwordText:
         return found
 
     def words(self, tokens: Sequence[TimedToken]) -> list[Offset]:
-        """NeMo's get_words_offsets for a SentencePiece ("bpe") vocabulary and the space word separator."""
-        punctuation = self.punctuation
-        words: list[Offset] = []
-        built: list[TimedToken] = []
-        first = 0
-
-        def close(last: int) -> Offset:
-            return Offset(self.decode([token.id for token in built]), tokens[first].start, tokens[last].end)
-
-        for i, token in enumerate(tokens):
-            text = token.text
-            is_punctuation = bool(punctuation) and text in punctuation and text != WORD_SEPARATOR
-            # The next token's text that is not the separator (NeMo's next_non_delimeter_token).
-            following = None
-            ahead = i
-            while not following and ahead < len(tokens) - 1:
-                ahead += 1
-                following = tokens[ahead].text if tokens[ahead].text != WORD_SEPARATOR else None
-            # A piece whose text differs from it carries the word mark (NeMo's bpe word-start condition).
-            starts_word = token.piece != text or (text == WORD_SEPARATOR and following not in punctuation)
-            if starts_word and not is_punctuation:
-                if built:
-                    words.append(close(i - 1))
-                built = []
-                if text != WORD_SEPARATOR:
-                    built = [token]
-                    first = i
-            elif is_punctuation and not built and words:
-                # Punctuation after a finished word joins it.
-                last = words[-1]
-                word = last.text[:-1] if last.text.endswith(" ") else last.text
-                words[-1] = Offset(word + text, last.start, token.end)
-            elif is_punctuation and built:
-                if built[-1].piece in (" ", "_", "▁"):
-                    built = built[:-1]
-                built.append(token)
-            else:
-                if not built:
-                    first = i
-                built.append(token)
-        if not words:
-            if built:
-                first = 0
-                words.append(close(len(tokens) - 1))
-        else:
-            # NeMo: the first word starts where the first token does.
-            words[0] = Offset(words[0].text, tokens[0].start, words[0].end)
-            if built:
-                words.append(close(len(tokens) - 1))
-        return words
+        """NeMo's get_words_offsets with the vocabulary's punctuation: each word's text its pieces decoded together."""
+        return [Offset(span.text(self.decode([tokens[k].id for k in span.pieces]), tokens), tokens[span.first].start,
+                       tokens[span.end_token].end) for span in word_spans(tokens, self.punctuation)]

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ..speech import AlignedToken, Decoded, FrameWord
+from ..subwords import word_spans
 from ..tokenizer import BPETokenizer
 
 if TYPE_CHECKING:
@@ -197,44 +198,8 @@ def _join_aligned_tokens(chunks: Sequence[Decoded], merged: Sequence[int], canar
 
 
 def _words(tokens: Sequence[AlignedToken], tokenizer: BPETokenizer) -> list[FrameWord]:
-    """get_words_offsets for a SentencePiece tokenizer: a word starts at a piece that decodes to something
-    other than itself (a `▁` piece), a lone punctuation mark joins the word before it; a word runs from its
-    first token's start to the end of the token before the next word (the first word from the first token)."""
-    words: list[FrameWord] = []
-    built: list[str] = []
-    first = 0  # index of the built word's first token
-
-    def word(start: int, end: int) -> FrameWord:
-        return FrameWord(tokenizer.decode_pieces(built), tokens[start].start, tokens[end].end,
-                         tokens[start].start_seconds, tokens[end].end_seconds)
-
-    for index, token in enumerate(tokens):
-        punctuation = token.text in WORD_PUNCTUATION
-        # The next token whose text is neither empty nor a space (NeMo's next_non_delimeter_token).
-        following = next((later.text for later in tokens[index + 1:] if later.text and later.text != " "), None)
-        starts = token.piece != token.text or (token.text == " " and following not in WORD_PUNCTUATION)
-        if starts and not punctuation:
-            if built:
-                words.append(word(first, index - 1))
-            built = []
-            if token.text != " ":
-                built, first = [token.piece], index
-        elif punctuation and not built and words:
-            # NeMo moves the word's end offset to the mark's, not its end in seconds.
-            last = words[-1]
-            words[-1] = FrameWord(last.text.removesuffix(" ") + token.text, last.start, token.end,
-                                  last.start_seconds, last.end_seconds)
-        elif punctuation and built:
-            if built[-1] in (" ", "_", "\u2581"):
-                built = built[:-1]
-            built.append(token.piece)
-        else:
-            if not built:
-                first = index
-            built.append(token.piece)
-    if not words:
-        return [word(0, len(tokens) - 1)] if built else []
-    words[0] = FrameWord(words[0].text, tokens[0].start, words[0].end, tokens[0].start_seconds, words[0].end_seconds)
-    if built:
-        words.append(word(first, len(tokens) - 1))
-    return words
+    """get_words_offsets as merge_parallel_chunks calls it (`, . ! ?` join the word before them), with the
+    seconds beside the offsets; each word's text its pieces decoded together."""
+    return [FrameWord(span.text(tokenizer.decode_pieces([tokens[k].piece for k in span.pieces]), tokens),
+                      tokens[span.first].start, tokens[span.end_token].end, tokens[span.first].start_seconds,
+                      tokens[span.last].end_seconds) for span in word_spans(tokens, WORD_PUNCTUATION)]
