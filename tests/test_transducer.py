@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ import yaml
 
 from canary_convert import load_model
 from canary_convert.convert import ConvertOptions, convert, plan_only
-from canary_convert.errors import TranscriptWarning, UnsupportedModelError, UsageError
+from canary_convert.errors import ModelFolderError, TranscriptWarning, UnsupportedModelError, UsageError
 from canary_convert.model.app.clips import pad_batch
 from canary_convert.model.cpu import label_looping
 from canary_convert.model.quantized import QuantizeOptions
@@ -27,7 +28,7 @@ from canary_convert.model.transducer.model import TransducerModel
 from canary_convert.parity import nemo_features, reference_signals
 from canary_convert.rules import load_rules
 from canary_convert.verify import verify_folder
-from conftest import convert_each, encoder_matches_nemo, restore_nemo_models
+from conftest import convert_each, copy_folder, encoder_matches_nemo, restore_nemo_models
 from transducer_factory import QUANTIZABLE_VARIANTS, VARIANTS, build
 
 # The reference signals plus two clips under a second (NeMo pads those with silence on both sides).
@@ -219,9 +220,34 @@ def test_c_loop_gives_the_mlx_loops_results(converted: dict, variant: str) -> No
     assert label_looping.network(model.prediction, model.joint, durations, max_symbols) is not prepared
     changed, reference = both()
     assert changed == reference and changed != native
+    # A label that always wins (and, in TDT, lasts no frame): max_symbols on every frame, more than the C loop's
+    # first buffers hold, so it runs again with room for them.
+    bias = np.array(model.joint.net.bias)
+    bias[0] += 100.0
+    if durations:
+        bias[model.config.blank_id + 1 + durations.index(0)] += 100.0
+    model.joint.net.bias = mx.array(bias)
+    crowded, reference = both()
+    assert crowded == reference
+    assert [len(hypothesis.tokens) for hypothesis in crowded] == [int(n) * max_symbols for n in lengths.tolist()]
     assert label_looping.network(model.prediction, model.joint, durations, None) is None
     model.set_dtype(mx.bfloat16)
     assert label_looping.network(model.prediction, model.joint, durations, max_symbols) is None
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"max_symbols": 0}, "decoding.max_symbols: 0 is outside 1..1048576"),
+    ({"durations": [0, 1, -2]}, "decoding.durations: [0, 1, -2] holds a value that is not a whole number >= 0"),
+])
+def test_a_folder_whose_search_would_not_end_is_refused(converted: dict, tmp_path: Path, change: dict,
+                                                         problem: str) -> None:
+    """No frames allowed per label, or a duration that moves the search backwards, in a folder's config.json."""
+    folder = copy_folder(converted["tdt-80"], tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["decoding"].update(change)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFolderError, match=re.escape(f"config.json: {problem}")):
+        load_model(folder)
 
 
 @pytest.mark.parametrize("batch_size", [1, 4])

@@ -29,7 +29,8 @@ _INTS = ctypes.POINTER(ctypes.c_int)
 _FLOAT_TABLE = ctypes.POINTER(_FLOATS)
 # native/label_looping.c's activation codes, in NeMo's RNNTJoint names.
 _ACTIVATIONS = {"relu": 0, "sigmoid": 1, "tanh": 2}
-_STATUS = {1: "could not allocate its buffers", 2: "found more labels than max_symbols allows per frame"}
+_TOO_MANY_LABELS = 2
+_STATUS = {1: "could not allocate its buffers", _TOO_MANY_LABELS: "found more labels than max_symbols allows"}
 
 
 class _Network(ctypes.Structure):
@@ -158,13 +159,20 @@ def decode(prepared: PreparedNetwork, enc_projected: mx.array, lengths: mx.array
     enc = np.ascontiguousarray(np.asarray(enc_projected.astype(mx.float32)), dtype=np.float32)
     valid = np.ascontiguousarray(np.asarray(lengths), dtype=np.int32)
     batch, frames = enc.shape[:2]
-    capacity = max(frames, 1) * max_symbols
-    labels, label_frames, durations = (np.zeros((batch, capacity), dtype=np.int32) for _ in range(3))
-    counts = np.zeros(batch, dtype=np.int32)
-    status = _library().canary_label_looping(
-        ctypes.byref(prepared.network), _pointer(enc), batch, frames, _pointer(valid, _INTS), blank, max_symbols,
-        capacity, _pointer(labels, _INTS), _pointer(label_frames, _INTS), _pointer(durations, _INTS),
-        _pointer(counts, _INTS))
+    # Room for two labels per frame at first (speech has fewer); a run that needs more is made again with more,
+    # up to max_symbols per frame, so the buffers grow with what the model emits, not with the bound.
+    most = max(frames, 1) * max_symbols
+    capacity = min(2 * max(frames, 1), most)
+    while True:
+        labels, label_frames, durations = (np.zeros((batch, capacity), dtype=np.int32) for _ in range(3))
+        counts = np.zeros(batch, dtype=np.int32)
+        status = _library().canary_label_looping(
+            ctypes.byref(prepared.network), _pointer(enc), batch, frames, _pointer(valid, _INTS), blank,
+            max_symbols, capacity, _pointer(labels, _INTS), _pointer(label_frames, _INTS),
+            _pointer(durations, _INTS), _pointer(counts, _INTS))
+        if status != _TOO_MANY_LABELS or capacity == most:
+            break
+        capacity = min(4 * capacity, most)
     if status:
         raise RuntimeError(f"the native transducer decoding {_STATUS.get(status, f'failed ({status})')}")
     return [(labels[row, :n].tolist(), label_frames[row, :n].tolist(), durations[row, :n].tolist())

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ..config import CTCHeadConfig, SpeechConfig
+from ..config import MAX_CONFIG_INT, CTCHeadConfig, ConfigValueError, SpeechConfig, check_range
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,12 @@ class TransducerDecodingConfig:
     strategy: str
     max_symbols: int | None  # None: no limit (NeMo reads greedy.max_symbols: null so)
     durations: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        check_range(self, "max_symbols", 1, MAX_CONFIG_INT)
+        # A negative duration would move the search backwards (and never end it).
+        if any(not isinstance(value, int) or value < 0 for value in self.durations):
+            raise ConfigValueError("durations", f"{self.durations!r} holds a value that is not a whole number >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)
