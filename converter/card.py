@@ -112,10 +112,13 @@ def _head(config: Mapping[str, Any]) -> list[tuple[str, str]]:
     if "joint" in config:
         prediction, durations = config["prediction"], config["decoding"]["durations"]
         kind = f"TDT (durations {durations})" if durations else "RNN-T"
+        max_symbols = config["decoding"]["max_symbols"]
+        per_frame = ("no bound on symbols per frame" if max_symbols is None
+                     else f"at most {max_symbols} symbols per frame")
         rows += [("prediction network", f"{prediction['pred_rnn_layers']} LSTM layers, width {prediction['pred_hidden']}, "
                                         f"{prediction['vocab_size']} tokens and the blank"),
                  ("joint", f"{kind}, width {config['joint']['joint_hidden']}, greedy decoding (NeMo's greedy_batch, "
-                           f"at most {config['decoding']['max_symbols']} symbols per frame)")]
+                           f"{per_frame})")]
     if "ctc" in config:
         rows.append(("auxiliary CTC head" if rows else "head",
                      f"CTC over {config['ctc']['num_classes'] - 1} tokens and the blank, greedy decoding"))

@@ -23,7 +23,7 @@ from canary_convert.errors import ModelFolderError, TranscriptWarning, Unsupport
 from canary_convert.model.app.clips import pad_batch
 from canary_convert.model.cpu import label_looping
 from canary_convert.model.quantized import QuantizeOptions
-from canary_convert.model.transducer.decoding import greedy_batch_mlx
+from canary_convert.model.transducer.decoding import UNBOUNDED_SYMBOLS, greedy_batch, greedy_batch_mlx
 from canary_convert.model.transducer.model import TransducerModel
 from canary_convert.parity import nemo_features, reference_signals
 from canary_convert.rules import load_rules
@@ -201,10 +201,10 @@ def test_search_on_varied_states_matches_nemo(nemo_models: dict, converted: dict
 def test_c_loop_gives_the_mlx_loops_results(converted: dict, variant: str) -> None:
     """On x86 the search runs in C (cpu/label_looping.py): on varied states of a padded batch it gives the MLX
     loop's labels, frames and durations; it is prepared again when the weights change, and left to the MLX loop
-    for half-precision weights or unbounded symbols per frame."""
+    for half-precision weights. With NeMo's unbounded max_symbols the search still ends."""
     model = load_model(converted[variant])
     durations, max_symbols = model.config.decoding.durations, model.config.decoding.max_symbols
-    prepared = label_looping.network(model.prediction, model.joint, durations, max_symbols)
+    prepared = label_looping.network(model.prediction, model.joint, durations)
     assert prepared is not None  # an x86 CPU, the extension built and OpenBLAS loaded (make install's)
 
     def both() -> tuple[list, list]:
@@ -217,7 +217,7 @@ def test_c_loop_gives_the_mlx_loops_results(converted: dict, variant: str) -> No
     assert native == reference
     assert sum(len(hypothesis.tokens) for hypothesis in native) > 30
     model.joint.net.weight = model.joint.net.weight[::-1]  # other weights: other labels
-    assert label_looping.network(model.prediction, model.joint, durations, max_symbols) is not prepared
+    assert label_looping.network(model.prediction, model.joint, durations) is not prepared
     changed, reference = both()
     assert changed == reference and changed != native
     # A label that always wins (and, in TDT, lasts no frame): max_symbols on every frame, more than the C loop's
@@ -230,9 +230,14 @@ def test_c_loop_gives_the_mlx_loops_results(converted: dict, variant: str) -> No
     crowded, reference = both()
     assert crowded == reference
     assert [len(hypothesis.tokens) for hypothesis in crowded] == [int(n) * max_symbols for n in lengths.tolist()]
-    assert label_looping.network(model.prediction, model.joint, durations, None) is None
+    # NeMo's max_symbols: null would never leave a frame here; the search leaves it after UNBOUNDED_SYMBOLS.
+    short, short_lengths, blank = encoded[:1, :3], mx.array([3]), model.config.blank_id
+    unbounded = greedy_batch(model.prediction, model.joint, short, short_lengths, blank, None, durations)
+    assert len(unbounded[0].tokens) == 3 * UNBOUNDED_SYMBOLS
+    assert unbounded == greedy_batch_mlx(model.prediction, model.joint, short, short_lengths, blank,
+                                         UNBOUNDED_SYMBOLS, durations)
     model.set_dtype(mx.bfloat16)
-    assert label_looping.network(model.prediction, model.joint, durations, max_symbols) is None
+    assert label_looping.network(model.prediction, model.joint, durations) is None
 
 
 @pytest.mark.parametrize("change, problem", [

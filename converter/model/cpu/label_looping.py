@@ -5,8 +5,8 @@ In MLX each joint call and prediction-network step of that loop is a graph of sm
 trip, which on an x86 CPU costs twice the products themselves. The C loop multiplies with the BLAS that MLX was
 given (blas.py), from float32 copies of the prediction network and joint (8-bit layers dequantized: MLX's
 quantized kernels are scalar loops on x86), prepared once per model, and follows NeMo's batch rules exactly.
-Where the extension or an optimised BLAS is missing, a layer computes in half precision, or `max_symbols` is
-unbounded, `network()` returns None and model/transducer/decoding.py's MLX loop runs.
+Where the extension or an optimised BLAS is missing, or a layer computes in half precision, `network()` returns
+None and model/transducer/decoding.py's MLX loop runs.
 """
 
 from __future__ import annotations
@@ -136,11 +136,10 @@ def _prepare(prediction: nn.Module, joint: nn.Module, durations: list[int],
     return PreparedNetwork(network, arrays + [input_weight, input_bias, hidden_weight, hidden_bias])
 
 
-def network(prediction: nn.Module, joint: nn.Module, durations: list[int],
-            max_symbols: int | None) -> PreparedNetwork | None:
+def network(prediction: nn.Module, joint: nn.Module, durations: list[int]) -> PreparedNetwork | None:
     """The prediction network and joint prepared for the C loop (once per model's weights), or None where the
     MLX loop must run."""
-    if max_symbols is None or not slow_cpu() or _library() is None:
+    if not slow_cpu() or _library() is None:
         return None
     parameters = [array for _, array in tree_flatten(prediction.parameters()) + tree_flatten(joint.parameters())]
     cached: _Cached | None = getattr(prediction, "_label_looping", None)

@@ -35,6 +35,12 @@ def _replace_rows(mask: mx.array, new: LSTMState, old: LSTMState) -> LSTMState:
     return mx.where(rows, new[0], old[0]), mx.where(rows, new[1], old[1])
 
 
+# NeMo's `max_symbols: null` lets one frame take labels without end, which a folder's weights could make a search
+# that never ends (`verify` runs folders it does not trust); here a frame takes at most this many, far more than
+# a trained model emits on one.
+UNBOUNDED_SYMBOLS = 1000
+
+
 def greedy_batch(prediction: PredictionNetwork, joint: Joint, encoded: mx.array, lengths: mx.array, blank: int,
                  max_symbols: int | None, durations: list[int] | None = None) -> list[TransducerHypothesis]:
     """Greedy label-looping decoding of encoder states (B, T, E) with valid `lengths` (B,).
@@ -42,16 +48,16 @@ def greedy_batch(prediction: PredictionNetwork, joint: Joint, encoded: mx.array,
     `durations` (TDT) are the values of the joint's duration outputs, which follow its V+1 token logits. On an
     x86 CPU the loop runs in C (cpu/label_looping.py) where it can, else in MLX (`greedy_batch_mlx`).
     """
-    prepared = label_looping.network(prediction, joint, durations or [], max_symbols)
+    bound = UNBOUNDED_SYMBOLS if max_symbols is None else max_symbols
+    prepared = label_looping.network(prediction, joint, durations or [])
     if prepared is None:
-        return greedy_batch_mlx(prediction, joint, encoded, lengths, blank, max_symbols, durations)
-    assert max_symbols is not None  # the C loop needs a bound
-    rows = label_looping.decode(prepared, joint.enc(encoded), lengths, blank, max_symbols)
+        return greedy_batch_mlx(prediction, joint, encoded, lengths, blank, bound, durations)
+    rows = label_looping.decode(prepared, joint.enc(encoded), lengths, blank, bound)
     return [TransducerHypothesis(tokens, frames, durations_ if durations else []) for tokens, frames, durations_ in rows]
 
 
 def greedy_batch_mlx(prediction: PredictionNetwork, joint: Joint, encoded: mx.array, lengths: mx.array, blank: int,
-                     max_symbols: int | None, durations: list[int] | None = None) -> list[TransducerHypothesis]:
+                     max_symbols: int, durations: list[int] | None = None) -> list[TransducerHypothesis]:
     """`greedy_batch` as MLX operations, the batch kept on the device and read back once, at the end."""
     tdt = bool(durations)
     batch = encoded.shape[0]
@@ -125,12 +131,11 @@ def greedy_batch_mlx(prediction: PredictionNetwork, joint: Joint, encoded: mx.ar
         state = _replace_rows(found, new_state, state)
         pred = mx.where(found[:, None], joint.pred(new_output), pred)
 
-        if max_symbols is not None:
-            force = mx.logical_and(mx.logical_and(active, mx.logical_not(blank_mask)),
-                                   mx.logical_and(labels_on_frame >= max_symbols, last_label_frame == time))
-            time = time + force
-            safe_time = mx.minimum(time, last_frame)
-            active = time < lengths
+        force = mx.logical_and(mx.logical_and(active, mx.logical_not(blank_mask)),
+                               mx.logical_and(labels_on_frame >= max_symbols, last_label_frame == time))
+        time = time + force
+        safe_time = mx.minimum(time, last_frame)
+        active = time < lengths
         mx.eval(time, active, safe_time, pred, state)
 
     return _hypotheses(stored, batch, tdt)
