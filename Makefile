@@ -5,6 +5,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip install --disable-pip-version-check -c constraints.txt
 DEMO   := build/demo
 EXAMPLE := examples/tiny-canary
+PARAKEET := examples/tiny-parakeet
 
 .PHONY: test demo example example-parakeet bench install install-runtime dev clean blas
 
@@ -57,12 +58,16 @@ test: $(VENV)/.dev
 
 # The example model (trained by examples/train_tiny_canary.py, committed): convert it, validate it,
 # transcribe its clips with canary-transcribe beside the references, then a 3-minute recording per language
-# made of those clips (written to build/demo, with its subtitles), and print the WERs. Needs the converter,
-# not NeMo.
+# made of those clips (written to build/demo, with its subtitles), and print the WERs. Then the example
+# Parakeet (examples/train_tiny_parakeet.py), in float32 and 8 bits, on the same clips with each head.
+# Needs the converter, not NeMo.
 demo: $(VENV)/.convert
 	mkdir -p $(DEMO)
 	$(BIN)/canary-convert $(EXAMPLE)/tiny-canary.nemo $(DEMO)/tiny-canary-mlx --force
 	$(BIN)/python examples/demo.py $(DEMO)/tiny-canary-mlx $(EXAMPLE) $(DEMO)
+	$(BIN)/canary-convert $(PARAKEET)/tiny-parakeet.nemo $(DEMO)/tiny-parakeet-mlx --force
+	$(BIN)/canary-convert $(PARAKEET)/tiny-parakeet.nemo $(DEMO)/tiny-parakeet-mlx-8bit --force --quantize 8
+	$(BIN)/python examples/demo_parakeet.py $(DEMO)/tiny-parakeet-mlx $(DEMO)/tiny-parakeet-mlx-8bit $(EXAMPLE)
 
 # Retrain the example model (about 25 minutes on 2 cores); needs espeak-ng and NeMo.
 example: $(VENV)/.dev
@@ -72,7 +77,7 @@ example: $(VENV)/.dev
 # Retrain the example Parakeet (heads on the example Canary's encoder, about 3 minutes on 2 cores).
 example-parakeet: $(VENV)/.dev
 	command -v espeak-ng >/dev/null || (apt-get update && apt-get install -y espeak-ng)
-	$(BIN)/python examples/train_tiny_parakeet.py examples/tiny-parakeet
+	$(BIN)/python examples/train_tiny_parakeet.py $(PARAKEET)
 
 # Figures, not tests: conversion, memory, load, encoder and decoder speed beside NeMo's, on checkpoints with
 # each family's real shapes (built once into build/bench/). FAMILIES=canary-180m-flash,canary-1b and

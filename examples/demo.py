@@ -20,15 +20,16 @@ from wer import word_error_rate, word_errors
 LONG_FORM = ["--chunking", "pauses", "--chunk-seconds", "2"]
 
 
-def canary_transcribe(model: Path, audio: list[Path], lang: str, *options: str) -> str:
+def canary_transcribe(model: Path, audio: list[Path], *options: str) -> str:
     """One `canary-transcribe` run (the installed command, as a user types it); its stdout."""
     command = [str(Path(sys.executable).parent / "canary-transcribe"), *map(str, audio), "--model", str(model),
-               "--source-lang", lang, *options]
+               *options]
     return subprocess.run(command, check=True, capture_output=True, text=True).stdout
 
 
 def transcribe(model: Path, clips: list[Path], lang: str, pnc: bool) -> list[str]:
-    records = json.loads(canary_transcribe(model, clips, lang, "--pnc" if pnc else "--no-pnc", "--json"))
+    records = json.loads(canary_transcribe(model, clips, "--source-lang", lang, "--pnc" if pnc else "--no-pnc",
+                                           "--json"))
     return [record["text"].strip() for record in records]
 
 
@@ -59,8 +60,9 @@ def long_section(model: Path, example: Path, out: Path, langs: list[str], per_cl
         audio = build_long_audio(example, lang)
         path = out / f"long-{lang}.wav"
         soundfile.write(path, audio.samples, 16000, subtype="FLOAT")
-        result = json.loads(canary_transcribe(model, [path], lang, *LONG_FORM, "--format", "json"))[0]
-        srt = canary_transcribe(model, [path], lang, *LONG_FORM, "--format", "srt")
+        result = json.loads(canary_transcribe(model, [path], "--source-lang", lang, *LONG_FORM, "--format",
+                                              "json"))[0]
+        srt = canary_transcribe(model, [path], "--source-lang", lang, *LONG_FORM, "--format", "srt")
         (out / f"long-{lang}.srt").write_text(srt)
         reference = " ".join(record["pnc"] for record in audio.records)
         alone = " ".join(per_clip[record["audio"]] for record in audio.records)

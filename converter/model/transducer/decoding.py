@@ -53,7 +53,7 @@ def greedy_batch(prediction: PredictionNetwork, joint: Joint, encoded: mx.array,
     if prepared is None:
         return greedy_batch_mlx(prediction, joint, encoded, lengths, blank, bound, durations)
     rows = label_looping.decode(prepared, joint.enc(encoded), lengths, blank, bound)
-    return [TransducerHypothesis(tokens, frames, durations_ if durations else []) for tokens, frames, durations_ in rows]
+    return [TransducerHypothesis(tokens, frames, stored if durations else []) for tokens, frames, stored in rows]
 
 
 def greedy_batch_mlx(prediction: PredictionNetwork, joint: Joint, encoded: mx.array, lengths: mx.array, blank: int,
