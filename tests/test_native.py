@@ -1,8 +1,8 @@
 """The `_encoder` extension's kernels give what the MLX code they replace gives.
 
 NeMo parity of the whole encoder is tests/test_parity.py's (it runs these kernels on Linux); here the subsampling's
-convolutions and the attention softmax are held against the MLX code they replace on shapes the tiny checkpoints do
-not reach (the softmax against numpy too): odd lengths and widths, several channel counts (vector remainders),
+convolutions and the attention are held against the MLX code they replace on shapes the tiny checkpoints do
+not reach (the attention against numpy too): odd lengths and widths, several channel counts (vector remainders),
 factors 4 to 16, padded batches with a sequence of one frame, a head width whose 1/sqrt is not a power of two;
 SiLU and GLU over the range where exp saturates; the conv module with kernels longer than a sequence;
 LayerNorm.
@@ -87,7 +87,7 @@ def test_half_precision_inputs_keep_their_dtype(dtype: mx.Dtype) -> None:
 
 
 @pytest.mark.parametrize(("d_model", "heads", "lengths"), [(64, 4, [37]), (96, 4, [50, 1, 23]), (512, 8, [376, 200])])
-def test_native_attention_softmax_matches_the_mlx_attention(d_model: int, heads: int, lengths: list[int],
+def test_native_attention_matches_the_mlx_attention(d_model: int, heads: int, lengths: list[int],
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """The relative shift, the scale (1/sqrt(24) is not a power of two), the mask of a padded batch and the softmax,
     through the whole attention module, with the extension and with the MLX code it replaces."""
@@ -111,19 +111,32 @@ def test_native_attention_softmax_matches_the_mlx_attention(d_model: int, heads:
     np.testing.assert_allclose(np.array(native_out), np.array(reference), rtol=1e-5, atol=1e-5)
 
 
-def test_native_softmax_rows_are_the_shifted_scaled_masked_softmax() -> None:
-    """Each weight row against numpy's softmax of (ac[i, j] + bd[i, T-1-i+j]) * scale + mask[i, j], in float64."""
+@pytest.mark.parametrize("masked", [False, True])
+def test_native_attention_is_the_shifted_scaled_masked_softmax_of_each_head(masked: bool) -> None:
+    """Each head's softmax(((q+u)k^T)[i, j] + ((q+v)p^T)[i, T-1-i+j]) * scale + mask[i, j]) v against numpy in float64,
+    read from and written to (B, T, h * d_head) rows: a head width (5) and frame count (21) that are no vector width."""
     rng = np.random.default_rng(0)
-    batch, heads, frames, scale = 2, 3, 21, 0.3
-    ac = rng.normal(size=(batch, heads, frames, frames)).astype(np.float32) * 8
-    bd = rng.normal(size=(batch, heads, frames, 2 * frames - 1)).astype(np.float32) * 8
-    mask = np.where(rng.random((batch, 1, frames, frames)) < 0.3, -10000.0, 0.0).astype(np.float32)
-    got = np.array(native.rel_softmax(mx.array(ac), mx.array(bd), mx.array(mask), scale))
+    batch, heads, d_head, frames, scale = 2, 3, 5, 21, 0.3
+    q, k, v = (rng.normal(size=(batch, frames, heads * d_head)).astype(np.float32) for _ in range(3))
+    p = rng.normal(size=(1, 2 * frames - 1, heads * d_head)).astype(np.float32)
+    bias_u, bias_v = (rng.normal(size=(heads, d_head)).astype(np.float32) for _ in range(2))
+    mask = np.where(rng.random((batch, 1, frames, frames)) < 0.3, -10000.0, 0.0).astype(np.float32) if masked else None
+    got = np.array(native.rel_attention(*(mx.array(a) for a in (q, k, v, p, bias_u, bias_v)),
+                                        None if mask is None else mx.array(mask), scale))
+
+    def per_head(a: np.ndarray) -> np.ndarray:  # (B, T, h * d_head) -> (B, h, T, d_head), float64
+        return a.astype(np.float64).reshape(a.shape[0], -1, heads, d_head).transpose(0, 2, 1, 3)
+
+    q_, k_, v_, p_ = (per_head(a) for a in (q, k, v, p))
+    ac = (q_ + bias_u[:, None]) @ k_.swapaxes(-1, -2)
+    bd = (q_ + bias_v[:, None]) @ p_.swapaxes(-1, -2)
     rows, columns = np.arange(frames)[:, None], np.arange(frames)[None, :]
-    scores = (ac.astype(np.float64) + bd[..., rows, frames - 1 - rows + columns]) * scale + mask
-    want = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    want /= want.sum(axis=-1, keepdims=True)
-    np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-7)
+    scores = (ac + bd[..., rows, frames - 1 - rows + columns]) * scale + (0 if mask is None else mask)
+    weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    weights /= weights.sum(axis=-1, keepdims=True)
+    want = (weights @ v_).transpose(0, 2, 1, 3).reshape(batch, frames, heads * d_head)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])

@@ -1,11 +1,16 @@
-/* The softmax of Transformer-XL attention scores, with the relative shift, the scale and the mask folded in.
+/* Transformer-XL attention after the projections: the per-head products, the relative shift, the scale, the
+ * mask and the softmax, as NeMo's RelPositionMultiHeadAttention computes them.
  *
- * NeMo's RelPositionMultiHeadAttention computes softmax((ac + rel_shift(bd)) / sqrt(d_k)) with ac = (q+u)k^T
- * (B, h, T, T) and bd = (q+v)p^T (B, h, T, 2T-1), whose shift puts bd[..., i, T-1-i+j] at column j. On an x86
- * CPU MLX makes that five passes on one thread without wide vectors (the shifted copy, the scale, the sum, the
- * mask, then the softmax, with exp composed from its vectorised operations: model/cpu/activations.py). Here one
- * pass per row reads both products and writes the weights, vectorised and on every core.
+ * NeMo computes softmax((ac + rel_shift(bd)) / sqrt(d_k)) v per head with ac = (q+u)k^T (T, T) and
+ * bd = (q+v)p^T (T, 2T-1), whose shift puts bd[i, T-1-i+j] at column j. In MLX the heads' operands are strided
+ * views of the projections' (T, h * d_k) rows, which its matmul copies before every product, and the softmax
+ * was five passes on one thread without wide vectors (the shifted copy, the scale, the sum, the mask, then exp
+ * composed from vectorised operations: model/cpu/activations.py). Here the products are the BLAS's sgemm read
+ * in place (leading dimension h * d_k), each head's scores stay in a buffer the caches hold, and the softmax is
+ * one vectorised pass per row on every core.
  */
+#include <stdlib.h>
+
 #include "parallel.h"
 #include "vector_exp.h"
 
@@ -36,7 +41,7 @@ VECTOR_CLONES static void softmax_row(const float *ac, const float *bd, const fl
 
 typedef struct {
     const float *ac, *bd, *mask;
-    int heads, t;
+    int t;
     float scale;
     float *out;
     long first_row, last_row;
@@ -46,22 +51,62 @@ static void *worker(void *arg) {
     Job *job = arg;
     long t = job->t, p = 2 * t - 1;
     for (long row = job->first_row; row < job->last_row; row++) {
-        long i = row % t, sequence = row / t / job->heads;
-        /* Column j of the shifted product is bd[..., i, T-1-i+j]. */
-        const float *bd = job->bd + row * p + (t - 1 - i);
-        const float *mask = job->mask != NULL ? job->mask + (sequence * t + i) * t : NULL;
+        /* Column j of the shifted product is bd[i, T-1-i+j]. */
+        const float *bd = job->bd + row * p + (t - 1 - row);
+        const float *mask = job->mask != NULL ? job->mask + row * t : NULL;
         softmax_row(job->ac + row * t, bd, mask, (int)t, job->scale, job->out + row * t);
     }
     return NULL;
 }
 
-/* ac (B, h, T, T), bd (B, h, T, 2T-1), mask NULL or (B, 1, T, T) additive -> out (B, h, T, T). */
-void canary_rel_softmax(const float *ac, const float *bd, const float *mask, int batch, int heads, int t, float scale,
-                        float *out, int threads) {
-    long rows = (long)batch * heads * t;
+/* One head's weights: out (T, T) from ac (T, T), bd (T, 2T-1) and mask NULL or (T, T), rows on `threads`. */
+static void head_softmax(const float *ac, const float *bd, const float *mask, int t, float scale, float *out,
+                         int threads) {
     Job jobs[MAX_THREADS];
-    int used = parallel_count(rows, threads);
+    int used = parallel_count(t, threads);
     for (int k = 0; k < used; k++)
-        jobs[k] = (Job){ac, bd, mask, heads, t, scale, out, rows * k / used, rows * (k + 1) / used};
+        jobs[k] = (Job){ac, bd, mask, t, scale, out, (long)t * k / used, (long)t * (k + 1) / used};
     parallel_run(worker, jobs, sizeof(Job), used);
+}
+
+enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
+
+/* cblas_sgemm's signature: the caller passes the one MLX multiplies with (OpenBLAS's, or blas.py's forwarder). */
+typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *, int, float,
+                         float *, int);
+
+/* q, k, v (B, T, h * d_head) projections, p (2T-1, h * d_head) projected positions (shared by the batch),
+ * bias_u, bias_v (h, d_head), mask NULL or (B, T, T) additive -> out (B, T, h * d_head), each head's
+ * softmax(((q+u)k^T + rel_shift((q+v)p^T)) * scale + mask) v in its own d_head columns.
+ * Returns nonzero when its buffers cannot be allocated. */
+int canary_rel_attention(const float *q, const float *k, const float *v, const float *p, const float *bias_u,
+                         const float *bias_v, const float *mask, int batch, int t, int heads, int d_head, float scale,
+                         sgemm_fn sgemm, float *out, int threads) {
+    long width = (long)heads * d_head, positions = 2L * t - 1;
+    float *q_u = malloc(sizeof(float) * ((long)t * d_head * 2 + (long)t * t * 2 + (long)t * positions));
+    if (q_u == NULL)
+        return 1;
+    float *q_v = q_u + (long)t * d_head, *ac = q_v + (long)t * d_head, *weights = ac + (long)t * t;
+    float *bd = weights + (long)t * t;
+    for (int b = 0; b < batch; b++) {
+        const float *mask_b = mask != NULL ? mask + (long)b * t * t : NULL;
+        for (int h = 0; h < heads; h++) {
+            long column = (long)b * t * width + (long)h * d_head; /* this head's first value in q, k, v, out */
+            /* NeMo adds the biases to q before its products: q+u and q+v, rows packed for sgemm. */
+            for (long i = 0; i < t; i++)
+                for (int j = 0; j < d_head; j++) {
+                    float value = q[column + i * width + j];
+                    q_u[i * d_head + j] = value + bias_u[h * d_head + j];
+                    q_v[i * d_head + j] = value + bias_v[h * d_head + j];
+                }
+            sgemm(ROW_MAJOR, NO_TRANS, TRANS, t, t, d_head, 1.0f, q_u, d_head, k + column, (int)width, 0.0f, ac, t);
+            sgemm(ROW_MAJOR, NO_TRANS, TRANS, t, (int)positions, d_head, 1.0f, q_v, d_head, p + (long)h * d_head,
+                  (int)width, 0.0f, bd, (int)positions);
+            head_softmax(ac, bd, mask_b, t, scale, weights, threads);
+            sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, t, d_head, t, 1.0f, weights, t, v + column, (int)width, 0.0f,
+                  out + column, (int)width);
+        }
+    }
+    free(q_u);
+    return 0;
 }

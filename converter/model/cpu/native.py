@@ -8,9 +8,12 @@ convolution's rows as the depthwise one reads them (the (T/2, F/2, C) array is n
 on every core. The results are NeMo's up to the order of float32 sums. Where the extension was not built (no
 C compiler at install) or MLX vectorises itself (ARM, a GPU), `available()` is False and the MLX layers run.
 
-The relative-position attention's softmax (native/rel_softmax.c): NeMo's softmax((ac + rel_shift(bd)) / sqrt(d_k))
-was five passes in MLX here (the shifted copy, the scale, the sum, the mask, the softmax with exp composed from
-vectorised operations), 5.8 ms a layer on canary-180m-flash's 30 s; one vectorised pass per row on every core.
+The relative-position attention after its projections (native/rel_softmax.c): NeMo's per-head products
+(q+u)k^T, (q+v)p^T and the weights times v, with softmax((ac + rel_shift(bd)) / sqrt(d_k)) between them. In MLX
+the heads are strided views its matmul copies before each product (7 of a parakeet-tdt-0.6b-v2 layer's 26 ms on
+30 s went to (q+v)p^T alone) and the softmax was five passes (5.8 ms a layer on canary-180m-flash's 30 s). The
+extension calls the BLAS's sgemm on the projections in place, keeps each head's scores in cache-sized buffers and
+makes the softmax one vectorised pass per row on every core.
 
 SiLU and GLU (native/activations.c): the same formulas as activations.py's, vectorised and on every core.
 
@@ -42,9 +45,9 @@ def _library() -> ctypes.CDLL | None:
     library = ctypes.CDLL(str(path))
     library.canary_subsample_stem.argtypes = [_FLOATS, ctypes.c_int, ctypes.c_int, ctypes.c_int, _INTS, _INTS,
                                               _FLOATS, _FLOATS, _FLOATS, _FLOATS, ctypes.c_int, _FLOATS, ctypes.c_int]
-    library.canary_rel_softmax.argtypes = [_FLOATS, _FLOATS, _FLOATS, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                           ctypes.c_float, _FLOATS, ctypes.c_int]
-    library.canary_rel_softmax.restype = None
+    library.canary_rel_attention.argtypes = [_FLOATS, _FLOATS, _FLOATS, _FLOATS, _FLOATS, _FLOATS, _FLOATS,
+                                             ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float,
+                                             ctypes.c_void_p, _FLOATS, ctypes.c_int]
     library.canary_silu.argtypes = [_FLOATS, _FLOATS, ctypes.c_long, ctypes.c_int]
     library.canary_glu.argtypes = [_FLOATS, _FLOATS, ctypes.c_long, ctypes.c_long, ctypes.c_int]
     library.canary_silu.restype = library.canary_glu.restype = None
@@ -56,7 +59,7 @@ def _library() -> ctypes.CDLL | None:
     library.canary_layer_norm.restype = None
     library.canary_relu_depthwise.argtypes = [_FLOATS, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, _INTS,
                                               _FLOATS, _FLOATS, _FLOATS, ctypes.c_int]
-    for function in (library.canary_subsample_stem, library.canary_relu_depthwise):
+    for function in (library.canary_subsample_stem, library.canary_relu_depthwise, library.canary_rel_attention):
         function.restype = ctypes.c_int
     return library
 
@@ -64,6 +67,21 @@ def _library() -> ctypes.CDLL | None:
 def available() -> bool:
     """Whether these kernels run here (an x86 CPU and the extension built)."""
     return slow_cpu() and _library() is not None
+
+
+@functools.cache
+def _sgemm() -> int | None:
+    """The address of the cblas_sgemm MLX multiplies with: the first in the global scope (blas.py's forwarder or
+    OpenBLAS), or None when MLX keeps its bundled reference BLAS, which is not there."""
+    try:
+        return ctypes.cast(ctypes.CDLL(None).cblas_sgemm, ctypes.c_void_p).value
+    except AttributeError:
+        return None
+
+
+def attention_available() -> bool:
+    """Whether `rel_attention` runs here: the kernels, and a BLAS in the global scope for its products."""
+    return available() and _sgemm() is not None
 
 
 def _floats(array: mx.array) -> np.ndarray:
@@ -120,18 +138,22 @@ def relu_depthwise(y: mx.array, valid: mx.array, depthwise: tuple[mx.array, mx.a
     return mx.array(out).astype(y.dtype)
 
 
-def rel_softmax(ac: mx.array, bd: mx.array, mask: mx.array | None, scale: float) -> mx.array:
-    """softmax((ac + rel_shift(bd)) * scale + mask) over the last axis, in float32: ac (B, h, T, T), bd (B, h, T,
-    2T-1) whose row i, column T-1-i+j is the shifted column j (NeMo's rel_shift), mask None or additive,
-    broadcastable to (B, 1, T, T)."""
-    batch, heads, t, _ = ac.shape
-    scores, positional = _floats(ac), _floats(bd)
+def rel_attention(q: mx.array, k: mx.array, v: mx.array, p: mx.array, bias_u: mx.array, bias_v: mx.array,
+                  mask: mx.array | None, scale: float) -> mx.array:
+    """Each head's softmax(((q+u)k^T + rel_shift((q+v)p^T)) * scale + mask) v, products and softmax in float32:
+    q, k, v (B, T, d) projections, p (1, 2T-1, d) projected positions, bias_u, bias_v (h, d/h), mask None or
+    additive, broadcastable to (B, 1, T, T); -> (B, T, d), each head's values in its own d/h columns, in q's dtype."""
+    batch, t, width = q.shape
+    heads, d_head = bias_u.shape
+    rows = [_floats(a) for a in (q, k, v, p, bias_u, bias_v)]
     additive = None if mask is None else np.ascontiguousarray(np.broadcast_to(_floats(mask), (batch, 1, t, t)))
-    out = np.empty((batch, heads, t, t), dtype=np.float32)
-    _library().canary_rel_softmax(_pointer(scores, _FLOATS), _pointer(positional, _FLOATS),
-                                  None if additive is None else _pointer(additive, _FLOATS), batch, heads, t, scale,
-                                  _pointer(out, _FLOATS), _threads())
-    return mx.array(out)
+    out = np.empty((batch, t, width), dtype=np.float32)
+    failed = _library().canary_rel_attention(
+        *(_pointer(a, _FLOATS) for a in rows), None if additive is None else _pointer(additive, _FLOATS), batch, t,
+        heads, d_head, scale, _sgemm(), _pointer(out, _FLOATS), _threads())
+    if failed:
+        raise MemoryError("the attention's native kernel could not allocate its score buffers")
+    return mx.array(out).astype(q.dtype)
 
 
 def silu(x: mx.array) -> mx.array:

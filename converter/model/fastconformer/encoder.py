@@ -166,6 +166,12 @@ def local_relative_positions(left: int, right: int, d_model: int) -> np.ndarray:
 LOCAL_BLOCK = 256
 
 
+def _joined(heads: mx.array) -> mx.array:
+    """Per-head outputs (B, h, T, d_head) as rows (B, T, h * d_head), heads side by side as NeMo joins them."""
+    b, h, t, dk = heads.shape
+    return heads.transpose(0, 2, 1, 3).reshape(b, t, h * dk)
+
+
 class RelPositionMultiHeadAttention(nn.Module):
     """Transformer-XL attention as in NeMo: (q+u)k^T + rel_shift((q+v)p^T), scaled by 1/sqrt(d_head).
 
@@ -200,25 +206,23 @@ class RelPositionMultiHeadAttention(nn.Module):
         """x (B, T, d); pos_emb (2T-1, d); mask (B, 1, T, T) additive, -10000 unless query and key are both
         real frames, and valid (B, T, 1) 1 on real frames (both None when no frame is padding)."""
         scale = 1 / math.sqrt(self.d_head)
-        q_u, q_v, k, v, p = self._heads(x, pos_emb)
-        if native.available():
-            # One vectorised pass from both products to the weights (cpu/native.py), NeMo's (ac + bd) / sqrt(d_k).
-            weights = native.rel_softmax(product(q_u, k.swapaxes(-1, -2)), product(q_v, p.transpose(0, 1, 3, 2)),
-                                         mask, scale)
-            out = product(weights, v).astype(x.dtype)
+        if native.attention_available():
+            # The products and the softmax by the extension (cpu/native.py), on the projections as they are.
+            q, k, v = self.linear_q(x), self.linear_k(x), self.linear_v(x)
+            out = native.rel_attention(q, k, v, self.linear_pos(pos_emb)[None], self.pos_bias_u, self.pos_bias_v,
+                                       mask, scale)
             return self._output(out, valid)
+        q_u, q_v, k, v, p = self._heads(x, pos_emb)
         # NeMo shifts the full (T, 2T-1) product, then keeps the first T columns; `attention` adds it,
         # scaled, to (q+u)k^T/sqrt(d_head) as an additive mask.
         bias = self.rel_shift(product(q_v, p.transpose(0, 1, 3, 2)).astype(x.dtype)) * scale
         if mask is not None:
             # NeMo fills masked scores with -10000; adding -10000 gives those keys the same zero weight.
             bias = bias + mask
-        return self._output(attention(q_u, k, v, scale, bias), valid)
+        return self._output(_joined(attention(q_u, k, v, scale, bias)), valid)
 
     def _output(self, out: mx.array, valid: mx.array | None) -> mx.array:
-        """The heads' outputs (B, h, T, d_head) joined and projected."""
-        b, _, t, _ = out.shape
-        out = out.transpose(0, 2, 1, 3).reshape(b, t, self.n_heads * self.d_head)
+        """The heads' joined outputs (B, T, d) projected."""
         if valid is not None:
             # NeMo zeroes the weights of masked pairs after the softmax: padded query rows become all zero.
             out = out * valid
@@ -265,10 +269,7 @@ class RelPositionMultiHeadAttention(nn.Module):
             if key_padding is not None:
                 bias = bias + key_padding[..., first:last]
             blocks.append(attention(q_u[:, :, start:end], k[:, :, first:last], v[:, :, first:last], scale, bias))
-        out = mx.concatenate(blocks, axis=2).transpose(0, 2, 1, 3).reshape(b, t, h * dk)
-        if valid is not None:
-            out = out * valid
-        return self.linear_out(out)
+        return self._output(_joined(mx.concatenate(blocks, axis=2)), valid)
 
 
 def _silu(x: mx.array) -> mx.array:
