@@ -28,6 +28,7 @@ picks a library. By default the system's `libopenblas.so.0` is used (Debian and 
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 import warnings
@@ -68,6 +69,22 @@ def gemv_forwarded() -> int:
         return 0
     forward.canary_gemv_forwarded.restype = ctypes.c_long
     return int(forward.canary_gemv_forwarded())
+
+
+@functools.cache
+def product_functions() -> tuple[int, int] | None:
+    """The addresses of cblas_sgemv and cblas_sgemm in the optimised BLAS MLX multiplies with, if one was loaded:
+    what the C kernels that multiply for themselves call (native/label_looping.c, native/rel_softmax.c)."""
+    from . import BLAS
+
+    if BLAS.library is None:
+        return None
+    try:
+        library = ctypes.CDLL(BLAS.library)  # already in the process: the same handle
+        return (ctypes.cast(library.cblas_sgemv, ctypes.c_void_p).value,
+                ctypes.cast(library.cblas_sgemm, ctypes.c_void_p).value)
+    except (OSError, AttributeError):
+        return None
 
 
 def _forward_library() -> ctypes.CDLL | None:

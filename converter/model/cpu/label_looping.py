@@ -20,6 +20,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from ...blas import product_functions
 from ...extensions import extension_path
 from .activations import slow_cpu
 from .widened import dequantized
@@ -55,21 +56,6 @@ def _library() -> ctypes.CDLL | None:
                                              ctypes.c_int, ctypes.c_int, ctypes.c_int, _INTS, _INTS, _INTS, _INTS]
     library.canary_label_looping.restype = ctypes.c_int
     return library
-
-
-@functools.cache
-def _blas() -> tuple[int, int] | None:
-    """The addresses of cblas_sgemv and cblas_sgemm in the optimised BLAS MLX multiplies with, if one was loaded."""
-    from ... import BLAS
-
-    if BLAS.library is None:
-        return None
-    try:
-        library = ctypes.CDLL(BLAS.library)  # already in the process: the same handle
-        return (ctypes.cast(library.cblas_sgemv, ctypes.c_void_p).value,
-                ctypes.cast(library.cblas_sgemm, ctypes.c_void_p).value)
-    except (OSError, AttributeError):
-        return None
 
 
 def _float32(layer: nn.Module, name: str = "weight") -> np.ndarray | None:
@@ -109,7 +95,7 @@ def _pointer(array: np.ndarray, kind: type = _FLOATS) -> ctypes._Pointer:
 
 def _prepare(prediction: nn.Module, joint: nn.Module, durations: list[int],
              activation: str) -> PreparedNetwork | None:
-    blas = _blas()
+    blas = product_functions()
     layers = prediction.lstm
     dense = [_float32(layer, name) for layer in (joint.pred, joint.net) for name in ("weight", "bias")]
     stacks = [[_float32(layer.input, name) for layer in layers[1:]] for name in ("weight", "bias")]

@@ -30,6 +30,7 @@ import os
 import mlx.core as mx
 import numpy as np
 
+from ...blas import product_functions
 from ...extensions import extension_path
 from .activations import slow_cpu
 
@@ -69,19 +70,9 @@ def available() -> bool:
     return slow_cpu() and _library() is not None
 
 
-@functools.cache
-def _sgemm() -> int | None:
-    """The address of the cblas_sgemm MLX multiplies with: the first in the global scope (blas.py's forwarder or
-    OpenBLAS), or None when MLX keeps its bundled reference BLAS, which is not there."""
-    try:
-        return ctypes.cast(ctypes.CDLL(None).cblas_sgemm, ctypes.c_void_p).value
-    except AttributeError:
-        return None
-
-
 def attention_available() -> bool:
-    """Whether `rel_attention` runs here: the kernels, and a BLAS in the global scope for its products."""
-    return available() and _sgemm() is not None
+    """Whether `rel_attention` runs here: the kernels, and an optimised BLAS (blas.py) for its products."""
+    return available() and product_functions() is not None
 
 
 def _floats(array: mx.array) -> np.ndarray:
@@ -150,7 +141,7 @@ def rel_attention(q: mx.array, k: mx.array, v: mx.array, p: mx.array, bias_u: mx
     out = np.empty((batch, t, width), dtype=np.float32)
     failed = _library().canary_rel_attention(
         *(_pointer(a, _FLOATS) for a in rows), None if additive is None else _pointer(additive, _FLOATS), batch, t,
-        heads, d_head, scale, _sgemm(), _pointer(out, _FLOATS), _threads())
+        heads, d_head, scale, product_functions()[1], _pointer(out, _FLOATS), _threads())
     if failed:
         raise MemoryError("the attention's native kernel could not allocate its score buffers")
     return mx.array(out).astype(q.dtype)
