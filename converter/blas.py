@@ -27,11 +27,13 @@ picks a library. By default the system's `libopenblas.so.0` is used (Debian and 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .errors import SlowBlasWarning
@@ -85,6 +87,37 @@ def product_functions() -> tuple[int, int] | None:
                 ctypes.cast(library.cblas_sgemm, ctypes.c_void_p).value)
     except (OSError, AttributeError):
         return None
+
+
+@functools.cache
+def _openblas_threads() -> tuple[ctypes._CFuncPtr, ctypes._CFuncPtr] | None:
+    from . import BLAS
+
+    if BLAS.library is None:
+        return None
+    try:
+        library = ctypes.CDLL(BLAS.library)
+        return library.openblas_get_num_threads, library.openblas_set_num_threads
+    except (OSError, AttributeError):
+        return None
+
+
+@contextlib.contextmanager
+def one_thread_each() -> Iterator[bool]:
+    """OpenBLAS kept to one thread for the block, so that each of several threads of ours can multiply on its own
+    core at once (the attention's heads, native/rel_softmax.c); yields whether it was (False for another BLAS,
+    which keeps its threading). Another thread multiplying meanwhile runs on one core too, no less exactly."""
+    threads = _openblas_threads()
+    if threads is None:
+        yield False
+        return
+    get, set_threads = threads
+    before = get()
+    set_threads(1)
+    try:
+        yield True
+    finally:
+        set_threads(before)
 
 
 def _forward_library() -> ctypes.CDLL | None:

@@ -120,3 +120,18 @@ def test_a_model_on_the_reference_blas_by_accident_warns_once(converted: Path, i
     if "LD_PRELOAD" in env:  # MLX bound to OpenBLAS itself, and says so
         assert "openblas" in bound.name and described.startswith("OpenBLAS")
         assert "no sgemv forwarding: mlx was imported before canary_convert" in described
+
+
+def test_openblas_is_kept_to_one_thread_only_for_the_block() -> None:
+    """The attention's heads multiply side by side inside `one_thread_each`; OpenBLAS's threading is back after."""
+    import ctypes
+
+    import canary_convert
+    from canary_convert.blas import one_thread_each
+
+    library = ctypes.CDLL(canary_convert.BLAS.library)
+    before = library.openblas_get_num_threads()
+    with pytest.raises(RuntimeError), one_thread_each() as kept:
+        assert kept and library.openblas_get_num_threads() == 1
+        raise RuntimeError  # restored on the way out of an error too
+    assert library.openblas_get_num_threads() == before

@@ -10,6 +10,7 @@ LayerNorm.
 
 from __future__ import annotations
 
+import contextlib
 import platform
 
 import mlx.core as mx
@@ -112,9 +113,14 @@ def test_native_attention_matches_the_mlx_attention(d_model: int, heads: int, le
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_native_attention_is_the_shifted_scaled_masked_softmax_of_each_head(masked: bool) -> None:
+@pytest.mark.parametrize("side_by_side", [True, False])
+def test_native_attention_is_the_shifted_scaled_masked_softmax_of_each_head(masked: bool, side_by_side: bool,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Each head's softmax(((q+u)k^T)[i, j] + ((q+v)p^T)[i, T-1-i+j]) * scale + mask[i, j]) v against numpy in float64,
-    read from and written to (B, T, h * d_head) rows: a head width (5) and frame count (21) that are no vector width."""
+    read from and written to (B, T, h * d_head) rows: a head width (5) and frame count (21) that are no vector width;
+    heads side by side on one-thread OpenBLAS, and one at a time as under a BLAS that keeps its own threading."""
+    if not side_by_side:
+        monkeypatch.setattr(native, "one_thread_each", lambda: contextlib.nullcontext(False))
     rng = np.random.default_rng(0)
     batch, heads, d_head, frames, scale = 2, 3, 5, 21, 0.3
     q, k, v = (rng.normal(size=(batch, frames, heads * d_head)).astype(np.float32) for _ in range(3))

@@ -66,47 +66,78 @@ static void head_softmax(const float *ac, const float *bd, const float *mask, in
     int used = parallel_count(t, threads);
     for (int k = 0; k < used; k++)
         jobs[k] = (Job){ac, bd, mask, t, scale, out, (long)t * k / used, (long)t * (k + 1) / used};
-    parallel_run(worker, jobs, sizeof(Job), used);
+    if (used == 1)
+        worker(jobs);
+    else
+        parallel_run(worker, jobs, sizeof(Job), used);
 }
 
 enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
 
-/* cblas_sgemm's signature: the caller passes the one MLX multiplies with (OpenBLAS's, or blas.py's forwarder). */
+/* cblas_sgemm's signature: the caller passes the one MLX multiplies with. */
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *, int, float,
                          float *, int);
+
+typedef struct {
+    const float *q, *k, *v, *p, *bias_u, *bias_v, *mask;
+    int t, heads, d_head;
+    float scale;
+    sgemm_fn sgemm;
+    float *out;
+    long first_pair, last_pair; /* (sequence, head) pairs, sequence-major */
+    int softmax_threads, failed;
+} AttentionJob;
+
+static void *attention_worker(void *arg) {
+    AttentionJob *job = arg;
+    long t = job->t, d_head = job->d_head, width = (long)job->heads * d_head, positions = 2 * t - 1;
+    float *q_u = malloc(sizeof(float) * (t * d_head * 2 + t * t * 2 + t * positions));
+    if (q_u == NULL) {
+        job->failed = 1;
+        return NULL;
+    }
+    float *q_v = q_u + t * d_head, *ac = q_v + t * d_head, *weights = ac + t * t, *bd = weights + t * t;
+    for (long pair = job->first_pair; pair < job->last_pair; pair++) {
+        long b = pair / job->heads, h = pair % job->heads;
+        long column = b * t * width + h * d_head; /* this head's first value in q, k, v, out */
+        const float *q = job->q + column;
+        /* NeMo adds the biases to q before its products: q+u and q+v, rows packed for sgemm. */
+        for (long i = 0; i < t; i++)
+            for (long j = 0; j < d_head; j++) {
+                q_u[i * d_head + j] = q[i * width + j] + job->bias_u[h * d_head + j];
+                q_v[i * d_head + j] = q[i * width + j] + job->bias_v[h * d_head + j];
+            }
+        job->sgemm(ROW_MAJOR, NO_TRANS, TRANS, (int)t, (int)t, (int)d_head, 1.0f, q_u, (int)d_head, job->k + column,
+                   (int)width, 0.0f, ac, (int)t);
+        job->sgemm(ROW_MAJOR, NO_TRANS, TRANS, (int)t, (int)positions, (int)d_head, 1.0f, q_v, (int)d_head,
+                   job->p + h * d_head, (int)width, 0.0f, bd, (int)positions);
+        head_softmax(ac, bd, job->mask != NULL ? job->mask + b * t * t : NULL, (int)t, job->scale, weights,
+                     job->softmax_threads);
+        job->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, (int)t, (int)d_head, (int)t, 1.0f, weights, (int)t, job->v + column,
+                   (int)width, 0.0f, job->out + column, (int)width);
+    }
+    free(q_u);
+    return NULL;
+}
 
 /* q, k, v (B, T, h * d_head) projections, p (2T-1, h * d_head) projected positions (shared by the batch),
  * bias_u, bias_v (h, d_head), mask NULL or (B, T, T) additive -> out (B, T, h * d_head), each head's
  * softmax(((q+u)k^T + rel_shift((q+v)p^T)) * scale + mask) v in its own d_head columns.
+ * split_heads: the heads shared among `threads` threads, each multiplying on its own (the BLAS set to one thread
+ * by the caller); else one head at a time, the BLAS threading each product and the softmax rows on `threads`.
  * Returns nonzero when its buffers cannot be allocated. */
 int canary_rel_attention(const float *q, const float *k, const float *v, const float *p, const float *bias_u,
                          const float *bias_v, const float *mask, int batch, int t, int heads, int d_head, float scale,
-                         sgemm_fn sgemm, float *out, int threads) {
-    long width = (long)heads * d_head, positions = 2L * t - 1;
-    float *q_u = malloc(sizeof(float) * ((long)t * d_head * 2 + (long)t * t * 2 + (long)t * positions));
-    if (q_u == NULL)
-        return 1;
-    float *q_v = q_u + (long)t * d_head, *ac = q_v + (long)t * d_head, *weights = ac + (long)t * t;
-    float *bd = weights + (long)t * t;
-    for (int b = 0; b < batch; b++) {
-        const float *mask_b = mask != NULL ? mask + (long)b * t * t : NULL;
-        for (int h = 0; h < heads; h++) {
-            long column = (long)b * t * width + (long)h * d_head; /* this head's first value in q, k, v, out */
-            /* NeMo adds the biases to q before its products: q+u and q+v, rows packed for sgemm. */
-            for (long i = 0; i < t; i++)
-                for (int j = 0; j < d_head; j++) {
-                    float value = q[column + i * width + j];
-                    q_u[i * d_head + j] = value + bias_u[h * d_head + j];
-                    q_v[i * d_head + j] = value + bias_v[h * d_head + j];
-                }
-            sgemm(ROW_MAJOR, NO_TRANS, TRANS, t, t, d_head, 1.0f, q_u, d_head, k + column, (int)width, 0.0f, ac, t);
-            sgemm(ROW_MAJOR, NO_TRANS, TRANS, t, (int)positions, d_head, 1.0f, q_v, d_head, p + (long)h * d_head,
-                  (int)width, 0.0f, bd, (int)positions);
-            head_softmax(ac, bd, mask_b, t, scale, weights, threads);
-            sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, t, d_head, t, 1.0f, weights, t, v + column, (int)width, 0.0f,
-                  out + column, (int)width);
-        }
-    }
-    free(q_u);
-    return 0;
+                         sgemm_fn sgemm, float *out, int threads, int split_heads) {
+    long pairs = (long)batch * heads;
+    AttentionJob jobs[MAX_THREADS];
+    int used = split_heads ? parallel_count(pairs, threads) : 1;
+    for (int n = 0; n < used; n++)
+        jobs[n] = (AttentionJob){q, k, v, p, bias_u, bias_v, mask, t, heads, d_head, scale, sgemm, out,
+                                 pairs * n / used, pairs * (n + 1) / used, split_heads ? 1 : threads, 0};
+    parallel_run(attention_worker, jobs, sizeof(AttentionJob), used);
+    int failed = 0;
+    for (int n = 0; n < used; n++)
+        failed |= jobs[n].failed;
+    return failed;
 }

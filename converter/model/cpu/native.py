@@ -30,7 +30,7 @@ import os
 import mlx.core as mx
 import numpy as np
 
-from ...blas import product_functions
+from ...blas import one_thread_each, product_functions
 from ...extensions import extension_path
 from .activations import slow_cpu
 
@@ -48,7 +48,7 @@ def _library() -> ctypes.CDLL | None:
                                               _FLOATS, _FLOATS, _FLOATS, _FLOATS, ctypes.c_int, _FLOATS, ctypes.c_int]
     library.canary_rel_attention.argtypes = [_FLOATS, _FLOATS, _FLOATS, _FLOATS, _FLOATS, _FLOATS, _FLOATS,
                                              ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float,
-                                             ctypes.c_void_p, _FLOATS, ctypes.c_int]
+                                             ctypes.c_void_p, _FLOATS, ctypes.c_int, ctypes.c_int]
     library.canary_silu.argtypes = [_FLOATS, _FLOATS, ctypes.c_long, ctypes.c_int]
     library.canary_glu.argtypes = [_FLOATS, _FLOATS, ctypes.c_long, ctypes.c_long, ctypes.c_int]
     library.canary_silu.restype = library.canary_glu.restype = None
@@ -139,9 +139,12 @@ def rel_attention(q: mx.array, k: mx.array, v: mx.array, p: mx.array, bias_u: mx
     rows = [_floats(a) for a in (q, k, v, p, bias_u, bias_v)]
     additive = None if mask is None else np.ascontiguousarray(np.broadcast_to(_floats(mask), (batch, 1, t, t)))
     out = np.empty((batch, t, width), dtype=np.float32)
-    failed = _library().canary_rel_attention(
-        *(_pointer(a, _FLOATS) for a in rows), None if additive is None else _pointer(additive, _FLOATS), batch, t,
-        heads, d_head, scale, product_functions()[1], _pointer(out, _FLOATS), _threads())
+    # The heads side by side, each thread multiplying on its own core, where the BLAS can be kept to one thread:
+    # 4.7 against 6.7 ms for a parakeet-tdt-0.6b-v2 layer's 30 s, whose small products OpenBLAS threads poorly.
+    with one_thread_each() as split:
+        failed = _library().canary_rel_attention(
+            *(_pointer(a, _FLOATS) for a in rows), None if additive is None else _pointer(additive, _FLOATS), batch,
+            t, heads, d_head, scale, product_functions()[1], _pointer(out, _FLOATS), _threads(), int(split))
     if failed:
         raise MemoryError("the attention's native kernel could not allocate its score buffers")
     return mx.array(out).astype(q.dtype)
