@@ -4,8 +4,8 @@ NeMo parity of the whole encoder is tests/test_parity.py's (it runs these kernel
 convolutions and the attention are held against the MLX code they replace on shapes the tiny checkpoints do
 not reach (the attention against numpy too): odd lengths and widths, several channel counts (vector remainders),
 factors 4 to 16, padded batches with a sequence of one frame, a head width whose 1/sqrt is not a power of two;
-SiLU and GLU over the range where exp saturates; the conv module with kernels longer than a sequence;
-LayerNorm.
+SiLU and GLU over the range where exp saturates, with the bias their product was made without; the conv module
+with kernels longer than a sequence; LayerNorm, alone and after the residual sum; a whole Conformer block.
 """
 
 from __future__ import annotations
@@ -16,12 +16,14 @@ import platform
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_map
 
 from canary_convert.extensions import extension_path
 from canary_convert.model.config import EncoderConfig
 from canary_convert.model.cpu import native
 from canary_convert.model.cpu.activations import silu
 from canary_convert.model.fastconformer.encoder import (
+    ConformerLayer,
     ConvModule,
     ConvSubsampling,
     LayerNorm,
@@ -164,6 +166,99 @@ def test_native_silu_and_glu_match_the_composed_ones(dtype: mx.Dtype) -> None:
     assert glu.dtype == dtype and glu.shape == (pairs.shape[0], 1001)
     np.testing.assert_allclose(np.array(glu.astype(mx.float32)), a / (1 + np.exp(-gate)),
                                rtol=max(tolerance, 2e-6), atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_native_silu_and_glu_add_the_bias_and_overwrite_only_float32_products(dtype: mx.Dtype) -> None:
+    """SiLU(x + bias) and GLU(x + bias), the linear layer's bias the product was computed without, against numpy's
+    float64; with `overwrite` the SiLU is the product's own float32 array (its memory holds the result), while
+    a half-precision one is left as it was."""
+    rng = np.random.default_rng(1)
+    values = (6.0 * rng.standard_normal((3, 8, 1001))).astype(np.float32)  # odd last axis: vector remainders
+    bias = (2.0 * rng.standard_normal(1001)).astype(np.float32)
+    product = mx.array(values).astype(dtype)
+    widened = np.array(product.astype(mx.float32), dtype=np.float64)
+    tolerance = 2e-6 if dtype == mx.float32 else 2e-2
+    got = native.silu(product, mx.array(bias), overwrite=True)
+    assert got.dtype == dtype and got.shape == product.shape
+    assert (got is product) == (dtype == mx.float32)
+    if dtype != mx.float32:
+        np.testing.assert_array_equal(np.array(product.astype(mx.float32)), widened)  # not written over
+    summed = widened + bias
+    np.testing.assert_allclose(np.array(got.astype(mx.float32)), summed / (1 + np.exp(-summed)), rtol=tolerance,
+                               atol=tolerance)
+    pairs = mx.array(values.reshape(-1, 2002)).astype(dtype)
+    pair_bias = (2.0 * rng.standard_normal(2002)).astype(np.float32)
+    a, gate = np.split(np.array(pairs.astype(mx.float32), dtype=np.float64) + pair_bias, 2, axis=-1)
+    glu = native.glu(pairs, mx.array(pair_bias))
+    assert glu.dtype == dtype and glu.shape == (pairs.shape[0], 1001)
+    np.testing.assert_allclose(np.array(glu.astype(mx.float32)), a / (1 + np.exp(-gate)), rtol=tolerance,
+                               atol=tolerance)
+
+
+@pytest.mark.parametrize("factor", [0.5, 1.0])
+@pytest.mark.parametrize("biased", [False, True])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_native_residual_step_is_the_sum_and_its_layer_norm(factor: float, biased: bool, dtype: mx.Dtype) -> None:
+    """x + factor * (update + bias) rounded as torch rounds x + factor * update (factor exact), and its LayerNorm
+    against numpy's float64; the sum is written over a float32 update, a half-precision one is left as it was."""
+    rng = np.random.default_rng(2)
+    width = 36  # vector remainders
+    x, update = (mx.array(rng.standard_normal((2, 5, width)).astype(np.float32)).astype(dtype) for _ in range(2))
+    bias = mx.array(rng.standard_normal(width).astype(np.float32)) if biased else None
+    weight, shift = (mx.array(rng.standard_normal(width).astype(np.float32)) for _ in range(2))
+    update_before = np.array(update.astype(mx.float32))
+    # In float32 as torch rounds it: the layer's output (its bias in), then the residual sum.
+    output = update_before if bias is None else update_before + np.array(bias)
+    want = np.array(x.astype(mx.float32)) + np.float32(factor) * output
+    summed, normed = native.add_layer_norm(x, update, factor, weight, shift, 1e-5, bias)
+    assert summed.dtype == normed.dtype == dtype and summed.shape == normed.shape == x.shape
+    assert (summed is update) == (dtype == mx.float32)
+    if dtype == mx.float32:
+        np.testing.assert_array_equal(np.array(summed), want)
+    else:
+        np.testing.assert_array_equal(np.array(update.astype(mx.float32)), update_before)
+    values = np.array(summed.astype(mx.float32), dtype=np.float64)
+    centred = values - values.mean(axis=-1, keepdims=True)
+    expected = centred / np.sqrt((centred**2).mean(axis=-1, keepdims=True) + 1e-5) * np.array(weight) + np.array(shift)
+    tolerance = 1e-5 if dtype == mx.float32 else 2e-2
+    np.testing.assert_allclose(np.array(normed.astype(mx.float32)), expected, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("lengths", [[45], [45, 17]])
+def test_native_conformer_layer_matches_the_mlx_layers(dtype: mx.Dtype, lengths: list[int],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole Conformer block (feed-forwards with their biases added by the SiLU, residual steps fused with the
+    next LayerNorm, attention, conv module) with the extension and with the MLX code it replaces, alone and in a
+    padded batch; the input is left as it was."""
+    config = EncoderConfig(feat_in=80, d_model=64, n_layers=1, n_heads=4, ff_expansion_factor=4,
+                           subsampling="dw_striding", subsampling_factor=8, subsampling_conv_channels=16,
+                           conv_kernel_size=9, conv_norm_type="batch_norm", self_attention_model="rel_pos",
+                           xscaling=True, untie_biases=True, pos_emb_max_len=5000, use_bias=True)
+    mx.random.seed(len(lengths))
+    layer = ConformerLayer(config)
+    layer.update(tree_map(lambda a: 0.5 * mx.random.normal(a.shape), layer.parameters()))
+    layer.conv.batch_norm.update({"running_var": mx.random.uniform(0.2, 3.0, (64,))})
+    layer.set_dtype(dtype)
+    frames = max(lengths)
+    x = mx.random.normal((len(lengths), frames, 64)).astype(dtype)
+    positions = mx.array(relative_positions(frames, 64)).astype(dtype)
+    mask = valid = None
+    if min(lengths) < frames:
+        real = valid_mask(mx.array(lengths), frames)
+        mask = additive_mask((real[:, :, None] & real[:, None, :])[:, None], dtype)
+        valid = real[:, :, None].astype(dtype)
+    mx.eval(layer.parameters(), x, positions)
+    x_before = np.array(x.astype(mx.float32))
+    native_out = layer(x, positions, mask, valid)
+    np.testing.assert_array_equal(np.array(x.astype(mx.float32)), x_before)
+    monkeypatch.setattr(native, "available", lambda: False)
+    reference = layer(x, positions, mask, valid)
+    assert native_out.dtype == dtype and float(mx.abs(reference.astype(mx.float32)).max()) > 0.1
+    tolerance = 1e-5 if dtype == mx.float32 else 5e-2
+    np.testing.assert_allclose(np.array(native_out.astype(mx.float32)), np.array(reference.astype(mx.float32)),
+                               rtol=tolerance, atol=tolerance)
 
 
 @pytest.mark.parametrize(("d_model", "kernel", "lengths"), [(64, 9, [40]), (36, 31, [29, 3]), (512, 9, [376, 100])])

@@ -15,10 +15,13 @@ the heads are strided views its matmul copies before each product (7 of a parake
 extension calls the BLAS's sgemm on the projections in place, keeps each head's scores in cache-sized buffers and
 makes the softmax one vectorised pass per row on every core.
 
-SiLU and GLU (native/activations.c): the same formulas as activations.py's, vectorised and on every core.
+SiLU and GLU (native/activations.c): the same formulas as activations.py's, vectorised and on every core, adding the
+linear layer's bias on the way (MLX's addmm copies it into every row of the product first: 0.3 ms on (375, 4096)).
+The FF's SiLU is written over its product's memory: copying 6 MB back into MLX took 0.4 ms.
 
 The conv module's depthwise convolution, BatchNorm and SiLU (native/conv_module.c): k + 3 passes in MLX, one here.
-LayerNorm (native/layer_norm.c): MLX's x86 kernel runs on one thread.
+LayerNorm (native/layer_norm.c): MLX's x86 kernel runs on one thread. With the residual sum before it (add_layer_norm), a
+Conformer block's step from one module to the next is one pass instead of three.
 """
 
 from __future__ import annotations
@@ -49,15 +52,17 @@ def _library() -> ctypes.CDLL | None:
     library.canary_rel_attention.argtypes = [_FLOATS, _FLOATS, _FLOATS, _FLOATS, _FLOATS, _FLOATS, _FLOATS,
                                              ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float,
                                              ctypes.c_void_p, _FLOATS, ctypes.c_int, ctypes.c_int]
-    library.canary_silu.argtypes = [_FLOATS, _FLOATS, ctypes.c_long, ctypes.c_int]
-    library.canary_glu.argtypes = [_FLOATS, _FLOATS, ctypes.c_long, ctypes.c_long, ctypes.c_int]
+    library.canary_silu.argtypes = [_FLOATS, _FLOATS, _FLOATS, ctypes.c_long, ctypes.c_long, ctypes.c_int]
+    library.canary_glu.argtypes = [_FLOATS, _FLOATS, _FLOATS, ctypes.c_long, ctypes.c_long, ctypes.c_int]
     library.canary_silu.restype = library.canary_glu.restype = None
     library.canary_depthwise_bn_silu.argtypes = [_FLOATS, ctypes.c_long, ctypes.c_long, ctypes.c_long, _FLOATS,
                                                  ctypes.c_long, _FLOATS, _FLOATS, _FLOATS, _FLOATS, _FLOATS, ctypes.c_int]
     library.canary_depthwise_bn_silu.restype = None
     library.canary_layer_norm.argtypes = [_FLOATS, ctypes.c_long, ctypes.c_long, _FLOATS, _FLOATS, ctypes.c_float,
                                           _FLOATS, ctypes.c_int]
-    library.canary_layer_norm.restype = None
+    library.canary_add_layer_norm.argtypes = [_FLOATS, _FLOATS, _FLOATS, ctypes.c_float, _FLOATS, ctypes.c_long,
+                                              ctypes.c_long, _FLOATS, _FLOATS, ctypes.c_float, _FLOATS, ctypes.c_int]
+    library.canary_layer_norm.restype = library.canary_add_layer_norm.restype = None
     library.canary_relu_depthwise.argtypes = [_FLOATS, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, _INTS,
                                               _FLOATS, _FLOATS, _FLOATS, ctypes.c_int]
     for function in (library.canary_subsample_stem, library.canary_relu_depthwise, library.canary_rel_attention):
@@ -150,20 +155,44 @@ def rel_attention(q: mx.array, k: mx.array, v: mx.array, p: mx.array, bias_u: mx
     return mx.array(out).astype(q.dtype)
 
 
-def silu(x: mx.array) -> mx.array:
-    """x * sigmoid(x) (torch's SiLU), in x's dtype."""
-    values = _floats(x)
-    out = np.empty_like(values)
-    _library().canary_silu(_pointer(values, _FLOATS), _pointer(out, _FLOATS), values.size, _threads())
-    return mx.array(out).astype(x.dtype)
+def _own_floats(x: mx.array) -> np.ndarray | None:
+    """x's own buffer as a writable float32 array when x is float32 and row-contiguous (numpy shares MLX's memory),
+    so a kernel can write its result over it rather than into a copy MLX then copies again; else None."""
+    if x.dtype != mx.float32:
+        return None
+    values = np.asarray(x)
+    return values if values.flags.c_contiguous and values.flags.writeable else None
 
 
-def glu(x: mx.array) -> mx.array:
-    """torch's GLU over the last axis (first half times sigmoid of the second), in x's dtype."""
+def _optional(bias: mx.array | None) -> np.ndarray | None:
+    return None if bias is None else _floats(bias)
+
+
+def _maybe(array: np.ndarray | None) -> ctypes._Pointer | None:
+    return None if array is None else _pointer(array, _FLOATS)
+
+
+def silu(x: mx.array, bias: mx.array | None = None, overwrite: bool = False) -> mx.array:
+    """x + bias (bias per last-axis column, or None) through torch's SiLU, x * sigmoid(x), in x's dtype. With
+    `overwrite`, written over x's own memory where it is float32: x must be a fresh product nothing else holds (a
+    linear layer's output computed without its bias), and the result is that array."""
+    own = _own_floats(x) if overwrite else None
+    values = own if own is not None else _floats(x)
+    width = values.shape[-1]
+    out = own if own is not None else np.empty_like(values)
+    _library().canary_silu(_pointer(values, _FLOATS), _maybe(_optional(bias)), _pointer(out, _FLOATS),
+                           values.size // width, width, _threads())
+    return x if own is not None else mx.array(out).astype(x.dtype)
+
+
+def glu(x: mx.array, bias: mx.array | None = None) -> mx.array:
+    """torch's GLU over the last axis of x + bias (bias None, or per column: the kernel-1 convolution's that MLX did
+    not add): first half times sigmoid of the second, in x's dtype."""
     values = _floats(x)
     d = values.shape[-1] // 2
     out = np.empty((*values.shape[:-1], d), dtype=np.float32)
-    _library().canary_glu(_pointer(values, _FLOATS), _pointer(out, _FLOATS), values.size // (2 * d), d, _threads())
+    _library().canary_glu(_pointer(values, _FLOATS), _maybe(_optional(bias)), _pointer(out, _FLOATS),
+                          values.size // (2 * d), d, _threads())
     return mx.array(out).astype(x.dtype)
 
 
@@ -193,3 +222,21 @@ def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.
                                  _pointer(_floats(weight), _FLOATS), _pointer(_floats(bias), _FLOATS), eps,
                                  _pointer(out, _FLOATS), _threads())
     return mx.array(out).astype(x.dtype)
+
+
+def add_layer_norm(residual: mx.array, update: mx.array, factor: float, weight: mx.array, bias: mx.array, eps: float,
+                   update_bias: mx.array | None = None) -> tuple[mx.array, mx.array]:
+    """A Conformer block's residual step and the next LayerNorm in one pass: (residual + factor * (update +
+    update_bias), its LayerNorm), in residual's dtype. factor 1 or 0.5 (exact products). The sum is written over
+    `update`'s own memory where it is float32: update must be a fresh product nothing else holds."""
+    own = _own_floats(update) if residual.dtype == mx.float32 else None
+    values, updates = _floats(residual), own if own is not None else _floats(update)
+    width = values.shape[-1]
+    total = own if own is not None else np.empty_like(values)
+    out = np.empty_like(values)
+    _library().canary_add_layer_norm(
+        _pointer(values, _FLOATS), _pointer(updates, _FLOATS), _maybe(_optional(update_bias)), factor,
+        _pointer(total, _FLOATS), values.size // width, width, _pointer(_floats(weight), _FLOATS),
+        _pointer(_floats(bias), _FLOATS), eps, _pointer(out, _FLOATS), _threads())
+    summed = update if own is not None else mx.array(total).astype(residual.dtype)
+    return summed, mx.array(out).astype(residual.dtype)

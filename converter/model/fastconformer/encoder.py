@@ -272,8 +272,13 @@ class RelPositionMultiHeadAttention(nn.Module):
         return self._output(_joined(mx.concatenate(blocks, axis=2)), valid)
 
 
-def _silu(x: mx.array) -> mx.array:
-    return native.silu(x) if native.available() else silu(x)
+def _unbiased(weight: mx.array, bias: mx.array | None, x: mx.array) -> tuple[mx.array, mx.array | None]:
+    """x @ weight.T, and the bias still to add, for a native kernel to add on its pass over the product, where
+    both are float32 on an x86 CPU (MLX's addmm copies the bias into every row first); otherwise the whole
+    product, widened where `linear` widens, and None."""
+    if bias is not None and native.available() and weight.dtype == x.dtype == mx.float32:
+        return x @ weight.T, bias
+    return linear(x, weight, bias), None
 
 
 class FeedForward(nn.Module):
@@ -285,7 +290,14 @@ class FeedForward(nn.Module):
         self.linear2 = nn.Linear(d_ff, d_model, bias=use_bias)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.linear2(_silu(self.linear1(x)))
+        if not native.available():
+            return self.linear2(silu(self.linear1(x)))
+        if isinstance(self.linear1, nn.Linear):
+            hidden, bias = _unbiased(self.linear1.weight, self.linear1.get("bias"), x)
+        else:  # quantized: the layer's own product
+            hidden, bias = self.linear1(x), None
+        # The hidden product is this call's own: its SiLU is written over it.
+        return self.linear2(native.silu(hidden, bias, overwrite=True))
 
 
 class BatchNorm(nn.Module):
@@ -330,10 +342,11 @@ class ConvModule(nn.Module):
 
     def __call__(self, x: mx.array, valid: mx.array | None) -> mx.array:
         """x (B, T, d); valid (B, T, 1) 1 on real frames (None when no frame is padding)."""
-        x = _pointwise(self.pointwise_conv1, x)
         if native.available():
-            x = native.glu(x)
+            conv = self.pointwise_conv1
+            x = native.glu(*_unbiased(conv.weight.reshape(conv.weight.shape[0], -1), conv.get("bias"), x))
         else:
+            x = _pointwise(self.pointwise_conv1, x)
             a, gate = mx.split(x, 2, axis=-1)  # torch GLU: first half times sigmoid(second half)
             x = a * sigmoid(gate)
         # NeMo zeroes padded frames before the depthwise conv so they cannot leak into real ones.
@@ -389,14 +402,23 @@ class ConformerLayer(nn.Module):
 
     def __call__(self, x: mx.array, pos_emb: mx.array, att_mask: mx.array | None, valid: mx.array | None,
                  context: tuple[int, int] | None = None) -> mx.array:
-        x = x + 0.5 * self.feed_forward1(self.norm_feed_forward1(x))
+        x, h = _add_and_norm(x, self.feed_forward1(self.norm_feed_forward1(x)), 0.5, self.norm_self_att)
         if context is None:
-            x = x + self.self_attn(self.norm_self_att(x), pos_emb, att_mask, valid)
+            attended = self.self_attn(h, pos_emb, att_mask, valid)
         else:
-            x = x + self.self_attn.local(self.norm_self_att(x), pos_emb, att_mask, valid, context)
-        x = x + self.conv(self.norm_conv(x), valid)
-        x = x + 0.5 * self.feed_forward2(self.norm_feed_forward2(x))
-        return self.norm_out(x)
+            attended = self.self_attn.local(h, pos_emb, att_mask, valid, context)
+        x, h = _add_and_norm(x, attended, 1.0, self.norm_conv)
+        x, h = _add_and_norm(x, self.conv(h, valid), 1.0, self.norm_feed_forward2)
+        return _add_and_norm(x, self.feed_forward2(h), 0.5, self.norm_out)[1]
+
+
+def _add_and_norm(x: mx.array, update: mx.array, factor: float, norm: LayerNorm) -> tuple[mx.array, mx.array]:
+    """NeMo's residual step x + factor * update (factor 0.5 for the feed-forwards, fc_factor), and the next
+    module's LayerNorm of it. `update` is a module's fresh output: the native pass writes the sum over it."""
+    if native.available():
+        return native.add_layer_norm(x, update, factor, norm.weight, norm.bias, norm.eps)
+    x = x + factor * update if factor != 1 else x + update
+    return x, norm(x)
 
 
 class ConformerEncoder(nn.Module):
