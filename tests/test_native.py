@@ -28,6 +28,7 @@ from canary_convert.model.fastconformer.encoder import (
     ConvSubsampling,
     LayerNorm,
     RelPositionMultiHeadAttention,
+    local_relative_positions,
     relative_positions,
 )
 from canary_convert.model.masks import additive_mask, valid_mask
@@ -110,6 +111,36 @@ def test_native_attention_matches_the_mlx_attention(d_model: int, heads: int, le
     native_out = attention(x, positions, mask, valid)
     monkeypatch.setattr(native, "available", lambda: False)
     reference = attention(x, positions, mask, valid)
+    assert float(mx.abs(reference).max()) > 0.1
+    np.testing.assert_allclose(np.array(native_out), np.array(reference), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("d_model", "heads", "lengths", "context"),
+                         [(64, 4, [300], (20, 20)), (96, 4, [290, 1, 150], (8, 8)), (64, 4, [37, 30], (64, 64))])
+@pytest.mark.parametrize("side_by_side", [True, False])
+def test_native_local_attention_matches_the_mlx_attention(d_model: int, heads: int, lengths: list[int],
+                                                          context: tuple[int, int], side_by_side: bool,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Local attention's bands (several blocks of queries, a context longer than the sequence, a sequence of one
+    frame, padded keys inside the band), with the extension and with the MLX code it replaces."""
+    if not side_by_side:
+        monkeypatch.setattr(native, "one_thread_each", lambda: contextlib.nullcontext(False))
+    mx.random.seed(d_model + context[0])
+    attention = RelPositionMultiHeadAttention(d_model, heads, use_bias=True)
+    attention.update({"pos_bias_u": mx.random.normal((heads, d_model // heads)),
+                      "pos_bias_v": mx.random.normal((heads, d_model // heads))})
+    frames = max(lengths)
+    x = 2.0 * mx.random.normal((len(lengths), frames, d_model))
+    positions = mx.array(local_relative_positions(*context, d_model))
+    key_padding = valid = None
+    if min(lengths) < frames:
+        real = valid_mask(mx.array(lengths), frames)
+        key_padding = additive_mask(real[:, None, None, :], x.dtype)
+        valid = real[:, :, None].astype(x.dtype)
+    mx.eval(attention.parameters(), x, positions)
+    native_out = attention.local(x, positions, key_padding, valid, context)
+    monkeypatch.setattr(native, "available", lambda: False)
+    reference = attention.local(x, positions, key_padding, valid, context)
     assert float(mx.abs(reference).max()) > 0.1
     np.testing.assert_allclose(np.array(native_out), np.array(reference), rtol=1e-5, atol=1e-5)
 

@@ -81,12 +81,25 @@ typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int
 typedef struct {
     const float *q, *k, *v, *p, *bias_u, *bias_v, *mask;
     int t, heads, d_head;
+    int left, right; /* local attention's context; left < 0: full attention */
     float scale;
     sgemm_fn sgemm;
     float *out;
     long first_pair, last_pair; /* (sequence, head) pairs, sequence-major */
     int softmax_threads, failed;
 } AttentionJob;
+
+/* Rows [first, last) of one head's q (row stride `width`) plus each bias: q+u and q+v, rows packed for sgemm, as
+ * NeMo adds the biases to q before its products. */
+static void biased_queries(const AttentionJob *job, const float *q, long width, long h, long first, long last,
+                           float *q_u, float *q_v) {
+    long d_head = job->d_head;
+    for (long i = first; i < last; i++)
+        for (long j = 0; j < d_head; j++) {
+            q_u[(i - first) * d_head + j] = q[i * width + j] + job->bias_u[h * d_head + j];
+            q_v[(i - first) * d_head + j] = q[i * width + j] + job->bias_v[h * d_head + j];
+        }
+}
 
 static void *attention_worker(void *arg) {
     AttentionJob *job = arg;
@@ -100,13 +113,7 @@ static void *attention_worker(void *arg) {
     for (long pair = job->first_pair; pair < job->last_pair; pair++) {
         long b = pair / job->heads, h = pair % job->heads;
         long column = b * t * width + h * d_head; /* this head's first value in q, k, v, out */
-        const float *q = job->q + column;
-        /* NeMo adds the biases to q before its products: q+u and q+v, rows packed for sgemm. */
-        for (long i = 0; i < t; i++)
-            for (long j = 0; j < d_head; j++) {
-                q_u[i * d_head + j] = q[i * width + j] + job->bias_u[h * d_head + j];
-                q_v[i * d_head + j] = q[i * width + j] + job->bias_v[h * d_head + j];
-            }
+        biased_queries(job, job->q + column, width, h, 0, t, q_u, q_v);
         job->sgemm(ROW_MAJOR, NO_TRANS, TRANS, (int)t, (int)t, (int)d_head, 1.0f, q_u, (int)d_head, job->k + column,
                    (int)width, 0.0f, ac, (int)t);
         job->sgemm(ROW_MAJOR, NO_TRANS, TRANS, (int)t, (int)positions, (int)d_head, 1.0f, q_v, (int)d_head,
@@ -120,24 +127,95 @@ static void *attention_worker(void *arg) {
     return NULL;
 }
 
-/* q, k, v (B, T, h * d_head) projections, p (2T-1, h * d_head) projected positions (shared by the batch),
- * bias_u, bias_v (h, d_head), mask NULL or (B, T, T) additive -> out (B, T, h * d_head), each head's
- * softmax(((q+u)k^T + rel_shift((q+v)p^T)) * scale + mask) v in its own d_head columns.
- * split_heads: the heads shared among `threads` threads, each multiplying on its own (the BLAS set to one thread
- * by the caller); else one head at a time, the BLAS threading each product and the softmax rows on `threads`.
- * Returns nonzero when its buffers cannot be allocated. */
-int canary_rel_attention(const float *q, const float *k, const float *v, const float *p, const float *bias_u,
-                         const float *bias_v, const float *mask, int batch, int t, int heads, int d_head, float scale,
-                         sgemm_fn sgemm, float *out, int threads, int split_heads) {
-    long pairs = (long)batch * heads;
+/* Queries per block of local attention: each block's scores span the block plus both contexts of keys. */
+enum { LOCAL_BLOCK = 128 };
+
+/* Local attention (NeMo's rel_pos_local_attn without global tokens): query i sees keys i-left ... i+right within
+ * the sequence, positional column c of (q+v)p^T being offset left - c, i.e. key i - left + c. A block of queries
+ * multiplies with its band of keys; each row's softmax runs over its own keys only, the keys NeMo sets to -10000
+ * outside the band getting the weight 0 they get there (their exp underflows). mask: NULL or (B, T) additive per
+ * key (NeMo's -10000 on padded keys). */
+static void *local_worker(void *arg) {
+    AttentionJob *job = arg;
+    long t = job->t, d_head = job->d_head, width = (long)job->heads * d_head;
+    long left = job->left, right = job->right, positions = left + right + 1, span = LOCAL_BLOCK + left + right;
+    float *q_u = malloc(sizeof(float) * (LOCAL_BLOCK * d_head * 2 + LOCAL_BLOCK * span * 2 + LOCAL_BLOCK * positions));
+    if (q_u == NULL) {
+        job->failed = 1;
+        return NULL;
+    }
+    float *q_v = q_u + LOCAL_BLOCK * d_head, *ac = q_v + LOCAL_BLOCK * d_head, *weights = ac + LOCAL_BLOCK * span;
+    float *bd = weights + LOCAL_BLOCK * span;
+    for (long pair = job->first_pair; pair < job->last_pair; pair++) {
+        long b = pair / job->heads, h = pair % job->heads;
+        long column = b * t * width + h * d_head;
+        const float *mask = job->mask != NULL ? job->mask + b * t : NULL;
+        for (long start = 0; start < t; start += LOCAL_BLOCK) {
+            long end = start + LOCAL_BLOCK < t ? start + LOCAL_BLOCK : t;
+            long first = start - left > 0 ? start - left : 0, last = end + right < t ? end + right : t;
+            long rows = end - start, keys = last - first;
+            biased_queries(job, job->q + column, width, h, start, end, q_u, q_v);
+            job->sgemm(ROW_MAJOR, NO_TRANS, TRANS, (int)rows, (int)keys, (int)d_head, 1.0f, q_u, (int)d_head,
+                       job->k + column + first * width, (int)width, 0.0f, ac, (int)keys);
+            job->sgemm(ROW_MAJOR, NO_TRANS, TRANS, (int)rows, (int)positions, (int)d_head, 1.0f, q_v, (int)d_head,
+                       job->p + h * d_head, (int)width, 0.0f, bd, (int)positions);
+            for (long r = 0; r < rows; r++) {
+                long i = start + r;
+                long low = i - left > first ? i - left : first, high = i + right + 1 < last ? i + right + 1 : last;
+                float *row = weights + r * keys;
+                for (long j = first; j < low; j++)
+                    row[j - first] = 0.0f;
+                /* key j: ac column j - first, positional column j - i + left */
+                softmax_row(ac + r * keys + (low - first), bd + r * positions + (low - i + left),
+                            mask != NULL ? mask + low : NULL, (int)(high - low), job->scale, row + (low - first));
+                for (long j = high; j < last; j++)
+                    row[j - first] = 0.0f;
+            }
+            job->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, (int)rows, (int)d_head, (int)keys, 1.0f, weights, (int)keys,
+                       job->v + column + first * width, (int)width, 0.0f, job->out + column + start * width,
+                       (int)width);
+        }
+    }
+    free(q_u);
+    return NULL;
+}
+
+/* The (sequence, head) pairs side by side on `threads` threads when split_heads (the BLAS set to one thread by
+ * the caller), else on one, the BLAS threading each product and full attention's softmax rows on `threads`. */
+static int run_attention(AttentionJob job, void *(*worker)(void *), int batch, int threads, int split_heads) {
+    long pairs = (long)batch * job.heads;
     AttentionJob jobs[MAX_THREADS];
     int used = split_heads ? parallel_count(pairs, threads) : 1;
-    for (int n = 0; n < used; n++)
-        jobs[n] = (AttentionJob){q, k, v, p, bias_u, bias_v, mask, t, heads, d_head, scale, sgemm, out,
-                                 pairs * n / used, pairs * (n + 1) / used, split_heads ? 1 : threads, 0};
-    parallel_run(attention_worker, jobs, sizeof(AttentionJob), used);
+    for (int n = 0; n < used; n++) {
+        jobs[n] = job;
+        jobs[n].first_pair = pairs * n / used;
+        jobs[n].last_pair = pairs * (n + 1) / used;
+        jobs[n].softmax_threads = split_heads ? 1 : threads;
+    }
+    parallel_run(worker, jobs, sizeof(AttentionJob), used);
     int failed = 0;
     for (int n = 0; n < used; n++)
         failed |= jobs[n].failed;
     return failed;
+}
+
+/* q, k, v (B, T, h * d_head) projections, p (2T-1, h * d_head) projected positions (shared by the batch),
+ * bias_u, bias_v (h, d_head), mask NULL or (B, T, T) additive -> out (B, T, h * d_head), each head's
+ * softmax(((q+u)k^T + rel_shift((q+v)p^T)) * scale + mask) v in its own d_head columns.
+ * Returns nonzero when its buffers cannot be allocated. */
+int canary_rel_attention(const float *q, const float *k, const float *v, const float *p, const float *bias_u,
+                         const float *bias_v, const float *mask, int batch, int t, int heads, int d_head, float scale,
+                         sgemm_fn sgemm, float *out, int threads, int split_heads) {
+    AttentionJob job = {q, k, v, p, bias_u, bias_v, mask, t, heads, d_head, -1, -1, scale, sgemm, out, 0, 0, 1, 0};
+    return run_attention(job, attention_worker, batch, threads, split_heads);
+}
+
+/* The same with local attention: p (left + right + 1, h * d_head) for offsets left ... -right, mask NULL or
+ * (B, T) additive per key. */
+int canary_rel_local_attention(const float *q, const float *k, const float *v, const float *p, const float *bias_u,
+                               const float *bias_v, const float *mask, int batch, int t, int heads, int d_head,
+                               int left, int right, float scale, sgemm_fn sgemm, float *out, int threads,
+                               int split_heads) {
+    AttentionJob job = {q, k, v, p, bias_u, bias_v, mask, t, heads, d_head, left, right, scale, sgemm, out, 0, 0, 1, 0};
+    return run_attention(job, local_worker, batch, threads, split_heads);
 }

@@ -253,6 +253,12 @@ class RelPositionMultiHeadAttention(nn.Module):
         b, t, _ = x.shape
         h, dk = self.n_heads, self.d_head
         scale = 1 / math.sqrt(dk)
+        if native.attention_available():
+            # Each block of queries with its band of keys by the extension (cpu/native.py), on the projections.
+            q, k, v = self.linear_q(x), self.linear_k(x), self.linear_v(x)
+            out = native.rel_attention(q, k, v, self.linear_pos(pos_emb)[None], self.pos_bias_u, self.pos_bias_v,
+                                       key_padding, scale, context)
+            return self._output(out, valid)
         q_u, q_v, k, v, p = self._heads(x, pos_emb)  # p: (1, h, left+right+1, dk)
         width = left + right + 1
         blocks = []
