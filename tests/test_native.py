@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_map
 
+from canary_convert.blas import one_thread_each
 from canary_convert.extensions import extension_path
 from canary_convert.model.config import EncoderConfig
 from canary_convert.model.cpu import native
@@ -54,6 +55,10 @@ def _subsampling(feat_in: int, channels: int, factor: int) -> ConvSubsampling:
 def test_the_extension_is_built_and_used() -> None:
     assert extension_path("_encoder") is not None, "the _encoder extension was not built (no C compiler?)"
     assert native.available()
+    # The attention multiplies through the OpenBLAS canary_convert gave MLX, its heads side by side.
+    assert native.attention_available()
+    with one_thread_each() as side_by_side:
+        assert side_by_side
 
 
 @pytest.mark.parametrize(("feat_in", "channels", "factor"), [(80, 256, 8), (128, 24, 4), (33, 19, 16), (7, 8, 8)])
