@@ -12,7 +12,6 @@ from pathlib import Path
 
 import huggingface_hub.constants
 import mlx.core as mx
-import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 from parakeet_mlx import from_pretrained
