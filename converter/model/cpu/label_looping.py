@@ -21,13 +21,11 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ...blas import product_functions
-from ...extensions import extension_path
+from ...extensions import FLOATS, INTS, extension_path, pointer
 from .activations import slow_cpu
 from .widened import dequantized
 
-_FLOATS = ctypes.POINTER(ctypes.c_float)
-_INTS = ctypes.POINTER(ctypes.c_int)
-_FLOAT_TABLE = ctypes.POINTER(_FLOATS)
+_FLOAT_TABLE = ctypes.POINTER(FLOATS)
 # native/label_looping.c's activation codes, in NeMo's RNNTJoint names.
 _ACTIVATIONS = {"relu": 0, "sigmoid": 1, "tanh": 2}
 _TOO_MANY_LABELS = 2
@@ -39,10 +37,10 @@ class _Network(ctypes.Structure):
 
     _fields_ = [("layers", ctypes.c_int), ("hidden", ctypes.c_int), ("joint_hidden", ctypes.c_int),
                 ("outputs", ctypes.c_int), ("tokens", ctypes.c_int), ("duration_count", ctypes.c_int),
-                ("duration_values", _INTS), ("activation", ctypes.c_int), ("first_input", _FLOATS),
+                ("duration_values", INTS), ("activation", ctypes.c_int), ("first_input", FLOATS),
                 ("input_weight", _FLOAT_TABLE), ("input_bias", _FLOAT_TABLE), ("hidden_weight", _FLOAT_TABLE),
-                ("hidden_bias", _FLOAT_TABLE), ("pred_weight", _FLOATS), ("pred_bias", _FLOATS),
-                ("net_weight", _FLOATS), ("net_bias", _FLOATS), ("sgemv", ctypes.c_void_p),
+                ("hidden_bias", _FLOAT_TABLE), ("pred_weight", FLOATS), ("pred_bias", FLOATS),
+                ("net_weight", FLOATS), ("net_bias", FLOATS), ("sgemv", ctypes.c_void_p),
                 ("sgemm", ctypes.c_void_p)]
 
 
@@ -52,8 +50,8 @@ def _library() -> ctypes.CDLL | None:
     if path is None:
         return None
     library = ctypes.CDLL(str(path))
-    library.canary_label_looping.argtypes = [ctypes.POINTER(_Network), _FLOATS, ctypes.c_int, ctypes.c_int, _INTS,
-                                             ctypes.c_int, ctypes.c_int, ctypes.c_int, _INTS, _INTS, _INTS, _INTS]
+    library.canary_label_looping.argtypes = [ctypes.POINTER(_Network), FLOATS, ctypes.c_int, ctypes.c_int, INTS,
+                                             ctypes.c_int, ctypes.c_int, ctypes.c_int, INTS, INTS, INTS, INTS]
     library.canary_label_looping.restype = ctypes.c_int
     return library
 
@@ -89,9 +87,6 @@ class _Cached:
     prepared: PreparedNetwork | None
 
 
-def _pointer(array: np.ndarray, kind: type = _FLOATS) -> ctypes._Pointer:
-    return array.ctypes.data_as(kind)
-
 
 def _prepare(prediction: nn.Module, joint: nn.Module, durations: list[int],
              activation: str) -> PreparedNetwork | None:
@@ -111,12 +106,12 @@ def _prepare(prediction: nn.Module, joint: nn.Module, durations: list[int],
     values = np.asarray(durations or [0], dtype=np.int32)
     arrays = [first_input, values, *dense, *sum(stacks, [])]
     input_weight, input_bias, hidden_weight, hidden_bias = (
-        (_FLOATS * len(layers))(*([None] * (len(layers) - len(stack)) + [_pointer(a) for a in stack]))
+        (FLOATS * len(layers))(*([None] * (len(layers) - len(stack)) + [pointer(a) for a in stack]))
         for stack in stacks)
-    pred_weight, pred_bias, net_weight, net_bias = (_pointer(array) for array in dense)
+    pred_weight, pred_bias, net_weight, net_bias = (pointer(array) for array in dense)
     network = _Network(len(layers), prediction.hidden_size, joint.pred.bias.shape[0], dense[2].shape[0],
-                       tokens, len(durations), _pointer(values, _INTS), _ACTIVATIONS[activation],
-                       _pointer(first_input), input_weight, input_bias, hidden_weight, hidden_bias, pred_weight,
+                       tokens, len(durations), pointer(values, INTS), _ACTIVATIONS[activation],
+                       pointer(first_input), input_weight, input_bias, hidden_weight, hidden_bias, pred_weight,
                        pred_bias, net_weight, net_bias, blas[0], blas[1])
     # The pointer tables are ctypes arrays: kept with the structure that points at them.
     return PreparedNetwork(network, arrays + [input_weight, input_bias, hidden_weight, hidden_bias])
@@ -152,9 +147,9 @@ def decode(prepared: PreparedNetwork, enc_projected: mx.array, lengths: mx.array
         labels, label_frames, durations = (np.zeros((batch, capacity), dtype=np.int32) for _ in range(3))
         counts = np.zeros(batch, dtype=np.int32)
         status = _library().canary_label_looping(
-            ctypes.byref(prepared.network), _pointer(enc), batch, frames, _pointer(valid, _INTS), blank,
-            max_symbols, capacity, _pointer(labels, _INTS), _pointer(label_frames, _INTS),
-            _pointer(durations, _INTS), _pointer(counts, _INTS))
+            ctypes.byref(prepared.network), pointer(enc), batch, frames, pointer(valid, INTS), blank,
+            max_symbols, capacity, pointer(labels, INTS), pointer(label_frames, INTS),
+            pointer(durations, INTS), pointer(counts, INTS))
         if status != _TOO_MANY_LABELS or capacity == most:
             break
         capacity = min(4 * capacity, most)

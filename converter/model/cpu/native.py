@@ -21,8 +21,8 @@ linear layer's bias on the way (MLX's addmm copies it into every row of the prod
 The FF's SiLU is written over its product's memory: copying 6 MB back into MLX took 0.4 ms.
 
 The conv module's depthwise convolution, BatchNorm and SiLU (native/conv_module.c): k + 3 passes in MLX, one here.
-LayerNorm (native/layer_norm.c): MLX's x86 kernel runs on one thread. With the residual sum before it (add_layer_norm), a
-Conformer block's step from one module to the next is one pass instead of three.
+LayerNorm (native/layer_norm.c): MLX's x86 kernel runs on one thread. With the residual sum before it
+(add_layer_norm), a Conformer block's step from one module to the next is one pass instead of three.
 """
 
 from __future__ import annotations
@@ -35,11 +35,9 @@ import mlx.core as mx
 import numpy as np
 
 from ...blas import one_thread_each, product_functions
-from ...extensions import extension_path
+from ...extensions import FLOATS, INTS, extension_path, pointer
 from .activations import slow_cpu
 
-_FLOATS = ctypes.POINTER(ctypes.c_float)
-_INTS = ctypes.POINTER(ctypes.c_int)
 
 
 @functools.cache
@@ -48,27 +46,27 @@ def _library() -> ctypes.CDLL | None:
     if path is None:
         return None
     library = ctypes.CDLL(str(path))
-    library.canary_subsample_stem.argtypes = [_FLOATS, ctypes.c_int, ctypes.c_int, ctypes.c_int, _INTS, _INTS,
-                                              _FLOATS, _FLOATS, _FLOATS, _FLOATS, ctypes.c_int, _FLOATS, ctypes.c_int]
-    library.canary_rel_attention.argtypes = [_FLOATS, _FLOATS, _FLOATS, _FLOATS, _FLOATS, _FLOATS, _FLOATS,
+    library.canary_subsample_stem.argtypes = [FLOATS, ctypes.c_int, ctypes.c_int, ctypes.c_int, INTS, INTS,
+                                              FLOATS, FLOATS, FLOATS, FLOATS, ctypes.c_int, FLOATS, ctypes.c_int]
+    library.canary_rel_attention.argtypes = [FLOATS, FLOATS, FLOATS, FLOATS, FLOATS, FLOATS, FLOATS,
                                              ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float,
-                                             ctypes.c_void_p, _FLOATS, ctypes.c_int, ctypes.c_int]
-    library.canary_silu.argtypes = [_FLOATS, _FLOATS, _FLOATS, ctypes.c_long, ctypes.c_long, ctypes.c_int]
-    library.canary_glu.argtypes = [_FLOATS, _FLOATS, _FLOATS, ctypes.c_long, ctypes.c_long, ctypes.c_int]
+                                             ctypes.c_void_p, FLOATS, ctypes.c_int, ctypes.c_int]
+    library.canary_silu.argtypes = [FLOATS, FLOATS, FLOATS, ctypes.c_long, ctypes.c_long, ctypes.c_int]
+    library.canary_glu.argtypes = [FLOATS, FLOATS, FLOATS, ctypes.c_long, ctypes.c_long, ctypes.c_int]
     library.canary_silu.restype = library.canary_glu.restype = None
-    library.canary_depthwise_bn_silu.argtypes = [_FLOATS, ctypes.c_long, ctypes.c_long, ctypes.c_long, _FLOATS,
-                                                 ctypes.c_long, _FLOATS, _FLOATS, _FLOATS, _FLOATS, _FLOATS, ctypes.c_int]
+    library.canary_depthwise_bn_silu.argtypes = [FLOATS, ctypes.c_long, ctypes.c_long, ctypes.c_long, FLOATS,
+                                                 ctypes.c_long, FLOATS, FLOATS, FLOATS, FLOATS, FLOATS, ctypes.c_int]
     library.canary_depthwise_bn_silu.restype = None
-    library.canary_layer_norm.argtypes = [_FLOATS, ctypes.c_long, ctypes.c_long, _FLOATS, _FLOATS, ctypes.c_float,
-                                          _FLOATS, ctypes.c_int]
-    library.canary_add_layer_norm.argtypes = [_FLOATS, _FLOATS, _FLOATS, ctypes.c_float, _FLOATS, ctypes.c_long,
-                                              ctypes.c_long, _FLOATS, _FLOATS, ctypes.c_float, _FLOATS, ctypes.c_int]
+    library.canary_layer_norm.argtypes = [FLOATS, ctypes.c_long, ctypes.c_long, FLOATS, FLOATS, ctypes.c_float,
+                                          FLOATS, ctypes.c_int]
+    library.canary_add_layer_norm.argtypes = [FLOATS, FLOATS, FLOATS, ctypes.c_float, FLOATS, ctypes.c_long,
+                                              ctypes.c_long, FLOATS, FLOATS, ctypes.c_float, FLOATS, ctypes.c_int]
     library.canary_layer_norm.restype = library.canary_add_layer_norm.restype = None
-    library.canary_relu_depthwise.argtypes = [_FLOATS, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, _INTS,
-                                              _FLOATS, _FLOATS, _FLOATS, ctypes.c_int]
-    library.canary_rel_local_attention.argtypes = [_FLOATS, _FLOATS, _FLOATS, _FLOATS, _FLOATS, _FLOATS, _FLOATS,
+    library.canary_relu_depthwise.argtypes = [FLOATS, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, INTS,
+                                              FLOATS, FLOATS, FLOATS, ctypes.c_int]
+    library.canary_rel_local_attention.argtypes = [FLOATS, FLOATS, FLOATS, FLOATS, FLOATS, FLOATS, FLOATS,
                                                    ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                                   ctypes.c_int, ctypes.c_float, ctypes.c_void_p, _FLOATS, ctypes.c_int,
+                                                   ctypes.c_int, ctypes.c_float, ctypes.c_void_p, FLOATS, ctypes.c_int,
                                                    ctypes.c_int]
     for function in (library.canary_subsample_stem, library.canary_relu_depthwise, library.canary_rel_attention,
                      library.canary_rel_local_attention):
@@ -103,9 +101,6 @@ def _threads() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def _pointer(array: np.ndarray, kind: type) -> ctypes._Pointer:
-    return array.ctypes.data_as(kind)
-
 
 def stem(x: mx.array, valid: mx.array, mid_valid: mx.array, first: tuple[mx.array, mx.array],
          depthwise: tuple[mx.array, mx.array]) -> mx.array:
@@ -119,8 +114,8 @@ def stem(x: mx.array, valid: mx.array, mid_valid: mx.array, first: tuple[mx.arra
     weights = [_taps(first[0]), _floats(first[1]), _taps(depthwise[0]), _floats(depthwise[1])]
     out = np.empty((batch, _halved(_halved(frames)), _halved(_halved(freq)), channels), dtype=np.float32)
     failed = _library().canary_subsample_stem(
-        _pointer(features, _FLOATS), batch, frames, freq, _pointer(valid_rows, _INTS), _pointer(mid_rows, _INTS),
-        *(_pointer(w, _FLOATS) for w in weights), channels, _pointer(out, _FLOATS), _threads())
+        pointer(features), batch, frames, freq, pointer(valid_rows, INTS), pointer(mid_rows, INTS),
+        *(pointer(w) for w in weights), channels, pointer(out), _threads())
     if failed:
         raise MemoryError("the subsampling's native convolution could not allocate its row buffers")
     return mx.array(out).astype(x.dtype)
@@ -134,8 +129,8 @@ def relu_depthwise(y: mx.array, valid: mx.array, depthwise: tuple[mx.array, mx.a
     rows = np.ascontiguousarray(np.asarray(valid), dtype=np.int32)
     weight, bias = _taps(depthwise[0]), _floats(depthwise[1])
     out = np.empty((batch, _halved(height), _halved(width), channels), dtype=np.float32)
-    _library().canary_relu_depthwise(_pointer(inputs, _FLOATS), batch, height, width, channels, _pointer(rows, _INTS),
-                                     _pointer(weight, _FLOATS), _pointer(bias, _FLOATS), _pointer(out, _FLOATS),
+    _library().canary_relu_depthwise(pointer(inputs), batch, height, width, channels, pointer(rows, INTS),
+                                     pointer(weight), pointer(bias), pointer(out),
                                      _threads())
     return mx.array(out).astype(y.dtype)
 
@@ -159,8 +154,8 @@ def rel_attention(q: mx.array, k: mx.array, v: mx.array, p: mx.array, bias_u: mx
     # The heads side by side, each thread multiplying on its own core, where the BLAS can be kept to one thread:
     # 4.7 against 6.7 ms for a parakeet-tdt-0.6b-v2 layer's 30 s, whose small products OpenBLAS threads poorly.
     with one_thread_each() as split:
-        arrays = (*(_pointer(a, _FLOATS) for a in rows), _maybe(additive), batch, t, heads, d_head)
-        tail = (scale, product_functions()[1], _pointer(out, _FLOATS), _threads(), int(split))
+        arrays = (*(pointer(a) for a in rows), _maybe(additive), batch, t, heads, d_head)
+        tail = (scale, product_functions()[1], pointer(out), _threads(), int(split))
         if context is None:
             failed = library.canary_rel_attention(*arrays, *tail)
         else:
@@ -184,7 +179,7 @@ def _optional(bias: mx.array | None) -> np.ndarray | None:
 
 
 def _maybe(array: np.ndarray | None) -> ctypes._Pointer | None:
-    return None if array is None else _pointer(array, _FLOATS)
+    return None if array is None else pointer(array)
 
 
 def silu(x: mx.array, bias: mx.array | None = None, overwrite: bool = False) -> mx.array:
@@ -195,7 +190,7 @@ def silu(x: mx.array, bias: mx.array | None = None, overwrite: bool = False) -> 
     values = own if own is not None else _floats(x)
     width = values.shape[-1]
     out = own if own is not None else np.empty_like(values)
-    _library().canary_silu(_pointer(values, _FLOATS), _maybe(_optional(bias)), _pointer(out, _FLOATS),
+    _library().canary_silu(pointer(values), _maybe(_optional(bias)), pointer(out),
                            values.size // width, width, _threads())
     return x if own is not None else mx.array(out).astype(x.dtype)
 
@@ -206,7 +201,7 @@ def glu(x: mx.array, bias: mx.array | None = None) -> mx.array:
     values = _floats(x)
     d = values.shape[-1] // 2
     out = np.empty((*values.shape[:-1], d), dtype=np.float32)
-    _library().canary_glu(_pointer(values, _FLOATS), _maybe(_optional(bias)), _pointer(out, _FLOATS),
+    _library().canary_glu(pointer(values), _maybe(_optional(bias)), pointer(out),
                           values.size // (2 * d), d, _threads())
     return mx.array(out).astype(x.dtype)
 
@@ -220,11 +215,9 @@ def depthwise_bn_silu(x: mx.array, weight: mx.array, bias: mx.array | None, mean
     values = _floats(x)
     taps = np.ascontiguousarray(_floats(weight).reshape(channels, kernel).T)
     norm = [_floats(v) for v in (mean, factor, shift)]
-    conv_bias = None if bias is None else _floats(bias)
     out = np.empty_like(values)
-    _library().canary_depthwise_bn_silu(_pointer(values, _FLOATS), batch, frames, channels, _pointer(taps, _FLOATS),
-                                        kernel, None if conv_bias is None else _pointer(conv_bias, _FLOATS),
-                                        *(_pointer(v, _FLOATS) for v in norm), _pointer(out, _FLOATS), _threads())
+    _library().canary_depthwise_bn_silu(pointer(values), batch, frames, channels, pointer(taps), kernel,
+                                        _maybe(_optional(bias)), *(pointer(v) for v in norm), pointer(out), _threads())
     return mx.array(out).astype(x.dtype)
 
 
@@ -233,9 +226,9 @@ def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.
     values = _floats(x)
     width = values.shape[-1]
     out = np.empty_like(values)
-    _library().canary_layer_norm(_pointer(values, _FLOATS), values.size // width, width,
-                                 _pointer(_floats(weight), _FLOATS), _pointer(_floats(bias), _FLOATS), eps,
-                                 _pointer(out, _FLOATS), _threads())
+    _library().canary_layer_norm(pointer(values), values.size // width, width,
+                                 pointer(_floats(weight)), pointer(_floats(bias)), eps,
+                                 pointer(out), _threads())
     return mx.array(out).astype(x.dtype)
 
 
@@ -250,8 +243,8 @@ def add_layer_norm(residual: mx.array, update: mx.array, factor: float, weight: 
     total = own if own is not None else np.empty_like(values)
     out = np.empty_like(values)
     _library().canary_add_layer_norm(
-        _pointer(values, _FLOATS), _pointer(updates, _FLOATS), _maybe(_optional(update_bias)), factor,
-        _pointer(total, _FLOATS), values.size // width, width, _pointer(_floats(weight), _FLOATS),
-        _pointer(_floats(bias), _FLOATS), eps, _pointer(out, _FLOATS), _threads())
+        pointer(values), pointer(updates), _maybe(_optional(update_bias)), factor,
+        pointer(total), values.size // width, width, pointer(_floats(weight)),
+        pointer(_floats(bias)), eps, pointer(out), _threads())
     summed = update if own is not None else mx.array(total).astype(residual.dtype)
     return summed, mx.array(out).astype(residual.dtype)
