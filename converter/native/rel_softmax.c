@@ -66,10 +66,7 @@ static void head_softmax(const float *ac, const float *bd, const float *mask, in
     int used = parallel_count(t, threads);
     for (int k = 0; k < used; k++)
         jobs[k] = (Job){ac, bd, mask, t, scale, out, (long)t * k / used, (long)t * (k + 1) / used};
-    if (used == 1)
-        worker(jobs);
-    else
-        parallel_run(worker, jobs, sizeof(Job), used);
+    parallel_run(worker, jobs, sizeof(Job), used);
 }
 
 enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };

@@ -243,8 +243,7 @@ def add_layer_norm(residual: mx.array, update: mx.array, factor: float, weight: 
     total = own if own is not None else np.empty_like(values)
     out = np.empty_like(values)
     _library().canary_add_layer_norm(
-        pointer(values), pointer(updates), _maybe(_optional(update_bias)), factor,
-        pointer(total), values.size // width, width, pointer(_floats(weight)),
-        pointer(_floats(bias)), eps, pointer(out), _threads())
+        pointer(values), pointer(updates), _maybe(_optional(update_bias)), factor, pointer(total),
+        values.size // width, width, pointer(_floats(weight)), pointer(_floats(bias)), eps, pointer(out), _threads())
     summed = update if own is not None else mx.array(total).astype(residual.dtype)
     return summed, mx.array(out).astype(residual.dtype)
