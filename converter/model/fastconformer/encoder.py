@@ -205,13 +205,9 @@ class RelPositionMultiHeadAttention(nn.Module):
     def __call__(self, x: mx.array, pos_emb: mx.array, mask: mx.array | None, valid: mx.array | None) -> mx.array:
         """x (B, T, d); pos_emb (2T-1, d); mask (B, 1, T, T) additive, -10000 unless query and key are both
         real frames, and valid (B, T, 1) 1 on real frames (both None when no frame is padding)."""
-        scale = 1 / math.sqrt(self.d_head)
         if native.attention_available():
-            # The products and the softmax by the extension (cpu/native.py), on the projections as they are.
-            q, k, v = self.linear_q(x), self.linear_k(x), self.linear_v(x)
-            out = native.rel_attention(q, k, v, self.linear_pos(pos_emb)[None], self.pos_bias_u, self.pos_bias_v,
-                                       mask, scale)
-            return self._output(out, valid)
+            return self._native(x, pos_emb, mask, valid)
+        scale = 1 / math.sqrt(self.d_head)
         q_u, q_v, k, v, p = self._heads(x, pos_emb)
         # NeMo shifts the full (T, 2T-1) product, then keeps the first T columns; `attention` adds it,
         # scaled, to (q+u)k^T/sqrt(d_head) as an additive mask.
@@ -220,6 +216,15 @@ class RelPositionMultiHeadAttention(nn.Module):
             # NeMo fills masked scores with -10000; adding -10000 gives those keys the same zero weight.
             bias = bias + mask
         return self._output(_joined(attention(q_u, k, v, scale, bias)), valid)
+
+    def _native(self, x: mx.array, pos_emb: mx.array, mask: mx.array | None, valid: mx.array | None,
+                context: tuple[int, int] | None = None) -> mx.array:
+        """Full or local attention by the extension (cpu/native.py): the products and the softmax on the
+        projections as they are."""
+        q, k, v = self.linear_q(x), self.linear_k(x), self.linear_v(x)
+        out = native.rel_attention(q, k, v, self.linear_pos(pos_emb)[None], self.pos_bias_u, self.pos_bias_v, mask,
+                                   1 / math.sqrt(self.d_head), context)
+        return self._output(out, valid)
 
     def _output(self, out: mx.array, valid: mx.array | None) -> mx.array:
         """The heads' joined outputs (B, T, d) projected."""
@@ -249,16 +254,12 @@ class RelPositionMultiHeadAttention(nn.Module):
         stays linear in the length: the same scores, and the same -10000 on padded keys. key_padding (B, 1, 1, T)
         is additive, valid (B, T, 1) zeroes padded queries (both None without padding).
         """
+        if native.attention_available():
+            return self._native(x, pos_emb, key_padding, valid, context)
         left, right = context
         b, t, _ = x.shape
         h, dk = self.n_heads, self.d_head
         scale = 1 / math.sqrt(dk)
-        if native.attention_available():
-            # Each block of queries with its band of keys by the extension (cpu/native.py), on the projections.
-            q, k, v = self.linear_q(x), self.linear_k(x), self.linear_v(x)
-            out = native.rel_attention(q, k, v, self.linear_pos(pos_emb)[None], self.pos_bias_u, self.pos_bias_v,
-                                       key_padding, scale, context)
-            return self._output(out, valid)
         q_u, q_v, k, v, p = self._heads(x, pos_emb)  # p: (1, h, left+right+1, dk)
         width = left + right + 1
         blocks = []
