@@ -84,12 +84,11 @@ class Joint(nn.Module):
         super().__init__()
         if config.activation not in ACTIVATIONS:
             raise ValueError(f"unsupported joint activation {config.activation!r}")
-        self.activation = ACTIVATIONS[config.activation]
-        self.activation_name = config.activation
+        self.activation_name = config.activation  # NeMo's name: what the C search (cpu/label_looping.py) reads
         self.enc = nn.Linear(enc_hidden, config.joint_hidden)
         self.pred = nn.Linear(pred_hidden, config.joint_hidden)
         self.net = nn.Linear(config.joint_hidden, num_outputs)
 
     def __call__(self, enc_projected: mx.array, pred_projected: mx.array) -> mx.array:
         """Projected encoder and prediction outputs (broadcastable) -> logits (..., num_outputs)."""
-        return self.net(self.activation(enc_projected + pred_projected))
+        return self.net(ACTIVATIONS[self.activation_name](enc_projected + pred_projected))
