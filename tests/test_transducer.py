@@ -243,10 +243,13 @@ def test_c_loop_gives_the_mlx_loops_results(converted: dict, variant: str) -> No
 @pytest.mark.parametrize("change, problem", [
     ({"max_symbols": 0}, "decoding.max_symbols: 0 is outside 1..1048576"),
     ({"durations": [0, 1, -2]}, "decoding.durations: [0, 1, -2] holds a value that is not a whole number >= 0"),
+    ({"durations": [0, "1", 2]}, "decoding.durations: [0, '1', 2] is not a list, each a whole number within "
+                                 "+-1048576"),
 ])
 def test_a_folder_whose_search_would_not_end_is_refused(converted: dict, tmp_path: Path, change: dict,
                                                          problem: str) -> None:
-    """No frames allowed per label, or a duration that moves the search backwards, in a folder's config.json."""
+    """No frames allowed per label, a duration that moves the search backwards, or one that is not a number (a
+    list's items are checked by type like any config value), in a folder's config.json."""
     folder = copy_folder(converted["tdt-80"], tmp_path)
     config = json.loads((folder / "config.json").read_text())
     config["decoding"].update(change)

@@ -56,6 +56,8 @@ def _fits(value: Any, hint: Any) -> bool:
                 and abs(value) <= MAX_CONFIG_INT)
     if dataclasses.is_dataclass(hint):
         return isinstance(value, dict)
+    if get_origin(hint) is list and get_args(hint):
+        return isinstance(value, list) and all(_fits(item, get_args(hint)[0]) for item in value)
     return isinstance(value, get_origin(hint) or hint)
 
 
@@ -63,7 +65,8 @@ def _describe(hint: Any) -> str:
     names = {int: f"a whole number within +-{MAX_CONFIG_INT}", float: f"a finite number within +-{MAX_CONFIG_INT}",
              bool: "true or false", str: "a string", type(None): "null", dict: "an object", list: "a list"}
     args = get_args(hint) if get_origin(hint) in (Union, UnionType) else (hint,)
-    return " or ".join(names.get(get_origin(arg) or arg, "an object") for arg in args)
+    return " or ".join(f"a list, each {_describe(get_args(arg)[0])}" if get_origin(arg) is list and get_args(arg)
+                       else names.get(get_origin(arg) or arg, "an object") for arg in args)
 
 
 def check_range(config: Any, name: str, low: int, high: int) -> None:

@@ -43,8 +43,8 @@ class TransducerDecodingConfig:
 
     def __post_init__(self) -> None:
         check_range(self, "max_symbols", 1, MAX_CONFIG_INT)
-        # A negative duration would move the search backwards (and never end it).
-        if any(not isinstance(value, int) or value < 0 for value in self.durations):
+        # A negative duration would move the search backwards (and never end it); _from_dict saw whole numbers.
+        if any(value < 0 for value in self.durations):
             raise ConfigValueError("durations", f"{self.durations!r} holds a value that is not a whole number >= 0")
 
 
